@@ -1,0 +1,98 @@
+"""The ``fp8vl`` command: one plain function per subcommand, flags mirroring the Python API.
+
+Errors: an FP8VLError prints one line and exits 2; a traceback is shown only with ``--debug``
+or FP8VL_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import FP8VLError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="FP8 copies of vision-language models: quantize, verify, evaluate, run.")
+console = Console(stderr=False)
+err = Console(stderr=True)
+DEBUG = {"on": os.environ.get("FP8VL_DEBUG") == "1"}
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
+    if debug:
+        DEBUG["on"] = True
+
+
+@app.command("quantize")
+def quantize_cmd(
+    source: str = typer.Argument(..., help="BF16 checkpoint: local folder or hub repo id"),
+    output: Optional[Path] = typer.Argument(None, help="output folder (not needed with --dry-run)"),
+    format: str = typer.Option("fp8", "--format", help="fp8 (Qwen/DeepSeek layout) or compressed-tensors"),
+    scale_dtype: Optional[str] = typer.Option(None, "--scale-dtype", help="float32 (fp8 default) or bfloat16"),
+    ignore: list[str] = typer.Option([], "--ignore", help="keep modules matching this glob or re:REGEX"),
+    quantize_vision: bool = typer.Option(False, "--quantize-vision", help="also quantize vision linears"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    workers: int = typer.Option(os.cpu_count() or 1, "--workers", help="parallel jobs"),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="e.g. 5GB, 2GiB"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty OUTPUT"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, write nothing"),
+    revision: Optional[str] = typer.Option(None, "--revision", help="hub revision"),
+) -> None:
+    """Quantize SOURCE to FP8 E4M3 with 128x128 block scales into OUTPUT."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    from .convert import quantize
+    from .options import QuantizeOptions, parse_size
+    from .report import print_plan, print_summary
+
+    opts = QuantizeOptions(format=format, scale_dtype=scale_dtype, ignore=tuple(ignore),
+                           quantize_vision=quantize_vision, device=device, workers=workers,
+                           max_shard_size=parse_size(max_shard_size), overwrite=overwrite,
+                           dry_run=dry_run or output is None, revision=revision)
+    if output is None and not dry_run:
+        raise FP8VLError("OUTPUT is missing (or pass --dry-run to only print the plan)")
+    plan_only = quantize(source, None, opts)
+    print_plan(plan_only, console)
+    if opts.dry_run:
+        return
+    command = "fp8vl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("quantizing", total=plan_only.bytes_in)
+        res = quantize(source, output, opts, progress=lambda done, total: bar.update(task, completed=done),
+                       command=command)
+    print_summary(res, console)
+
+
+@app.command("demo")
+def demo_cmd(
+    workdir: Path = typer.Option(Path("demo-out"), "--workdir", help="where the tiny models are written"),
+) -> None:
+    """Build a tiny Qwen3-VL, quantize it, and compare BF16 and FP8 on an image prompt (offline)."""
+    from .demo import run_demo
+
+    run_demo(workdir, console)
+
+
+def main() -> None:
+    try:
+        app()
+    except FP8VLError as e:
+        if DEBUG["on"]:
+            raise
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing half-written was left behind")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

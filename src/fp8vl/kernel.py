@@ -1,0 +1,111 @@
+"""FP8 E4M3 block numerics: pure tensor-in/tensor-out functions, nothing else.
+
+Weights: one scale per 128x128 tile, ``W ~= q * scale`` (the format calls the stored scale
+``weight_scale_inv`` although it is the multiplier). Activations: one scale per token and
+per group of 128 input channels, computed at run time (W8A8 "dynamic").
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+BLOCK = 128
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pad_to_blocks(w: torch.Tensor, block: int) -> torch.Tensor:
+    """[N, K] -> [cdiv(N,b)*b, cdiv(K,b)*b], the missing part as zeros (partial tiles)."""
+    n, k = w.shape
+    pn, pk = cdiv(n, block) * block - n, cdiv(k, block) * block - k
+    if pn or pk:
+        w = torch.nn.functional.pad(w, (0, pk, 0, pn))
+    return w
+
+
+def block_amax(w: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """max|W| per tile: [N, K] -> [cdiv(N,b), cdiv(K,b)] float32.
+
+    Taken in the source dtype: |x| and max are exact in any float format, so this equals the
+    float32 amax without a float32 copy of the whole tile.
+    """
+    wp = _pad_to_blocks(w, block)
+    n, k = wp.shape
+    return wp.view(n // block, block, k // block, block).abs().amax(dim=(1, 3)).float()
+
+
+def scales_from_amax(amax: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """scale = amax / 448, rounded to the dtype it is stored in.
+
+    A tile whose scale is 0 (all-zero tile, or an amax so small the scale underflows) gets
+    scale 1: its values all quantize to 0 either way, and 0/0 would make the tile NaN.
+    """
+    scale = (amax / FP8_MAX).to(scale_dtype)
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def quantize_with_scales(w: torch.Tensor, scale: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """q = clamp(W / scale, +-448) cast to e4m3fn (round half to even); W [N, K], scale per tile.
+
+    The cast does not saturate (|x| >= 465 becomes NaN), hence the clamp. The division is
+    done in float32 with the *stored* scale, so ``q * stored_scale`` is what a loader computes.
+    """
+    n, k = w.shape
+    wp = _pad_to_blocks(w, block).float()
+    pn, pk = wp.shape
+    s = scale.float()[:, None, :, None]
+    q = wp.view(pn // block, block, pk // block, block).div_(s).clamp_(-FP8_MAX, FP8_MAX)
+    return q.view(pn, pk)[:n, :k].to(FP8)
+
+
+def quantize_weight(
+    w: torch.Tensor, scale_dtype: torch.dtype = torch.float32, block: int = BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float weight -> (q [N, K] e4m3fn, scale [cdiv(N,b), cdiv(K,b)] scale_dtype)."""
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    scale = scales_from_amax(block_amax(w, block), scale_dtype)
+    return quantize_with_scales(w, scale, block), scale
+
+
+def dequantize_weight(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16, block: int = BLOCK
+) -> torch.Tensor:
+    """(q [N, K] fp8, scale [cdiv(N,b), cdiv(K,b)]) -> q * scale per tile, as ``dtype``."""
+    n, k = q.shape
+    s = scale.float().repeat_interleave(block, 0)[:n].repeat_interleave(block, 1)[:, :k]
+    return (q.float() * s).to(dtype)
+
+
+def quantize_activations(x: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token, per-128-channel quantization: x [..., K] -> (q [..., K], scale [..., K/group]).
+
+    What servers do to a linear's input at run time (float32 scales, no zero-tile rounding to a
+    narrower dtype). K must be a multiple of ``group``, as the run-time kernels require.
+    """
+    *lead, k = x.shape
+    if k % group:
+        raise ValueError(f"activation width {k} is not a multiple of {group}")
+    xg = x.float().reshape(*lead, k // group, group)
+    amax = xg.abs().amax(dim=-1)
+    scale = amax / FP8_MAX
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = (xg / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.reshape(*lead, k), scale
+
+
+def fake_quantize_activations(x: torch.Tensor, group: int = BLOCK) -> torch.Tensor:
+    """x -> dequant(quant(x)) in x's dtype: the activation error a W8A8 server adds."""
+    *lead, k = x.shape
+    q, scale = quantize_activations(x, group)
+    xq = q.float().reshape(*lead, k // group, group) * scale[..., None]
+    return xq.reshape(*lead, k).to(x.dtype)
+
+
+def fp8_nan_count(q: torch.Tensor) -> int:
+    """Number of NaN codes in an e4m3fn tensor (0x7F and 0xFF; e4m3fn has no infinities)."""
+    return int(((q.view(torch.uint8) & 0x7F) == 0x7F).sum())

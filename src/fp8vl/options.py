@@ -1,0 +1,54 @@
+"""The one options object for ``fp8vl quantize``; CLI flags mirror its fields one to one."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from .errors import FP8VLError
+
+FORMATS = ("fp8", "compressed-tensors")
+SCALE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    format: str = "fp8"                   # "fp8" (Qwen/DeepSeek layout) or "compressed-tensors"
+    scale_dtype: str | None = None        # None: float32 for "fp8", the model dtype for compressed-tensors
+    ignore: tuple[str, ...] = ()          # extra module patterns kept in BF16 (glob, or "re:REGEX")
+    quantize_vision: bool = False         # also quantize vision linears whose K is a multiple of 128
+    device: str = "cpu"                   # "cpu" or "cuda": where the quantizer runs
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_shard_size: int = 5 * 10**9       # bytes per output shard (Hugging Face's default is 5 GB)
+    overwrite: bool = False
+    dry_run: bool = False
+    revision: str | None = None           # hub revision when SOURCE is a repo id
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise FP8VLError(f"unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.scale_dtype is not None and self.scale_dtype not in SCALE_DTYPES:
+            raise FP8VLError(f"unknown scale dtype {self.scale_dtype!r}; choose {' or '.join(SCALE_DTYPES)}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise FP8VLError(f"unknown device {self.device!r}; use cpu or cuda")
+        if self.workers < 1:
+            raise FP8VLError("workers must be at least 1")
+        if self.max_shard_size < 1:
+            raise FP8VLError("max shard size must be positive")
+        for p in self.ignore:
+            if p.startswith("re:"):
+                try:
+                    re.compile(p[3:])
+                except re.error as e:
+                    raise FP8VLError(f"--ignore {p!r}: bad regular expression ({e})") from e
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '512MiB' -> 536870912, '1000' -> 1000."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", text)
+    if not m:
+        raise FP8VLError(f"cannot read size {text!r}; write it like 5GB, 512MiB or 2000000000")
+    base = 1024 if m.group(3) else 1000
+    power = " kmgt".index(m.group(2).lower() or " ")
+    return int(float(m.group(1)) * base**power)

@@ -1,0 +1,52 @@
+"""Terminal rendering of a quantization plan and its result (rich tables)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from rich.console import Console
+from rich.table import Table
+
+from .plan import REASONS
+
+
+def gb(n: int) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def plan_rows(res) -> list[dict]:
+    """Per group: tensors, bytes before (source) and after (output, scales included)."""
+    rows: dict[str, dict] = defaultdict(lambda: {"tensors": 0, "before": 0, "after": 0, "quantize": False})
+    for e in res.plan.entries:
+        r = rows[e.group]
+        r["tensors"] += 1
+        r["quantize"] = e.quantize
+        r["before"] += res.before[e.name]
+        r["after"] += res.after[e.name]
+    return [{"group": g, **r, "reason": REASONS[g]} for g, r in rows.items()]
+
+
+def print_plan(res, console: Console) -> None:
+    t = Table(title=f"Plan for {res.source} ({res.plan.model_type})", show_lines=False)
+    for col in ("group", "action", "tensors", "before", "after", "why"):
+        t.add_column(col, overflow="fold")
+    for r in plan_rows(res):
+        t.add_row(r["group"], "FP8" if r["quantize"] else "keep", str(r["tensors"]), gb(r["before"]),
+                  gb(r["after"]), r["reason"])
+    t.add_row("total", "", str(len(res.plan.entries)), gb(res.bytes_in), gb(res.bytes_out),
+              f"{res.bytes_out / max(res.bytes_in, 1):.2f}x of the source", style="bold")
+    console.print(t)
+    for w in res.plan.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+def print_summary(res, console: Console) -> None:
+    n_q = sum(e.quantize for e in res.plan.entries)
+    rate = res.bytes_in / res.seconds / 1e9 if res.seconds else 0.0
+    console.print(
+        f"[bold green]wrote[/] {res.output}: {len(res.shards)} shard(s), {n_q} FP8 tensors, "
+        f"{len(res.plan.entries) - n_q} kept; {gb(res.bytes_in)} -> {gb(res.bytes_out)} "
+        f"({res.bytes_out / max(res.bytes_in, 1):.2f}x) in {res.seconds:.1f} s ({rate:.2f} GB/s of source); "
+        f"{len(res.copied)} other files copied unchanged")
+    if res.skipped:
+        console.print(f"[yellow]not copied[/] (weights in another format): {', '.join(res.skipped)}")

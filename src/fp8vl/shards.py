@@ -1,0 +1,198 @@
+"""Bounded-memory access to .safetensors files: header parsing, ranged reads, streaming writes.
+
+Written by hand because the ``safetensors`` library has no streaming path: ``save_file`` needs
+every tensor of a shard in memory at once, and ``safe_open`` maps the whole file, whose touched
+pages then count as resident memory. Here a tensor (or a range of its rows) is read with
+``pread`` into a buffer of exactly its size, and an output shard is written tensor by tensor at
+precomputed offsets. The ``safetensors`` library still judges every file fp8vl writes (see
+``convert.check_output``). Layout: 8-byte little-endian header length, JSON header padded with
+spaces to a multiple of 8, then the tensors' bytes back to back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import FP8VLError
+
+DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+    "I32": torch.int32, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F32": torch.float32, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: ``file`` and absolute byte ``offset`` of its data."""
+
+    name: str
+    dtype: str  # safetensors dtype name, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+    offset: int
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.torch_dtype).element_size()
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check one shard's header; raise FP8VLError naming the file if it is damaged."""
+    fix = "re-download or re-save this file"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise FP8VLError(f"{path}: not a safetensors file (only {size} bytes); {fix}")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER or 8 + n > size:
+                raise FP8VLError(f"{path}: corrupt or truncated safetensors header; {fix}")
+            header = json.loads(f.read(n))
+    except FP8VLError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise FP8VLError(f"{path}: cannot read safetensors header ({e}); {fix}") from e
+    if not isinstance(header, dict):
+        raise FP8VLError(f"{path}: corrupt safetensors header; {fix}")
+    meta = header.pop("__metadata__", None) or {}
+    data_start, data_len = 8 + n, size - 8 - n
+    tensors: dict[str, TensorInfo] = {}
+    for name, h in header.items():
+        try:
+            dtype, shape, (begin, end) = h["dtype"], tuple(int(d) for d in h["shape"]), h["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise FP8VLError(f"{path}: corrupt header entry for tensor {name!r}; {fix}") from e
+        if dtype not in DTYPES:
+            raise FP8VLError(f"{path}: tensor {name!r} has dtype {dtype}, which fp8vl cannot read")
+        numel = 1
+        for d in shape:
+            numel *= d
+        info = TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)
+        if end - begin != numel * info.itemsize or begin < 0:
+            raise FP8VLError(f"{path}: tensor {name!r} size does not match its shape; {fix}")
+        if end > data_len:
+            raise FP8VLError(
+                f"{path}: truncated: tensor {name!r} ends at byte {data_start + end}, file has {size}; {fix}"
+            )
+        tensors[name] = info
+    return tensors, meta
+
+
+def read_bytes(path: Path, offset: int, nbytes: int) -> torch.Tensor:
+    """Read ``nbytes`` at ``offset`` into a fresh uint8 tensor (pread: safe from many threads)."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise FP8VLError(f"{path}: unexpected end of file at byte {offset + done}")
+            done += got
+    finally:
+        os.close(fd)
+    return buf
+
+
+def read_rows(t: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of axis 0 (contiguous on disk) as a tensor of t's dtype."""
+    row = t.nbytes // t.shape[0] if t.shape and t.shape[0] else t.nbytes
+    buf = read_bytes(t.file, t.offset + start * row, (stop - start) * row)
+    return buf.view(t.torch_dtype).view(stop - start, *t.shape[1:])
+
+
+def read_tensor(t: TensorInfo) -> torch.Tensor:
+    if not t.shape:
+        return read_bytes(t.file, t.offset, t.nbytes).view(t.torch_dtype).reshape(())
+    return read_rows(t, 0, t.shape[0])
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One tensor of an output shard: its absolute byte offset in the file once written."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    offset: int = 0
+
+
+def layout(entries: list[Slot], metadata: dict[str, str]) -> tuple[bytes, list[Slot]]:
+    """Header bytes and the slots with their absolute offsets.
+
+    Tensors are ordered by element size, largest first (as the safetensors library writes them),
+    so that every tensor's data stays aligned to its element size.
+    """
+    order = sorted(entries, key=lambda s: (-torch.empty((), dtype=DTYPES[s.dtype]).element_size(), s.name))
+    header: dict[str, object] = {"__metadata__": metadata}
+    pos = 0
+    for s in order:
+        header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
+        pos += s.nbytes
+    js = json.dumps(header, separators=(",", ":")).encode()
+    js += b" " * (-len(js) % 8)
+    start = 8 + len(js)
+    placed, pos = [], 0
+    for s in order:
+        placed.append(Slot(s.name, s.dtype, s.shape, s.nbytes, start + pos))
+        pos += s.nbytes
+    return struct.pack("<Q", len(js)) + js, placed
+
+
+class ShardWriter:
+    """Writes one .safetensors file whose header is known up front; data arrives in any order.
+
+    ``write(name, at, data)`` puts ``data`` at byte ``at`` of tensor ``name``; ``close()`` checks
+    that every byte of every tensor was written exactly once.
+    """
+
+    def __init__(self, path: Path, entries: list[Slot], metadata: dict[str, str]):
+        head, placed = layout(entries, metadata)
+        self.path = path
+        self.slots = {s.name: s for s in placed}
+        self.written = {s.name: 0 for s in placed}
+        self._lock = threading.Lock()
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        total = len(head) + sum(s.nbytes for s in placed)
+        os.ftruncate(self.fd, total)
+        os.pwrite(self.fd, head, 0)
+
+    def write(self, name: str, at: int, data: torch.Tensor | bytes | memoryview) -> None:
+        if isinstance(data, torch.Tensor):
+            data = memoryview(data.contiguous().view(torch.uint8).reshape(-1).numpy())
+        slot = self.slots[name]
+        if at < 0 or at + len(data) > slot.nbytes:
+            raise ValueError(f"write outside tensor {name}: [{at}, {at + len(data)}) of {slot.nbytes}")
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], slot.offset + at + done)
+        with self._lock:
+            self.written[name] += len(data)
+
+    def close(self) -> None:
+        try:
+            missing = [n for n, s in self.slots.items() if self.written[n] != s.nbytes]
+            if missing:
+                raise FP8VLError(f"{self.path}: internal error, tensors not fully written: {missing[:5]}")
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)

@@ -1,0 +1,120 @@
+"""Find a checkpoint (local folder or hub repo id), read its config, check every shard's header."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import FP8VLError
+from .shards import TensorInfo, read_header
+
+INDEX = "model.safetensors.index.json"
+FLOAT_SOURCES = {"BF16", "F16", "F32"}
+# Weight files in other formats: never copied next to the FP8 shards (a loader could pick them up).
+OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    config: dict
+    tensors: dict[str, TensorInfo]   # in file order: shard by shard, offset by offset
+    weight_files: tuple[Path, ...]   # the .safetensors shards and the index, if any
+
+
+def resolve(source: str | Path, revision: str | None = None) -> Path:
+    """A local folder as is; an ``owner/name`` that is not a folder is downloaded from the hub."""
+    p = Path(source).expanduser()
+    if p.is_dir():
+        return p.resolve()
+    if p.exists():
+        raise FP8VLError(f"{p}: is a file; SOURCE must be a checkpoint folder or a hub repo id")
+    if not REPO_ID.match(str(source)):
+        raise FP8VLError(f"{source}: no such folder (and not a hub repo id like owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        # Resumable: files already in the cache are kept, partial ones continued.
+        return Path(snapshot_download(str(source), revision=revision))
+    except Exception as e:  # offline, unknown repo, gated repo, ...: one message with the fix
+        raise FP8VLError(
+            f"cannot download {source} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            f"Download it where the hub is reachable (hf download {source} --local-dir DIR) "
+            f"and pass the local folder DIR as SOURCE."
+        ) from e
+
+
+def read_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise FP8VLError(f"{path}: no config.json; SOURCE must be a Hugging Face model folder")
+    try:
+        return json.loads(cfg.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FP8VLError(f"{cfg}: not valid JSON ({e}); restore the file from the original model") from e
+
+
+def shard_files(path: Path) -> list[Path]:
+    index = path / INDEX
+    if index.is_file():
+        try:
+            wmap = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise FP8VLError(f"{index}: corrupt index ({e}); restore it or delete it") from e
+        files = list(dict.fromkeys(wmap.values()))
+        for f in files:
+            if not (path / f).is_file():
+                raise FP8VLError(f"{index} names shard {f}, which is missing from {path}; download it again")
+        return [path / f for f in files]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        other = [f.name for f in path.iterdir() if f.suffix in OTHER_WEIGHTS]
+        hint = f" (found {', '.join(other[:3])}: re-save the model with safetensors)" if other else ""
+        raise FP8VLError(f"{path}: no .safetensors weights{hint}")
+    return files
+
+
+def open_checkpoint(path: Path, allow_quantized: bool = False) -> Checkpoint:
+    """Read config and every shard header up front, so bad input fails before anything is written."""
+    config = read_config(path)
+    files = shard_files(path)
+    tensors: dict[str, TensorInfo] = {}
+    for f in files:
+        infos, _ = read_header(f)
+        for name, info in sorted(infos.items(), key=lambda kv: kv[1].offset):
+            if name in tensors:
+                raise FP8VLError(f"{f}: tensor {name} also appears in {tensors[name].file.name}")
+            tensors[name] = info
+    index = path / INDEX
+    if index.is_file():
+        wmap = json.loads(index.read_text())["weight_map"]
+        for name, fname in wmap.items():
+            if name not in tensors or tensors[name].file.name != fname:
+                raise FP8VLError(f"{index}: says {name} is in {fname}, but it is not there; "
+                                 f"the index and the shards disagree: download them again")
+    if not allow_quantized:
+        qc = config.get("quantization_config") or config.get("text_config", {}).get("quantization_config")
+        if qc:
+            raise FP8VLError(
+                f"{path / 'config.json'}: already quantized (quantization_config with quant_method "
+                f"{qc.get('quant_method')!r}); fp8vl quantizes BF16/FP16/FP32 checkpoints. "
+                f"Run `fp8vl dequantize {path} BF16_DIR` first to start from this one.")
+        for t in tensors.values():
+            if t.dtype.startswith("F8") or t.name.endswith(("weight_scale_inv", "weight_scale")):
+                raise FP8VLError(
+                    f"{t.file}: tensor {t.name} is already quantized ({t.dtype}); "
+                    f"run `fp8vl dequantize` first to start from this checkpoint.")
+    weight_files = tuple(files) + ((index,) if index.is_file() else ())
+    return Checkpoint(path, config, tensors, weight_files)
+
+
+def check_dtypes(ckpt: Checkpoint, names: list[str]) -> None:
+    """The tensors to quantize must be floating point in a width fp8vl reads."""
+    for n in names:
+        t = ckpt.tensors[n]
+        if t.dtype not in FLOAT_SOURCES:
+            raise FP8VLError(f"{t.file}: tensor {n} is {t.dtype}; fp8vl quantizes BF16, FP16 or FP32 "
+                             f"weights. Exclude it with --ignore {n.removesuffix('.weight')} or convert it.")

@@ -1,0 +1,155 @@
+"""Tiny models of the real architectures, built offline: the demo's default input and the tests'.
+
+Real Transformers classes from small configs, fixed seed, random weights, a byte-level BPE tokenizer
+trained here with ``tokenizers``, and the processor files a served VLM needs. Linear widths are
+multiples of 128 so the block format and the run-time kernels apply as they do at full size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+           "<|image_pad|>", "<|video_pad|>"]
+
+# Qwen-style chat template, shortened: text and image parts, generation prompt.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "A cat sits on a red sofa in a sunny living room.",
+    "An astronaut in a white suit holds a flag on the moon.",
+    "Describe this image concisely with key subjects, setting, and actions.",
+    "Return one detailed sentence about the photo.",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "A cup of coffee with latte art on a wooden table in a cafe.",
+    "Rockets launch from the pad at dawn while the crowd watches.",
+    "def quantize(weight, scale): return weight / scale",
+    "FP8 keeps eight bits per weight and one scale per block of 128 by 128 values.",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000, punctuation: ; , . ! ? ( ) [ ] { }",
+]
+
+CARD = """---
+license: apache-2.0
+tags:
+- tiny
+- test-model
+---
+
+# tiny model
+
+Random weights, built by fp8vl for its demo and tests.
+"""
+
+
+def train_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE tokenizer trained on a small built-in corpus, with Qwen's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIAL[1:])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _ids(tok) -> dict[str, int]:
+    return {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+
+
+def qwen3_vl_config(tok, kind: str = "dense"):
+    """Small Qwen3-VL (or Qwen3-VL-MoE) config: text hidden 256, 2 layers, vision hidden 128."""
+    ids = _ids(tok)
+    text = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
+                                 "mrope_section": [12, 10, 10]},
+                tie_word_embeddings=kind == "tied", pad_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], bos_token_id=None)
+    vision = dict(depth=2, hidden_size=128, intermediate_size=344, num_heads=2, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=256,
+                  num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+    common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                  tie_word_embeddings=kind == "tied")
+    if kind == "moe":
+        from transformers import Qwen3VLMoeConfig
+
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=384, decoder_sparse_step=1,
+                    mlp_only_layers=[])
+        return Qwen3VLMoeConfig(text_config=text, vision_config=vision, **common)
+    from transformers import Qwen3VLConfig
+
+    return Qwen3VLConfig(text_config=text, vision_config=vision, **common)
+
+
+def processor_for(tok):
+    from transformers import Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    # 32x32-pixel units (patch 16, merge 2); at most 128x128 pixels: 16 image tokens per picture.
+    size = {"shortest_edge": 32 * 32, "longest_edge": 128 * 128}
+    image = Qwen2VLImageProcessor(size=size, patch_size=16, merge_size=2, temporal_patch_size=2,
+                                  image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    video = Qwen3VLVideoProcessor(size=size, patch_size=16, merge_size=2, temporal_patch_size=2)
+    return Qwen3VLProcessor(image_processor=image, tokenizer=tok, video_processor=video,
+                            chat_template=CHAT_TEMPLATE)
+
+
+def build_tiny_qwen3_vl(path: str | Path, kind: str = "dense", seed: int = 0, dtype=torch.bfloat16) -> Path:
+    """Write a tiny Qwen3-VL checkpoint (``kind``: dense, tied or moe) with processor files to ``path``."""
+    from transformers import AutoModelForImageTextToText, GenerationConfig
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer()
+    config = qwen3_vl_config(tok, kind)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    _spread_weights(model, seed)
+    model.to(dtype).save_pretrained(path)
+    processor = processor_for(tok)
+    processor.save_pretrained(path)
+    # The separate files Qwen's own repos ship (and vLLM reads): preprocessor_config.json,
+    # video_preprocessor_config.json.
+    processor.image_processor.save_pretrained(path)
+    processor.video_processor.save_pretrained(path)
+    GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=20,
+                     eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>")],
+                     pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>")).save_pretrained(path)
+    (path / "README.md").write_text(CARD)
+    return path
+
+
+def _spread_weights(model: torch.nn.Module, seed: int) -> None:
+    """Random weights with the spread of a trained model (std ~ 1/sqrt(fan_in)) and a few outliers,
+    so that logits are far from uniform and quantization error shows in the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel() if p.ndim > 3 else p.shape[-1]  # conv: in*t*h*w
+                # lm_head x4: logits with a trained model's spread (peaked, not near-uniform)
+                gain = 4.0 if name.startswith("lm_head") else 1.0
+                p.copy_(gain * torch.randn(p.shape, generator=g) / fan_in**0.5)
+                outliers = torch.rand(p.shape, generator=g) < 1e-3
+                p[outliers] *= 8
+            elif "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+
