@@ -9,6 +9,7 @@ from pathlib import Path
 from . import __version__
 from .options import QuantizeOptions
 from .plan import REASONS
+from .tp import summarize
 
 FRONT = re.compile(r"\A---\n(.*?)\n---\n", re.S)
 
@@ -80,6 +81,8 @@ def render(res, opts: QuantizeOptions, command: str | None, hub_id: str | None =
         "Every non-weight file (processor, tokenizer, chat template, generation config) is the "
         "source's, byte for byte.",
         "",
+        "## Tensor parallelism", "",
+        summarize(res.tp) + ".", "",
         "## Serve it", "",
         "```bash", f"vllm serve {Path(base).name}-FP8 --max-model-len 16384", "```", "",
         "FP8 tensor cores need compute capability 8.9 or newer (RTX 40xx, L4, H100, RTX 50xx); "

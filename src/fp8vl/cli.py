@@ -71,6 +71,35 @@ def quantize_cmd(
     print_summary(res, console)
 
 
+@app.command("verify")
+def verify_cmd(
+    output: Path = typer.Argument(..., help="FP8 checkpoint folder"),
+    source: Optional[str] = typer.Option(None, "--source", help="its BF16 source: compare tensor by tensor"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here ('-': stdout)"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="per-tensor SQNR chart (PNG; needs --source)"),
+    update_card: bool = typer.Option(False, "--update-card", help="add the results to OUTPUT/README.md"),
+) -> None:
+    """Check an FP8 checkpoint's structure (and, with --source, its error); exit 1 on any failure."""
+    from .report import print_verify
+    from .verify import card_section, layer_sqnr_plot, update_card as write_section, verify
+
+    r = verify(output, source)
+    if json_out is not None and str(json_out) == "-":
+        print(r.to_json())
+    else:
+        print_verify(r, console)
+        if json_out is not None:
+            json_out.write_text(r.to_json())
+    if plot is not None:
+        if not r.tensors:
+            raise FP8VLError("--plot needs --source (the chart shows the error against the source)")
+        console.print(f"chart: {layer_sqnr_plot(r, plot)}")
+    if update_card:
+        write_section(output, card_section(r))
+    if not r.ok:
+        raise typer.Exit(1)
+
+
 @app.command("demo")
 def demo_cmd(
     workdir: Path = typer.Option(Path("demo-out"), "--workdir", help="where the tiny models are written"),

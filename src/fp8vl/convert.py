@@ -28,6 +28,7 @@ from .kernel import BLOCK, FP8, fp8_nan_count, quantize_weight
 from .options import QuantizeOptions
 from .plan import Entry, Plan, make_plan, scale_shape
 from .shards import NAMES, ShardWriter, Slot, TensorInfo, read_bytes, read_rows
+from .tp import tp_report
 from .source import INDEX, OTHER_WEIGHTS, Checkpoint, check_dtypes, open_checkpoint, resolve
 
 CHUNK_BYTES = 4 << 20     # source bytes per quantize job: fits in L2/L3 next to its float32 copy
@@ -47,6 +48,7 @@ class Result:
     shards: list[str] = field(default_factory=list)
     before: dict[str, int] = field(default_factory=dict)   # output entry -> its source bytes
     after: dict[str, int] = field(default_factory=dict)    # output entry -> bytes written (scale too)
+    tp: dict = field(default_factory=dict)                 # tensor-parallel report (tp.tp_report)
     copied: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -74,8 +76,11 @@ def _assign_shards(units: list[list[Slot]], max_bytes: int) -> list[list[Slot]]:
     return shards
 
 
-def _expert_matrix(t: TensorInfo, e: Entry) -> torch.Tensor:
-    """The [out, in] rows of one expert of a fused 3-D tensor, reading only what is needed."""
+def source_matrix(t: TensorInfo, e: Entry) -> torch.Tensor:
+    """The [out, in] source weight of a quantized entry, reading only the bytes it needs
+    (for a split expert: rows r0:r1 of expert e of a fused 3-D tensor)."""
+    if e.expert is None:
+        return read_rows(t, 0, t.shape[0])
     _, a, b = t.shape
     r0, r1 = e.rows
     if not e.transpose:  # rows r0:r1 of expert e are contiguous on disk
@@ -115,7 +120,7 @@ def _jobs(e: Entry, t: TensorInfo, fmt: str, scale_dtype: torch.dtype, device: s
 
     if e.expert is not None:
         def expert_job() -> None:
-            put(0, *_quantize_job(_expert_matrix(t, e), scale_dtype, device))
+            put(0, *_quantize_job(source_matrix(t, e), scale_dtype, device))
         return [(n_out * k * t.itemsize, expert_job)]
 
     rows = max(BLOCK, (CHUNK_BYTES // max(1, k * t.itemsize)) // BLOCK * BLOCK)
@@ -199,7 +204,8 @@ def quantize(source: str | Path, output: str | Path | None, opts: QuantizeOption
                  bytes_in=sum(t.nbytes for t in ckpt.tensors.values()),
                  bytes_out=sum(s.nbytes for u in units for s in u),
                  before={e.name: _source_bytes(e, ckpt.tensors[e.source]) for e in plan.entries},
-                 after={e.name: sum(s.nbytes for s in u) for e, u in zip(plan.entries, units)})
+                 after={e.name: sum(s.nbytes for s in u) for e, u in zip(plan.entries, units)},
+                 tp=tp_report(ckpt.config, {e.module: e.shape for e in plan.entries if e.quantize}))
     if opts.dry_run or out is None:
         return res
     if opts.device.startswith("cuda") and not torch.cuda.is_available():

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .plan import REASONS
+from .tp import summarize
 
 
 def gb(n: int) -> str:
@@ -36,6 +37,7 @@ def print_plan(res, console: Console) -> None:
     t.add_row("total", "", str(len(res.plan.entries)), gb(res.bytes_in), gb(res.bytes_out),
               f"{res.bytes_out / max(res.bytes_in, 1):.2f}x of the source", style="bold")
     console.print(t)
+    console.print(summarize(res.tp))
     for w in res.plan.warnings:
         console.print(f"[yellow]warning:[/] {w}")
 
@@ -50,3 +52,26 @@ def print_summary(res, console: Console) -> None:
         f"{len(res.copied)} other files copied unchanged")
     if res.skipped:
         console.print(f"[yellow]not copied[/] (weights in another format): {', '.join(res.skipped)}")
+
+
+STYLE = {"ok": "green", "warning": "yellow", "error": "bold red"}
+
+
+def print_verify(r, console: Console) -> None:
+    t = Table(title=f"fp8vl verify {r.path} (format {r.format})")
+    for col in ("check", "result", "detail"):
+        t.add_column(col, overflow="fold")
+    for c in r.checks:
+        t.add_row(c.name, f"[{STYLE[c.level]}]{c.level}[/]", c.message)
+    console.print(t)
+    console.print("bytes by dtype: " + ", ".join(f"{k} {gb(v)}" for k, v in sorted(r.bytes_by_dtype.items())))
+    if r.tp:
+        console.print(summarize(r.tp))
+    if r.tensors:
+        w = Table(title="worst FP8 tensors vs source")
+        for col in ("tensor", "relative error", "SQNR (dB)"):
+            w.add_column(col)
+        for x in sorted(r.tensors, key=lambda x: x.sqnr_db)[:8]:
+            w.add_row(x.name, f"{x.rel_error:.4f}", f"{x.sqnr_db:.2f}")
+        console.print(w)
+    console.print("[bold green]PASSED[/]" if r.ok else "[bold red]FAILED[/]")
