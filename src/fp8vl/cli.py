@@ -19,8 +19,9 @@ from .errors import FP8VLError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="FP8 copies of vision-language models: quantize, verify, evaluate, run.")
-console = Console(stderr=False)
-err = Console(stderr=True)
+# Piped output (logs, CI) gets 120 columns instead of rich's 80, so the tables stay readable.
+console = Console(width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 DEBUG = {"on": os.environ.get("FP8VL_DEBUG") == "1"}
 
 
@@ -100,6 +101,61 @@ def verify_cmd(
         raise typer.Exit(1)
 
 
+@app.command("eval")
+def eval_cmd(
+    source: str = typer.Argument(..., help="the source model (folder or hub id)"),
+    quantized: Path = typer.Argument(..., help="its FP8 copy (or any model to compare with)"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSONL: {\"text\", \"image\"?, \"id\"?} a line"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="use only the first N built-in prompts of each kind"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    mode: str = typer.Option("auto", "--mode", help="FP8 runtime: auto, scaled_mm, w8a8 (simulated) or dequant"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="greedy answer length"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write all results as JSON here"),
+    report: Optional[Path] = typer.Option(None, "--report", help="write report.md with plots to this folder"),
+    update_card: bool = typer.Option(False, "--update-card", help="add the figures to QUANTIZED/README.md"),
+) -> None:
+    """Run SOURCE and QUANTIZED on the same prompts: KL, top-1, perplexity, greedy agreement."""
+    from rich.progress import Progress
+
+    from . import prompts as P
+    from .eval_report import card_section, print_eval, write_report
+    from .evaluate import evaluate
+    from .verify import update_card as write_section
+
+    items = P.load_jsonl(prompts) if prompts else P.builtin(limit)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("source, then FP8", total=2 * len(items))
+        r = evaluate(source, quantized, items, device, mode, max_new_tokens, tick=lambda: bar.advance(task))
+    print_eval(r, console, per_prompt=prompts is not None)
+    if json_out is not None:
+        json_out.write_text(r.to_json())
+    if report is not None:
+        sqnr = _sqnr_chart(source, quantized, report)
+        console.print(f"report: {write_report(r, report, sqnr)}")
+    if update_card:
+        write_section(quantized, card_section(r), *_eval_markers())
+
+
+def _eval_markers() -> tuple[str, str]:
+    from .eval_report import CARD_BEGIN, CARD_END
+
+    return CARD_BEGIN, CARD_END
+
+
+def _sqnr_chart(source: str, quantized: Path, out_dir: Path) -> Optional[Path]:
+    """Per-tensor SQNR chart for the report, when both sides are safetensors checkpoints."""
+    from .verify import layer_sqnr_plot, verify
+
+    try:
+        r = verify(quantized, source)
+    except FP8VLError:
+        return None
+    if not r.tensors:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return layer_sqnr_plot(r, out_dir / "sqnr_per_tensor.png")
+
+
 @app.command("demo")
 def demo_cmd(
     workdir: Path = typer.Option(Path("demo-out"), "--workdir", help="where the tiny models are written"),
@@ -112,6 +168,10 @@ def demo_cmd(
 
 def main() -> None:
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # fp8vl draws its own progress
+
         app()
     except FP8VLError as e:
         if DEBUG["on"]:

@@ -16,7 +16,8 @@ from .tiny import build_tiny_qwen3_vl
 
 def run_demo(workdir: Path, console: Console) -> dict:
     """Build, quantize, load both with Transformers on CPU and compare next-token distributions."""
-    from .evaluate import compare_models, load_hf_model, photo
+    from .evaluate import compare_models, load_hf_model
+    from .prompts import open_image
 
     workdir = Path(workdir)
     src, out = workdir / "tiny-qwen3-vl-bf16", workdir / "tiny-qwen3-vl-fp8"
@@ -31,7 +32,7 @@ def run_demo(workdir: Path, console: Console) -> dict:
     print_summary(res, console)
     console.rule("3. load both with Transformers on CPU and run the same prompts")
     ref, fp8 = load_hf_model(src), load_hf_model(out)
-    prompts = [("image", "Describe this image concisely.", photo("astronaut")),
+    prompts = [("image", "Describe this image concisely.", open_image("skimage:astronaut")),
                ("text", "The quick brown fox jumps over the lazy dog near the river bank.", None)]
     table = Table(title="BF16 source vs FP8 output (Transformers, CPU, FP8 dequantized on load)")
     for col in ("prompt", "tokens", "mean KL", "max KL", "top-1 agreement"):

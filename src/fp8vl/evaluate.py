@@ -1,17 +1,25 @@
-"""Drift between a source model and its FP8 copy: next-token KL, top-1 and greedy agreement."""
+"""``fp8vl eval``: drift of an FP8 copy from its source, end to end, on text and image prompts.
+
+The source runs first and its results are kept on the CPU (greedy answers, next-token logits on
+its own answers, perplexity); then it is freed and the FP8 model is loaded and run on the very same
+token sequences. One model on the device at a time: an 8B pair fits a 24 GB GPU. The FP8 side
+computes what a server computes: FP8 weights with dynamic 1x128 activation quantization, through
+real FP8 GEMMs on GPUs that have them, simulated elsewhere (runtime.py).
+"""
 
 from __future__ import annotations
 
+import gc
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .errors import FP8VLError
-
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field", "retina",
-          "camera")
+from .prompts import Prompt, open_image
 
 
 @dataclass
@@ -20,35 +28,49 @@ class Loaded:
     processor: object      # a multimodal processor, or a tokenizer for text-only models
     is_vlm: bool
     path: Path
+    label: str = ""        # how it runs: "bf16", "fp8 w8a8", ...
 
 
-def photo(name: str):
-    """A real photograph that ships with scikit-image (no download), as an RGB PIL image."""
-    from PIL import Image
-    from skimage import data
-
-    arr = getattr(data, name)()
-    img = Image.fromarray(arr)
-    return img.convert("RGB")
+def _config(path: Path) -> dict:
+    if not (path / "config.json").is_file():
+        raise FP8VLError(f"{path}: no config.json; pass a model folder")
+    return json.loads((path / "config.json").read_text())
 
 
-def _is_vlm(path: Path) -> bool:
-    cfg = json.loads((path / "config.json").read_text())
-    return "vision_config" in cfg
+def _processor(path: Path, vlm: bool):
+    from transformers import AutoProcessor, AutoTokenizer
+
+    return AutoProcessor.from_pretrained(path) if vlm else AutoTokenizer.from_pretrained(path)
 
 
 def load_hf_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> Loaded:
     """Load with Transformers as a user would (FP8 checkpoints are dequantized on load without a GPU)."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FP8VLError(f"{path}: no config.json; pass a model folder")
-    vlm = _is_vlm(path)
+    vlm = "vision_config" in _config(path)
     cls = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
     model = cls.from_pretrained(path, dtype=dtype, device_map=device).eval()
-    proc = AutoProcessor.from_pretrained(path) if vlm else AutoTokenizer.from_pretrained(path)
-    return Loaded(model, proc, vlm, path)
+    return Loaded(model, _processor(path, vlm), vlm, path, "transformers")
+
+
+def load_any(path: str | Path, device: str = "cpu", mode: str = "auto") -> Loaded:
+    """An FP8 checkpoint through fp8vl's runtime; anything else as a plain Transformers model."""
+    path = Path(path)
+    cfg = _config(path)
+    if not cfg.get("quantization_config"):
+        loaded = load_hf_model(path, device)
+        loaded.label = "bf16"
+        return loaded
+    from .runtime import load_fp8_model
+
+    model = load_fp8_model(path, device, mode)
+    vlm = "vision_config" in cfg
+    return Loaded(model, _processor(path, vlm), vlm, path, f"fp8 {model.fp8_mode}")
+
+
+def _device(loaded: Loaded) -> torch.device:
+    return next(loaded.model.parameters()).device
 
 
 def encode(loaded: Loaded, text: str, image=None, chat: bool = True) -> dict[str, torch.Tensor]:
@@ -64,17 +86,16 @@ def encode(loaded: Loaded, text: str, image=None, chat: bool = True) -> dict[str
         batch = proc(text=[text], images=[image] if image is not None else None, return_tensors="pt")
     else:
         batch = proc([text], return_tensors="pt")
-    device = next(loaded.model.parameters()).device
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(_device(loaded)) for k, v in batch.items()}
 
 
 @torch.no_grad()
 def logits_for(loaded: Loaded, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[T, vocab] float32 logits of one prompt."""
-    return loaded.model(**batch).logits[0].float()
+    """[T, vocab] float32 logits of one sequence, on the CPU."""
+    return loaded.model(**batch).logits[0].float().cpu()
 
 
-def kl_stats(ref_logits: torch.Tensor, q_logits: torch.Tensor) -> dict[str, float]:
+def kl_stats(ref_logits: torch.Tensor, q_logits: torch.Tensor) -> dict:
     """Per-position KL(ref || q) in nats, and top-1 agreement, over [T, vocab] logits."""
     lp, lq = ref_logits.log_softmax(-1), q_logits.log_softmax(-1)
     kl = (lp.exp() * (lp - lq)).sum(-1).clamp_min(0)
@@ -84,6 +105,161 @@ def kl_stats(ref_logits: torch.Tensor, q_logits: torch.Tensor) -> dict[str, floa
 
 
 def compare_models(ref: Loaded, q: Loaded, text: str, image=None) -> dict:
+    """Next-token KL and top-1 of two loaded models over one prompt's positions."""
     batch = encode(ref, text, image)
-    return kl_stats(logits_for(ref, batch), logits_for(q, {k: v.to(next(q.model.parameters()).device)
-                                                          for k, v in batch.items()}))
+    return kl_stats(logits_for(ref, batch), logits_for(q, {k: v.to(_device(q)) for k, v in batch.items()}))
+
+
+def _eos_ids(loaded: Loaded) -> list[int]:
+    tok = getattr(loaded.processor, "tokenizer", loaded.processor)
+    gen = getattr(loaded.model, "generation_config", None)
+    ids = getattr(gen, "eos_token_id", None) or tok.eos_token_id
+    return list(ids) if isinstance(ids, (list, tuple)) else [ids]
+
+
+@torch.no_grad()
+def greedy(loaded: Loaded, batch: dict[str, torch.Tensor], max_new_tokens: int) -> list[int]:
+    """Greedy continuation token ids (stops at EOS)."""
+    out = loaded.model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+                                eos_token_id=_eos_ids(loaded), temperature=None, top_p=None, top_k=None)
+    return out[0, batch["input_ids"].shape[1]:].tolist()
+
+
+def _with_answer(batch: dict[str, torch.Tensor], answer: list[int]) -> dict[str, torch.Tensor]:
+    """The prompt batch extended by the answer tokens (text tokens: no new image positions)."""
+    if not answer:
+        return batch
+    dev = batch["input_ids"].device
+    ext = torch.tensor([answer], device=dev, dtype=batch["input_ids"].dtype)
+    out = dict(batch)
+    out["input_ids"] = torch.cat([batch["input_ids"], ext], 1)
+    for key in ("attention_mask", "mm_token_type_ids", "token_type_ids"):
+        if key in batch:
+            fill = torch.ones_like(ext) if key == "attention_mask" else torch.zeros_like(ext)
+            out[key] = torch.cat([batch[key], fill.to(batch[key].dtype)], 1)
+    return out
+
+
+@torch.no_grad()
+def perplexity(loaded: Loaded, text: str) -> float:
+    """exp(mean NLL) of the raw text (no chat template)."""
+    batch = encode(loaded, text, chat=False)
+    logits = logits_for(loaded, batch)[:-1]
+    target = batch["input_ids"][0, 1:].cpu()
+    return math.exp(float(torch.nn.functional.cross_entropy(logits, target)))
+
+
+@dataclass
+class SideResult:
+    """What one model produced for one prompt."""
+
+    answer: list[int]
+    logits: torch.Tensor | None    # [answer positions, vocab] on the answer sequence (source side only)
+    ppl: float | None
+
+
+def run_source(loaded: Loaded, prompts: list[Prompt], max_new_tokens: int,
+               tick: Callable[[], None] = lambda: None) -> list[SideResult]:
+    out = []
+    for p in prompts:
+        batch = encode(loaded, p.text, open_image(p.image) if p.image else None)
+        answer = greedy(loaded, batch, max_new_tokens)
+        n = batch["input_ids"].shape[1]
+        logits = logits_for(loaded, _with_answer(batch, answer))[n - 1: n - 1 + max(1, len(answer))]
+        out.append(SideResult(answer, logits, perplexity(loaded, p.text) if not p.image else None))
+        tick()
+    return out
+
+
+@dataclass
+class PromptResult:
+    id: str
+    kind: str
+    kl_mean: float
+    kl_max: float
+    top1: float
+    exact_match: bool
+    first_divergence: int | None     # token index where the greedy answers first differ
+    source_answer: str
+    fp8_answer: str
+    ppl_source: float | None = None
+    ppl_fp8: float | None = None
+
+
+@dataclass
+class EvalReport:
+    source: str
+    quantized: str
+    runtime: str
+    device: str
+    max_new_tokens: int
+    prompts: list[PromptResult] = field(default_factory=list)
+
+    def summary(self) -> dict[str, dict]:
+        out = {}
+        for kind in ("text", "image"):
+            rs = [r for r in self.prompts if r.kind == kind]
+            if not rs:
+                continue
+            div = [r.first_divergence for r in rs if r.first_divergence is not None]
+            ppl = [(r.ppl_source, r.ppl_fp8) for r in rs if r.ppl_source is not None]
+            out[kind] = {
+                "prompts": len(rs),
+                "kl_mean": sum(r.kl_mean for r in rs) / len(rs),
+                "kl_max": max(r.kl_max for r in rs),
+                "top1": sum(r.top1 for r in rs) / len(rs),
+                "greedy_exact_match": sum(r.exact_match for r in rs) / len(rs),
+                "mean_first_divergence": sum(div) / len(div) if div else None,
+                "ppl_source": math.exp(sum(math.log(a) for a, _ in ppl) / len(ppl)) if ppl else None,
+                "ppl_fp8": math.exp(sum(math.log(b) for _, b in ppl) / len(ppl)) if ppl else None,
+            }
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "summary": self.summary()}, indent=2)
+
+
+def _decode(loaded: Loaded, ids: list[int]) -> str:
+    tok = getattr(loaded.processor, "tokenizer", loaded.processor)
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+def _free(loaded: Loaded) -> None:
+    """Drop a model so the next one can use the device memory."""
+    del loaded.model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def evaluate(source: str | Path, quantized: str | Path, prompts: list[Prompt], device: str = "cpu",
+             mode: str = "auto", max_new_tokens: int = 32,
+             tick: Callable[[], None] = lambda: None) -> EvalReport:
+    """Run source then FP8 on the same prompts; ``tick`` is called after each prompt of each side."""
+    from .source import resolve
+
+    src, q = resolve(source), Path(quantized)
+    try:
+        ref = load_any(src, device)
+        base = run_source(ref, prompts, max_new_tokens, tick)
+        answers = [_decode(ref, r.answer) for r in base]
+        _free(ref)
+        fp8 = load_any(q, device, mode)
+    except torch.cuda.OutOfMemoryError as e:
+        raise FP8VLError(f"the model does not fit on {device} ({e}); use --device cpu, or a GPU with more "
+                         f"memory") from e
+    report = EvalReport(str(src), str(q), fp8.label, device, max_new_tokens)
+    for p, b, src_text in zip(prompts, base, answers):
+        batch = encode(fp8, p.text, open_image(p.image) if p.image else None)
+        n = batch["input_ids"].shape[1]
+        logits = logits_for(fp8, _with_answer(batch, b.answer))[n - 1: n - 1 + max(1, len(b.answer))]
+        st = kl_stats(b.logits, logits)
+        answer = greedy(fp8, batch, max_new_tokens)
+        div = next((i for i, (x, y) in enumerate(zip(b.answer, answer)) if x != y),
+                   None if len(b.answer) == len(answer) else min(len(b.answer), len(answer)))
+        report.prompts.append(PromptResult(
+            p.id, p.kind, st["kl_mean"], st["kl_max"], st["top1"], div is None, div, src_text,
+            _decode(fp8, answer), b.ppl, perplexity(fp8, p.text) if b.ppl is not None else None))
+        tick()
+    _free(fp8)
+    return report

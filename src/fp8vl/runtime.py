@@ -1,0 +1,155 @@
+"""Run FP8 block checkpoints in plain PyTorch/Transformers: one Linear module and a loader.
+
+``FP8Linear`` holds the checkpoint's own FP8 weight and block scales and computes, by ``mode``:
+- ``"scaled_mm"``: real FP8 tensor-core GEMM (GPU with compute capability >= 8.9; see gemm.py);
+- ``"w8a8"``: what a W8A8 server computes, simulated: activations quantized per token and per 128
+  channels and dequantized, times the dequantized weight, accumulated in float32 (any device);
+- ``"dequant"``: weight-only, x @ dequant(W) (any device).
+``load_fp8_model`` builds the Transformers model for any fp8vl / Qwen / compressed-tensors FP8
+checkpoint without Transformers' own FP8 path (which fetches kernels from the hub) and swaps in
+``FP8Linear`` for every FP8 weight.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import FP8VLError
+from .kernel import FP8, dequantize_weight, fake_quantize_activations
+from .shards import read_tensor
+from .source import open_checkpoint
+
+MODES = ("auto", "scaled_mm", "w8a8", "dequant")
+EXPERT = re.compile(r"^(?P<base>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+
+
+def has_fp8_tensor_cores(device: torch.device | str) -> bool:
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class FP8Linear(torch.nn.Module):
+    """y = x W^T + b with W = weight (e4m3 [N, K]) * weight_scale_inv (float32 [N/128, K/128] tiles)."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 mode: str = "w8a8"):
+        super().__init__()
+        if weight.dtype != FP8:
+            raise ValueError(f"FP8Linear needs an e4m3 weight, got {weight.dtype}")
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale_inv", scale.float())
+        self.bias = torch.nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "scaled_mm":
+            from .gemm import fp8_linear
+
+            return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias)
+        w = dequantize_weight(self.weight, self.weight_scale_inv, torch.float32)
+        xf = fake_quantize_activations(x.float()) if self.mode == "w8a8" else x.float()
+        b = self.bias.float() if self.bias is not None else None
+        return F.linear(xf, w, b).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+
+
+def _model_class(config: dict):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if "vision_config" in config else AutoModelForCausalLM
+
+
+def resolve_mode(mode: str, device: str) -> str:
+    if mode not in MODES:
+        raise FP8VLError(f"unknown runtime mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "auto":
+        return "scaled_mm" if has_fp8_tensor_cores(device) else "w8a8"
+    if mode == "scaled_mm" and not has_fp8_tensor_cores(device):
+        raise FP8VLError("scaled_mm needs a CUDA GPU with compute capability >= 8.9 (Ada, Hopper, Blackwell); "
+                         "use mode w8a8 or dequant")
+    return mode
+
+
+def load_fp8_model(path: str | Path, device: str = "cpu", mode: str = "auto",
+                   dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """Load an FP8 block checkpoint with Transformers and FP8Linear modules; offline, any GPU or CPU.
+
+    Transformers loads the FP8 weights cast to ``dtype`` (exact: every e4m3 value is a bf16 value)
+    with the config's quantization section removed; each FP8 linear is then replaced by an
+    FP8Linear holding the checkpoint's own bytes and scales. Split MoE experts
+    (``experts.{e}.{gate,up,down}_proj``) are dequantized into the model's fused 3-D parameters
+    (weight-only: Transformers' fused experts have no per-expert linear to swap).
+    """
+    from transformers import AutoConfig
+
+    path = Path(path)
+    mode = resolve_mode(mode, device)
+    ckpt = open_checkpoint(path, allow_quantized=True)
+    if not ckpt.config.get("quantization_config"):
+        raise FP8VLError(f"{path}: no quantization_config in config.json; load it as a normal model")
+    config = AutoConfig.from_pretrained(path)
+    for c in (config, getattr(config, "text_config", None)):
+        if c is not None and hasattr(c, "quantization_config"):
+            delattr(c, "quantization_config")
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the scale tensors are "unexpected" to the plain model
+    try:
+        model = _model_class(ckpt.config).from_pretrained(path, config=config, dtype=dtype, device_map=device)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    scales = {n.rsplit(".", 1)[0]: t for n, t in ckpt.tensors.items()
+              if n.endswith(("weight_scale_inv", "weight_scale"))}
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for module_name, st in scales.items():
+        q = read_tensor(ckpt.tensors[module_name + ".weight"]).to(device)
+        s = read_tensor(st).float().to(device)
+        m = EXPERT.match(module_name)
+        if m:
+            experts.setdefault(m["base"], {}).setdefault(int(m["e"]), {})[m["proj"]] = \
+                dequantize_weight(q, s, dtype)
+            continue
+        try:
+            old = model.get_submodule(module_name)
+        except AttributeError as e:
+            raise FP8VLError(f"{path}: FP8 weight {module_name} has no module in "
+                             f"{type(model).__name__}") from e
+        parent_name, _, child = module_name.rpartition(".")
+        bias = old.bias.data if getattr(old, "bias", None) is not None else None
+        model.get_submodule(parent_name).register_module(child, FP8Linear(q, s, bias, mode))
+    for base, per_expert in experts.items():
+        _fill_fused_experts(model.get_submodule(base), per_expert, base, mode)
+    model.fp8_mode = mode
+    return model.eval()
+
+
+def _fill_fused_experts(mod: torch.nn.Module, per_expert: dict[int, dict[str, torch.Tensor]], base: str,
+                        mode: str) -> None:
+    """Write dequantized per-expert [out, in] weights into fused [E, 2I, H] / [E, H, I] parameters
+    (or the transposed layout older Transformers use); inputs fake-quantized in w8a8 mode."""
+    gate_up, down = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
+    if not isinstance(gate_up, torch.nn.Parameter) or not isinstance(down, torch.nn.Parameter):
+        raise FP8VLError(f"{base}: per-expert FP8 weights, but the model's experts module has no fused "
+                         f"gate_up_proj/down_proj parameters to fill")
+    with torch.no_grad():
+        for e, p in per_expert.items():
+            gu = torch.cat([p["gate_proj"], p["up_proj"]], 0)          # [2I, H]
+            gate_up[e].copy_(gu if gate_up.shape[1:] == gu.shape else gu.t())
+            d = p["down_proj"]                                         # [H, I]
+            down[e].copy_(d if down.shape[1:] == d.shape else d.t())
+    if mode in ("w8a8", "scaled_mm"):
+        # The experts' first GEMM input is the hidden state: quantize it as a server would.
+        mod.register_forward_pre_hook(lambda _m, args: (fake_quantize_activations(args[0]), *args[1:]))
+
+
+def fp8_modules(model: torch.nn.Module) -> dict[str, FP8Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, FP8Linear)}
+
