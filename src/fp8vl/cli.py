@@ -122,6 +122,7 @@ def eval_cmd(
     from .evaluate import evaluate
     from .verify import update_card as write_section
 
+    _quiet_transformers()
     items = P.load_jsonl(prompts) if prompts else P.builtin(limit)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("source, then FP8", total=2 * len(items))
@@ -134,6 +135,12 @@ def eval_cmd(
         console.print(f"report: {write_report(r, report, sqnr)}")
     if update_card:
         write_section(quantized, card_section(r), *_eval_markers())
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # fp8vl draws its own progress
 
 
 def _eval_markers() -> tuple[str, str]:
@@ -163,15 +170,12 @@ def demo_cmd(
     """Build a tiny Qwen3-VL, quantize it, and compare BF16 and FP8 on an image prompt (offline)."""
     from .demo import run_demo
 
+    _quiet_transformers()
     run_demo(workdir, console)
 
 
 def main() -> None:
     try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # fp8vl draws its own progress
-
         app()
     except FP8VLError as e:
         if DEBUG["on"]:
