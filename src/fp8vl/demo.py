@@ -10,14 +10,16 @@ from rich.table import Table
 
 from .convert import quantize
 from .options import QuantizeOptions
-from .report import print_plan, print_summary
+from .report import print_plan, print_summary, print_verify
 from .tiny import build_tiny_qwen3_vl
 
 
-def run_demo(workdir: Path, console: Console) -> dict:
-    """Build, quantize, load both with Transformers on CPU and compare next-token distributions."""
-    from .evaluate import compare_models, load_hf_model
-    from .prompts import open_image
+def run_demo(workdir: Path, console: Console, limit: int = 6, max_new_tokens: int = 16) -> dict:
+    """Build, quantize, verify, load both with Transformers, and evaluate drift; returns the figures."""
+    from .eval_report import print_eval, write_report
+    from .evaluate import compare_models, evaluate, load_hf_model
+    from .prompts import builtin, open_image
+    from .verify import layer_sqnr_plot, verify
 
     workdir = Path(workdir)
     src, out = workdir / "tiny-qwen3-vl-bf16", workdir / "tiny-qwen3-vl-fp8"
@@ -25,23 +27,33 @@ def run_demo(workdir: Path, console: Console) -> dict:
     console.rule("1. build a tiny Qwen3-VL (real architecture, random weights, offline tokenizer)")
     build_tiny_qwen3_vl(src)
     console.print(f"source: {src}")
-    console.rule("2. quantize (same code path as a real model)")
-    opts = QuantizeOptions()
+    console.rule("2. fp8vl quantize (the same code path as for a real model)")
     print_plan(quantize(src, None, QuantizeOptions(dry_run=True)), console)
-    res = quantize(src, out, opts, command=f"fp8vl quantize {src} {out}")
+    res = quantize(src, out, QuantizeOptions(), command=f"fp8vl quantize {src} {out}")
     print_summary(res, console)
-    console.rule("3. load both with Transformers on CPU and run the same prompts")
+
+    console.rule("3. fp8vl verify --source")
+    ver = verify(out, src)
+    print_verify(ver, console)
+
+    console.rule("4. Transformers loads both folders on CPU (it dequantizes FP8 itself)")
     ref, fp8 = load_hf_model(src), load_hf_model(out)
-    prompts = [("image", "Describe this image concisely.", open_image("skimage:astronaut")),
-               ("text", "The quick brown fox jumps over the lazy dog near the river bank.", None)]
-    table = Table(title="BF16 source vs FP8 output (Transformers, CPU, FP8 dequantized on load)")
+    table = Table(title="next-token agreement over the prompt, Transformers BF16 vs Transformers FP8")
     for col in ("prompt", "tokens", "mean KL", "max KL", "top-1 agreement"):
         table.add_column(col)
-    figures = {}
-    for kind, text, image in prompts:
+    figures: dict = {"verify_ok": ver.ok}
+    for kind, text, image in [("image", "Describe this image concisely.", open_image("skimage:astronaut")),
+                              ("text", "The quick brown fox jumps over the lazy dog.", None)]:
         m = compare_models(ref, fp8, text, image)
         figures[kind] = m
-        table.add_row(kind, str(m["tokens"]), f"{m['kl_mean']:.4f}", f"{m['kl_max']:.4f}",
-                      f"{m['top1']:.3f}")
+        table.add_row(kind, str(m["tokens"]), f"{m['kl_mean']:.4f}", f"{m['kl_max']:.4f}", f"{m['top1']:.3f}")
     console.print(table)
+    del ref, fp8
+
+    console.rule(f"5. fp8vl eval: {limit} text + {limit} image prompts, FP8 computed as a W8A8 server does")
+    ev = evaluate(src, out, builtin(limit), max_new_tokens=max_new_tokens)
+    print_eval(ev, console)
+    report = write_report(ev, workdir / "eval-report", layer_sqnr_plot(ver, workdir / "sqnr_per_tensor.png"))
+    console.print(f"report with plots: {report}")
+    figures["eval"] = ev.summary()
     return figures

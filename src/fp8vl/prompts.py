@@ -43,7 +43,7 @@ IMAGE = [
     ("chelsea", CAPTION),
     ("coffee", CAPTION),
     ("rocket", CAPTION),
-    ("motorcycle_left", CAPTION),
+    ("stereo_motorcycle", CAPTION),
     ("hubble_deep_field", CAPTION),
     ("astronaut", "What is the person in this picture wearing?"),
     ("chelsea", "What animal is this, and what color is its fur?"),
@@ -106,7 +106,12 @@ def open_image(ref: str):
     if ref.startswith("skimage:"):
         from skimage import data
 
-        return Image.fromarray(getattr(data, ref.split(":", 1)[1])()).convert("RGB")
+        name = ref.split(":", 1)[1]
+        if not hasattr(data, name):
+            raise FP8VLError(f"{ref}: scikit-image ships no photo named {name!r}")
+        arr = getattr(data, name)()
+        arr = arr[0] if isinstance(arr, tuple) else arr  # stereo pairs: the left view
+        return Image.fromarray(arr).convert("RGB")
     try:
         with Image.open(ref) as im:
             return ImageOps.exif_transpose(im).convert("RGB")
