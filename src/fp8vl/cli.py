@@ -72,6 +72,23 @@ def quantize_cmd(
     print_summary(res, console)
 
 
+@app.command("dequantize")
+def dequantize_cmd(
+    source: Path = typer.Argument(..., help="FP8 checkpoint (fp8vl, Qwen/DeepSeek or compressed-tensors)"),
+    output: Path = typer.Argument(..., help="output folder"),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16, float16 or float32"),
+    workers: int = typer.Option(os.cpu_count() or 1, "--workers", help="parallel jobs"),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="e.g. 5GB, 2GiB"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty OUTPUT"),
+) -> None:
+    """Turn an FP8 block checkpoint back into BF16 (streaming; quantization_config removed)."""
+    from .dequantize import dequantize
+    from .options import parse_size
+
+    out = dequantize(source, output, dtype, overwrite, workers, parse_size(max_shard_size))
+    console.print(f"[bold green]wrote[/] {out} ({dtype})")
+
+
 @app.command("verify")
 def verify_cmd(
     output: Path = typer.Argument(..., help="FP8 checkpoint folder"),

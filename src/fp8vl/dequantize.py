@@ -1,0 +1,76 @@
+"""``fp8vl dequantize``: an FP8 block checkpoint (fp8vl, Qwen/DeepSeek or compressed-tensors) back to
+BF16, streaming, with ``quantization_config`` removed. Split MoE experts stay split (2-D per expert).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import FP8VLError
+from .kernel import BLOCK, dequantize_weight
+from .shards import NAMES, ShardWriter, Slot, TensorInfo, read_rows
+from .source import open_checkpoint
+from .writer import (Job, assign_shards, check_output, check_paths, copy_jobs, copy_other_files, staging,
+                     write_config, write_index, write_shards)
+
+SCALES = ("weight_scale_inv", "weight_scale")
+CHUNK_BYTES = 8 << 20     # FP8 bytes per job
+
+
+def _scale_of(name: str, tensors: dict[str, TensorInfo]) -> TensorInfo | None:
+    module = name.rsplit(".", 1)[0]
+    return next((tensors[f"{module}.{s}"] for s in SCALES if f"{module}.{s}" in tensors), None)
+
+
+def dequantize(source: str | Path, output: str | Path, dtype: str = "bfloat16", overwrite: bool = False,
+               workers: int = os.cpu_count() or 1, max_shard_size: int = 5 * 10**9,
+               progress: Callable[[int, int], None] | None = None) -> Path:
+    src, out = Path(source).resolve(), Path(output).expanduser().resolve()
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise FP8VLError(f"--dtype {dtype}: choose bfloat16, float16 or float32")
+    out_dtype = getattr(torch, dtype)
+    check_paths(src, out, overwrite)
+    ckpt = open_checkpoint(src, allow_quantized=True)
+    if not ckpt.config.get("quantization_config"):
+        raise FP8VLError(f"{src / 'config.json'}: no quantization_config; this checkpoint is not quantized")
+    units, plan = [], {}
+    item = torch.empty((), dtype=out_dtype).element_size()
+    for name, t in ckpt.tensors.items():
+        if name.endswith(SCALES):
+            continue
+        scale = _scale_of(name, ckpt.tensors) if t.dtype == "F8_E4M3" else None
+        if t.dtype.startswith("F8") and scale is None:
+            raise FP8VLError(f"{t.file}: FP8 tensor {name} has no weight scale; cannot dequantize it")
+        plan[name] = (t, scale)
+        n = t.nbytes * item if scale is not None else t.nbytes
+        units.append([Slot(name, NAMES[out_dtype] if scale is not None else t.dtype, t.shape, n)])
+
+    def jobs_for(slot: Slot, writer: ShardWriter) -> list[Job]:
+        t, scale = plan[slot.name]
+        if scale is None:
+            return copy_jobs(slot.name, t, writer)
+        n, k = t.shape
+        rows = max(BLOCK, (CHUNK_BYTES // max(1, k)) // BLOCK * BLOCK)
+
+        def job(r0: int, r1: int) -> Callable[[], None]:
+            def run() -> None:
+                s = read_rows(scale, r0 // BLOCK, -(-r1 // BLOCK))
+                writer.write(slot.name, r0 * k * item, dequantize_weight(read_rows(t, r0, r1), s, out_dtype))
+            return run
+        return [((min(r0 + rows, n) - r0) * k, job(r0, min(r0 + rows, n))) for r0 in range(0, n, rows)]
+
+    total = sum(t.nbytes for t in ckpt.tensors.values())
+    with staging(out) as tmp:
+        copy_other_files(src, tmp, ckpt.weight_files)
+        weight_map = write_shards(tmp, assign_shards(units, max_shard_size), jobs_for, workers, progress, total)
+        write_index(tmp, weight_map, sum(s.nbytes for u in units for s in u))
+        config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"] = {k: v for k, v in config["text_config"].items() if k != "quantization_config"}
+        write_config(tmp, config)
+        check_output(tmp, {s.name: s for u in units for s in u}, None)
+    return out
