@@ -106,6 +106,7 @@ def load_fp8_model(path: str | Path, device: str = "cpu", mode: str = "auto",
         model = _model_class(ckpt.config).from_pretrained(path, config=config, dtype=dtype, device_map=device)
     finally:
         transformers.logging.set_verbosity(verbosity)
+    names = {n for n, _ in model.named_modules()}
     scales = {n.rsplit(".", 1)[0]: t for n, t in ckpt.tensors.items()
               if n.endswith(("weight_scale_inv", "weight_scale"))}
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
@@ -117,18 +118,35 @@ def load_fp8_model(path: str | Path, device: str = "cpu", mode: str = "auto",
             experts.setdefault(m["base"], {}).setdefault(int(m["e"]), {})[m["proj"]] = \
                 dequantize_weight(q, s, dtype)
             continue
-        try:
-            old = model.get_submodule(module_name)
-        except AttributeError as e:
-            raise FP8VLError(f"{path}: FP8 weight {module_name} has no module in "
-                             f"{type(model).__name__}") from e
-        parent_name, _, child = module_name.rpartition(".")
+        target = model_module_name(names, module_name, path)
+        old = model.get_submodule(target)
+        parent_name, _, child = target.rpartition(".")
         bias = old.bias.data if getattr(old, "bias", None) is not None else None
         model.get_submodule(parent_name).register_module(child, FP8Linear(q, s, bias, mode))
     for base, per_expert in experts.items():
-        _fill_fused_experts(model.get_submodule(base), per_expert, base, mode)
+        _fill_fused_experts(model.get_submodule(model_module_name(names, base, path)), per_expert, base, mode)
     model.fp8_mode = mode
     return model.eval()
+
+
+def model_module_name(names: set[str], ckpt_name: str, path: Path) -> str:
+    """The model's module for a checkpoint module name.
+
+    Checkpoints and module trees can name the same module differently (Transformers 5 keeps
+    Qwen2.5-VL's legacy ``model.layers.`` names on disk, ``model.language_model.layers.`` in the
+    model): take the longest trailing part of the name that exactly one module ends with.
+    """
+    if ckpt_name in names:
+        return ckpt_name
+    parts = ckpt_name.split(".")
+    for i in range(1, len(parts) - 1):
+        tail = "." + ".".join(parts[i:])
+        hits = [n for n in names if n.endswith(tail)]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            break
+    raise FP8VLError(f"{path}: FP8 weight {ckpt_name} matches no single module of the model")
 
 
 def _fill_fused_experts(mod: torch.nn.Module, per_expert: dict[int, dict[str, torch.Tensor]], base: str,

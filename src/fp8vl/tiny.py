@@ -137,6 +137,75 @@ def build_tiny_qwen3_vl(path: str | Path, kind: str = "dense", seed: int = 0, dt
     return path
 
 
+ARCHS = ("qwen3_vl", "qwen3_vl_tied", "qwen3_vl_moe", "qwen2_5_vl", "gemma3", "qwen3", "llama")
+TEXT = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=64, max_position_embeddings=2048)
+
+
+def _other_config(tok, arch: str):
+    """Small configs of the other families fp8vl plans for (text widths multiples of 128)."""
+    import transformers as tf
+
+    ids = _ids(tok)
+    base = dict(TEXT, vocab_size=len(tok), pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+    if arch == "qwen3":
+        return tf.Qwen3Config(**base, tie_word_embeddings=False)
+    if arch == "llama":
+        return tf.LlamaConfig(**base, tie_word_embeddings=False)
+    if arch == "qwen2_5_vl":
+        text = dict(base, bos_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                              "mrope_section": [8, 12, 12]})
+        vision = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=256,
+                      patch_size=14, spatial_merge_size=2, window_size=56, fullatt_block_indexes=[1])
+        return tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                                   video_token_id=ids["<|video_pad|>"],
+                                   vision_start_token_id=ids["<|vision_start|>"])
+    if arch == "gemma3":
+        vision = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=64, patch_size=16)
+        return tf.Gemma3Config(text_config=base, vision_config=vision, mm_tokens_per_image=4,
+                               image_token_index=ids["<|image_pad|>"], boi_token_index=ids["<|vision_start|>"],
+                               eoi_token_index=ids["<|vision_end|>"])
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+def build_tiny(path: str | Path, arch: str = "qwen3_vl", seed: int = 0, dtype=torch.bfloat16) -> Path:
+    """A tiny model of ``arch`` (see ARCHS). Qwen3-VL variants come with their processor files;
+    the others with the tokenizer and chat template only."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    kinds = {"qwen3_vl": "dense", "qwen3_vl_tied": "tied", "qwen3_vl_moe": "moe"}
+    if arch in kinds:
+        return build_tiny_qwen3_vl(path, kinds[arch], seed, dtype)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer()
+    config = _other_config(tok, arch)
+    torch.manual_seed(seed)
+    cls = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    model = cls.from_config(config, dtype=torch.float32)
+    _spread_weights(model, seed)
+    model.to(dtype).save_pretrained(path)
+    if arch == "qwen2_5_vl":
+        _qwen2_5_vl_processor(tok).save_pretrained(path)
+    else:
+        tok.save_pretrained(path)
+    (path / "README.md").write_text(CARD)
+    return path
+
+
+def _qwen2_5_vl_processor(tok):
+    from transformers import Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    size = {"shortest_edge": 28 * 28, "longest_edge": 112 * 112}  # patch 14, merge 2
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2),
+                               tokenizer=tok, video_processor=Qwen2VLVideoProcessor(size=size, patch_size=14,
+                                                                                    merge_size=2),
+                               chat_template=CHAT_TEMPLATE)
+
+
 def _spread_weights(model: torch.nn.Module, seed: int) -> None:
     """Random weights with the spread of a trained model (std ~ 1/sqrt(fan_in)) and a few outliers,
     so that logits are far from uniform and quantization error shows in the output."""
