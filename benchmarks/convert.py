@@ -72,7 +72,8 @@ def config(layers: int) -> dict:
             "text_config": {"hidden_size": H, "intermediate_size": I, "num_hidden_layers": layers,
                             "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
                             "vocab_size": V, "model_type": "qwen3_vl_text"},
-            "vision_config": {"depth": VD, "hidden_size": VH, "intermediate_size": VI,
+            "vision_config": {"depth": VD, "hidden_size": VH, "intermediate_size": VI, "patch_size": 16,
+                              "spatial_merge_size": 2,
                               "out_hidden_size": OUT, "model_type": "qwen3_vl"}}
 
 

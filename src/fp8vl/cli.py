@@ -180,6 +180,105 @@ def _sqnr_chart(source: str, quantized: Path, out_dir: Path) -> Optional[Path]:
     return layer_sqnr_plot(r, out_dir / "sqnr_per_tensor.png")
 
 
+def _gpu(gpu: Optional[str], vram: Optional[str], cc: Optional[str]):
+    from .gpus import GPU, local_gpu, lookup
+    from .options import parse_size
+
+    if gpu and vram:
+        raise FP8VLError("give --gpu or --vram, not both")
+    if gpu:
+        return lookup(gpu)
+    if vram:
+        cap = tuple(int(x) for x in cc.split(".")) if cc else None
+        return GPU(f"{vram} GPU", parse_size(vram), cap)  # type: ignore[arg-type]
+    found = local_gpu()
+    if found is None:
+        raise FP8VLError("no CUDA GPU found here: pass --gpu NAME (e.g. 'RTX 4080') or --vram SIZE (e.g. 16GiB)")
+    return found
+
+
+def _plan(model_dir, gpu, vram, cc, tp, utilization, max_pixels, images, batched, kv_cache_dtype, eager):
+    from .vram import plan_vram
+
+    return plan_vram(model_dir, _gpu(gpu, vram, cc), tp, utilization, max_pixels, images, batched,
+                     kv_cache_dtype, eager)
+
+
+GPU_OPT = typer.Option(None, "--gpu", help="GPU name, e.g. 'RTX 4080' (default: the local GPU)")
+VRAM_OPT = typer.Option(None, "--vram", help="GPU memory instead of a name, e.g. 16GiB")
+CC_OPT = typer.Option(None, "--cc", help="compute capability with --vram, e.g. 8.9")
+TP_OPT = typer.Option(1, "--tp", help="tensor-parallel size")
+UTIL_OPT = typer.Option(0.9, "--gpu-memory-utilization", help="share of VRAM vLLM may use")
+PIXELS_OPT = typer.Option(512 * 512, "--max-pixels", help="largest image, in pixels (512x512 for captioning)")
+IMAGES_OPT = typer.Option(1, "--images-per-prompt", help="images per request")
+BATCHED_OPT = typer.Option(4096, "--max-num-batched-tokens", help="tokens per prefill step")
+KV_OPT = typer.Option("auto", "--kv-cache-dtype", help="auto (BF16) or fp8")
+EAGER_OPT = typer.Option(False, "--enforce-eager", help="no CUDA graphs (less memory, slower decode)")
+
+
+@app.command("plan")
+def plan_cmd(
+    model_dir: Path = typer.Argument(..., help="checkpoint folder (FP8 or not)"),
+    gpu: Optional[str] = GPU_OPT, vram: Optional[str] = VRAM_OPT, cc: Optional[str] = CC_OPT,
+    tp: int = TP_OPT, utilization: float = UTIL_OPT, max_pixels: int = PIXELS_OPT, images: int = IMAGES_OPT,
+    batched: int = BATCHED_OPT, kv_cache_dtype: str = KV_OPT, eager: bool = EAGER_OPT,
+) -> None:
+    """VRAM plan for vLLM on a GPU: the arithmetic, the largest --max-model-len, the verdict."""
+    from .report import print_vram
+    from .serve import serve_command
+
+    p = _plan(model_dir, gpu, vram, cc, tp, utilization, max_pixels, images, batched, kv_cache_dtype, eager)
+    print_vram(p, console)
+    console.print(" ".join(shlex.quote(a) for a in serve_command(model_dir, "vllm", p, enforce_eager=eager)))
+
+
+@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve_cmd(
+    ctx: typer.Context,
+    model_dir: Path = typer.Argument(..., help="checkpoint folder; extra args after -- go to the server"),
+    engine: str = typer.Option("vllm", "--engine", help="vllm or transformers"),
+    host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the command only"),
+    gpu: Optional[str] = GPU_OPT, vram: Optional[str] = VRAM_OPT, cc: Optional[str] = CC_OPT,
+    tp: int = TP_OPT, utilization: float = UTIL_OPT, max_pixels: int = PIXELS_OPT, images: int = IMAGES_OPT,
+    batched: int = BATCHED_OPT, kv_cache_dtype: str = KV_OPT, eager: bool = EAGER_OPT,
+) -> None:
+    """Start vLLM (or Transformers' server) on MODEL_DIR with flags from `fp8vl plan`."""
+    from .serve import run, serve_command
+
+    p = _plan(model_dir, gpu, vram, cc, tp, utilization, max_pixels, images, batched, kv_cache_dtype, eager) \
+        if engine == "vllm" else None
+    cmd = serve_command(model_dir, engine, p, host, port, list(ctx.args), eager)
+    console.print(" ".join(shlex.quote(a) for a in cmd), soft_wrap=True)
+    if not dry_run:
+        raise typer.Exit(run(cmd))
+
+
+@app.command("doctor")
+def doctor_cmd(
+    output_dir: Path = typer.Option(Path("."), "--output-dir", help="where the FP8 copy will be written"),
+    model: Optional[Path] = typer.Option(None, "--model", help="the source model: checks the disk space for it"),
+) -> None:
+    """Check Python, torch/CUDA, GPU and FP8 support, Transformers, vLLM, disk and RAM; say how to fix."""
+    from rich.table import Table
+
+    from .doctor import diagnose
+
+    need = 0
+    if model is not None:
+        need = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) * 2 // 3
+    findings = diagnose(output_dir, need)
+    t = Table(title="fp8vl doctor")
+    for col in ("check", "result", "detail", "fix"):
+        t.add_column(col, overflow="fold")
+    style = {"ok": "green", "warning": "yellow", "error": "bold red"}
+    for f in findings:
+        t.add_row(f.what, f"[{style[f.level]}]{f.level}[/]", f.detail, f.fix)
+    console.print(t)
+    if any(f.level == "error" for f in findings):
+        raise typer.Exit(1)
+
+
 @app.command("demo")
 def demo_cmd(
     workdir: Path = typer.Option(Path("demo-out"), "--workdir", help="where the tiny models are written"),

@@ -75,3 +75,23 @@ def print_verify(r, console: Console) -> None:
             w.add_row(x.name, f"{x.rel_error:.4f}", f"{x.sqnr_db:.2f}")
         console.print(w)
     console.print("[bold green]PASSED[/]" if r.ok else "[bold red]FAILED[/]")
+
+
+def print_vram(p, console: Console) -> None:
+    from .gpus import GIB
+
+    t = Table(title=f"vLLM memory plan: {p.model} on {p.gpu.name} (per GPU, TP {p.tp})")
+    for col in ("item", "how", "GiB"):
+        t.add_column(col, overflow="fold")
+    for item, how, n in p.rows:
+        t.add_row(item, how, f"{n / GIB:+.2f}" if item not in ("budget", "KV cache") else f"{n / GIB:.2f}",
+                  style="bold" if item == "KV cache" else None)
+    console.print(t)
+    console.print(f"KV cache per token: {p.kv_bytes_per_token} B (layers x KV heads x head dim x 2 x "
+                  f"{'1 (fp8)' if p.kv_cache_dtype == 'fp8' else '2 (bf16)'}) -> {p.kv_tokens} tokens fit")
+    console.print(f"[bold]--max-model-len {p.max_model_len}[/] (model limit {p.context_limit}), "
+                  f"--max-num-seqs {p.max_num_seqs} (requests of ~1k tokens at once)"
+                  + (f"; one image of {p.max_pixels} px = {p.vision_tokens} tokens" if p.vision_tokens else ""))
+    console.print(f"GPU: {p.verdict[1]}")
+    if p.tp_line:
+        console.print(p.tp_line)
