@@ -1,0 +1,436 @@
+"""``fp8vl caption``: caption a folder of images for LoRA training, through a server or in-process.
+
+Server backend (``endpoint`` set): any OpenAI-compatible server (vLLM, SGLang, ``transformers serve``)
+gets each image, EXIF-rotated and shrunk so its longer side is at most ``max_side``, as a base64 JPEG
+data URL next to the prompt; ``concurrency`` requests in flight; connection errors, timeouts, 429 and
+5xx are retried with exponential backoff and jitter. Local backend (no endpoint): the model folder is
+loaded once with fp8vl's runtime and images are captioned one after another, greedily.
+
+Outputs, written by the main thread as each caption arrives, so a killed run loses no finished one:
+a sidecar ``IMAGE.txt`` (written to a temporary file, then renamed), one JSON line per image appended
+to ``jsonl`` ({file, caption, tokens, seconds}; a log: on --overwrite the last line of a file wins),
+and ``csv``, a Hugging Face ImageFolder ``metadata.csv`` (file_name,text): rows are appended as they
+come and the file is rewritten at the end with every known caption exactly once. A rerun skips the
+images already captioned (sidecar present; with txt off, listed in the jsonl or csv) unless
+``overwrite``. An unreadable image, or one that still fails after the retries, is reported and the
+batch goes on; when the server stops answering altogether, the images not yet sent are reported too.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv as csvlib
+import io
+import json
+import os
+import random
+import re
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+from urllib.parse import urlsplit
+
+from .errors import FP8VLError
+from .prompts import CAPTION
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+CSV_HEADER = ["file_name", "text"]
+DOWN_AFTER = 3  # consecutive images lost to connection errors: the server is gone, stop sending
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    endpoint: str | None = None      # OpenAI-compatible base URL (http://127.0.0.1:8000/v1); None: in-process
+    model: str | None = None         # server: model name (default: first of /v1/models); local: model folder
+    prompt: str = CAPTION
+    trigger: str | None = None       # put before each caption ("ohwx" -> "ohwx, <caption>")
+    max_side: int = 512              # longer image side sent to the model (never upscaled)
+    concurrency: int = 8             # requests in flight (server backend)
+    max_tokens: int = 128
+    temperature: float = 0.0         # 0: greedy, the same caption on every run (the local backend only does 0)
+    txt: bool = True                 # sidecar IMAGE.txt, the layout LoRA trainers read
+    jsonl: Path | None = None        # append {file, caption, tokens, seconds} a line
+    csv: Path | None = None          # ImageFolder metadata.csv (file_name relative to its folder)
+    overwrite: bool = False          # recaption images that already have a caption
+    retries: int = 4                 # extra attempts on connection errors, timeouts, 429 and 5xx
+    backoff: float = 0.5             # first retry delay in seconds; doubles each time, with jitter
+    timeout: float = 120.0           # seconds per request
+    api_key: str | None = None       # default: $OPENAI_API_KEY, else "EMPTY"
+    device: str = "cpu"              # local backend
+    mode: str = "auto"               # local backend FP8 runtime: auto, scaled_mm, w8a8 or dequant
+
+
+@dataclass
+class CaptionSummary:
+    done: int = 0                    # images captioned by this run
+    skipped: int = 0                 # already captioned, left alone
+    failed: list[tuple[Path, str]] = field(default_factory=list)   # (image, reason)
+    tokens: int = 0                  # generated tokens
+    seconds: float = 0.0
+    model: str = ""
+
+    @property
+    def images_per_s(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Result:
+    path: Path
+    caption: str | None = None
+    tokens: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    down: bool = False               # failed because the server could not be reached
+
+
+# ---------------------------------------------------------------- images
+
+def find_images(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Image files (jpg, jpeg, png, webp, any case) among ``paths``: files as given, folders walked
+    recursively in sorted order; each image once."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    out: dict[Path, None] = {}
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in EXTENSIONS and f.is_file())
+        elif p.is_file():
+            if p.suffix.lower() not in EXTENSIONS:
+                raise FP8VLError(f"{p}: not an image ({', '.join(EXTENSIONS)}); pass image files or folders")
+            found = [p]
+        else:
+            raise FP8VLError(f"{p}: no such file or folder")
+        out.update(dict.fromkeys(found))
+    if not out:
+        raise FP8VLError(f"no images ({', '.join(EXTENSIONS)}) in {', '.join(map(str, paths)) or 'no paths'}")
+    return list(out)
+
+
+def load_image(path: str | Path, max_side: int = 512):
+    """RGB PIL image, EXIF orientation applied, transparency on white, longer side <= ``max_side``."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                im = Image.new("RGB", rgba.size, (255, 255, 255))
+                im.paste(rgba, mask=rgba.getchannel("A"))
+            else:
+                im = im.convert("RGB")
+    except Exception as e:  # any decoder failure: the batch goes on without this file
+        raise FP8VLError(f"{path}: cannot read image ({type(e).__name__}: {e}); replace or remove it") from e
+    if max(im.size) > max_side:
+        im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return im
+
+
+def image_data_url(image, quality: int = 90) -> str:
+    """A PIL image as a base64 JPEG data URL, the form OpenAI-compatible servers take."""
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def sidecar(image: Path) -> Path:
+    return image.with_suffix(".txt")
+
+
+def clean_caption(text: str | None, trigger: str | None = None) -> str:
+    """One line: reasoning blocks dropped, whitespace collapsed, trigger in front ("", if nothing left)."""
+    text = " ".join(re.sub(r"<think>.*?</think>", "", text or "", flags=re.S).split())
+    if not text or not trigger or not trigger.strip():
+        return text
+    t = trigger.strip()
+    return f"{t}{' ' if t[-1] in ',;:.' else ', '}{text}"
+
+
+# ---------------------------------------------------------------- outputs
+
+def _key(path: Path) -> Path:
+    return Path(os.path.abspath(path))
+
+
+def _rel(image: Path, out_file: Path) -> str:
+    base, img = _key(out_file).parent, _key(image)
+    return img.relative_to(base).as_posix() if img.is_relative_to(base) else str(img)
+
+
+def _read_jsonl(path: Path) -> dict[Path, str]:
+    out = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:  # a line cut by a killed run is not a caption
+                d = json.loads(line)
+                out[_key(path.parent / d["file"])] = d["caption"]
+            except (ValueError, KeyError, TypeError):
+                continue
+    return out
+
+
+def _read_csv(path: Path) -> dict[Path, str]:
+    if not path.is_file() or path.stat().st_size == 0:
+        return {}
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csvlib.reader(f))
+    if rows[0] != CSV_HEADER:
+        raise FP8VLError(f"{path}: header {rows[0]} is not {','.join(CSV_HEADER)}; pass another --csv file")
+    return {_key(path.parent / r[0]): r[1] for r in rows[1:] if len(r) == 2}
+
+
+def _append(path: Path, text: str, header: str = "") -> None:
+    """Append and flush, starting on a new line even after a line cut short by a killed run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+b") as f:
+        if f.tell() == 0:
+            text = header + text
+        else:
+            f.seek(-1, os.SEEK_END)
+            text = ("" if f.read(1) == b"\n" else "\n") + text
+        f.write(text.encode())
+        f.flush()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _csv_line(row: list[str]) -> str:
+    buf = io.StringIO()
+    csvlib.writer(buf, lineterminator="\n").writerow(row)
+    return buf.getvalue()
+
+
+def _has_txt(image: Path) -> bool:
+    s = sidecar(image)
+    return s.is_file() and bool(s.read_text(encoding="utf-8", errors="replace").strip())
+
+
+def _save(r: _Result, opts: CaptionOptions) -> None:
+    if opts.txt:
+        _write_atomic(sidecar(r.path), r.caption)
+    if opts.jsonl:
+        rec = {"file": _rel(r.path, opts.jsonl), "caption": r.caption, "tokens": r.tokens,
+               "seconds": round(r.seconds, 3)}
+        _append(opts.jsonl, json.dumps(rec, ensure_ascii=False) + "\n")
+    if opts.csv:
+        _append(opts.csv, _csv_line([_rel(r.path, opts.csv), r.caption]), _csv_line(CSV_HEADER))
+
+
+def _final_csv(images: list[Path], opts: CaptionOptions) -> None:
+    """Rewrite the csv with every known caption once: old rows < jsonl < sidecars (the last appends
+    of this run are in the csv and the sidecars already)."""
+    known = _read_csv(opts.csv)
+    if opts.jsonl:
+        known.update({k: v for k, v in _read_jsonl(opts.jsonl).items() if k in known or k in set(images)})
+    if opts.txt:
+        known.update({_key(p): sidecar(p).read_text(encoding="utf-8").strip() for p in images if _has_txt(p)})
+    rows = sorted((_rel(p, opts.csv), " ".join(t.split())) for p, t in known.items())
+    _write_atomic(opts.csv, "".join(_csv_line(r) for r in [CSV_HEADER, *rows]))
+
+
+def _check(images: list[Path], opts: CaptionOptions) -> None:
+    if not (opts.txt or opts.jsonl or opts.csv):
+        raise FP8VLError("nothing to write: keep the .txt sidecars or pass --jsonl or --csv")
+    for name in ("max_side", "concurrency", "max_tokens"):
+        if getattr(opts, name) < 1:
+            raise FP8VLError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(opts, name)})")
+    if opts.retries < 0 or opts.backoff < 0 or opts.timeout <= 0:
+        raise FP8VLError("--retries and --backoff must be >= 0 and --timeout > 0")
+    if opts.endpoint is None and opts.temperature != 0:
+        raise FP8VLError("--temperature applies to a server (--endpoint); in-process captioning is greedy")
+    if opts.txt:
+        seen: dict[Path, Path] = {}
+        for p in images:
+            if (other := seen.setdefault(sidecar(p), p)) != p:
+                raise FP8VLError(f"{other} and {p} would share the caption file {sidecar(p)}; rename one")
+    if opts.csv:
+        base = _key(opts.csv).parent
+        for p in images:
+            if not _key(p).is_relative_to(base):
+                raise FP8VLError(f"{opts.csv}: {p} is outside {base}; ImageFolder reads file_name relative "
+                                 f"to metadata.csv, so put the csv in the images' folder or a parent")
+
+
+# ---------------------------------------------------------------- backends
+
+def _base_url(endpoint: str) -> str:
+    u = urlsplit(endpoint)
+    if u.scheme not in ("http", "https") or not u.netloc:
+        raise FP8VLError(f"--endpoint {endpoint}: expected a URL like http://127.0.0.1:8000/v1")
+    return endpoint.rstrip("/") + ("/v1" if u.path in ("", "/") else "")
+
+
+def _retry(call: Callable, opts: CaptionOptions, stop: threading.Event):
+    """``call()`` with retries on connection errors, timeouts, 429 and 5xx (exponential backoff, jitter)."""
+    import openai
+
+    for attempt in range(opts.retries + 1):
+        try:
+            return call()
+        except (openai.APIConnectionError, openai.APIStatusError) as e:
+            status = getattr(e, "status_code", None)
+            if status is not None and status < 500 and status not in (408, 429) or attempt == opts.retries:
+                raise
+            if stop.wait(min(60.0, opts.backoff * 2 ** attempt * random.uniform(0.5, 1.5))):
+                raise
+
+
+def _failure(e: Exception, opts: CaptionOptions) -> _Result:
+    import openai
+
+    if isinstance(e, openai.APIStatusError):
+        return _Result(Path(), error=f"server answered {e.status_code}: {e.message}")
+    return _Result(Path(), error=f"{opts.endpoint}: {e} (after {opts.retries + 1} attempts)",
+                   down=not isinstance(e, openai.APITimeoutError))
+
+
+def _server_one(client, model: str, path: Path, opts: CaptionOptions, stop: threading.Event) -> _Result:
+    import openai
+
+    t0 = time.perf_counter()
+    if stop.is_set():
+        return _Result(path, error=f"not sent: {opts.endpoint} stopped answering", seconds=0.0)
+    try:
+        url = image_data_url(load_image(path, opts.max_side))
+    except FP8VLError as e:
+        return _Result(path, error=str(e))
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": opts.prompt}]}]
+    try:
+        r = _retry(lambda: client.chat.completions.create(
+            model=model, messages=messages, max_tokens=opts.max_tokens, temperature=opts.temperature), opts, stop)
+    except openai.APIError as e:
+        res = _failure(e, opts)
+        res.path, res.seconds = path, time.perf_counter() - t0
+        return res
+    text = clean_caption(r.choices[0].message.content if r.choices else None, opts.trigger)
+    tokens = getattr(r.usage, "completion_tokens", None) or 0
+    return _Result(path, text or None, tokens, time.perf_counter() - t0,
+                   None if text else "the model returned an empty caption")
+
+
+def _serve(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Result]:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=_base_url(opts.endpoint), api_key=opts.api_key or os.environ.get("OPENAI_API_KEY")
+                    or "EMPTY", timeout=opts.timeout, max_retries=0)
+    stop = threading.Event()
+    try:
+        ids = [m.id for m in _retry(lambda: client.models.list().data, opts, stop)]
+    except Exception as e:
+        raise FP8VLError(f"{opts.endpoint}: cannot list models ({e}); start the server or fix --endpoint") from e
+    model = info["model"] = opts.model or (ids[0] if ids else None)
+    if not model:
+        raise FP8VLError(f"{opts.endpoint}: the server lists no model; pass --model NAME")
+    pool = ThreadPoolExecutor(opts.concurrency, thread_name_prefix="fp8vl-caption")
+    try:
+        futures = [pool.submit(_server_one, client, model, p, opts, stop) for p in todo]
+        down = 0
+        for fut in as_completed(futures):
+            r = fut.result()
+            down = down + 1 if r.down else 0 if r.caption else down
+            if down >= DOWN_AFTER:
+                stop.set()
+            yield r
+    finally:
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _local(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Result]:
+    from .evaluate import encode, greedy, load_any
+
+    if not opts.model:
+        raise FP8VLError("no model: pass --endpoint URL of a running server, or --model DIR to caption in-process")
+    loaded = load_any(opts.model, opts.device, opts.mode)
+    info["model"] = f"{opts.model} ({loaded.label})"
+    tok = getattr(loaded.processor, "tokenizer", loaded.processor)
+    for path in todo:
+        t0 = time.perf_counter()
+        try:
+            image = load_image(path, opts.max_side)
+        except FP8VLError as e:
+            yield _Result(path, error=str(e))
+            continue
+        ids = greedy(loaded, encode(loaded, opts.prompt, image), opts.max_tokens)
+        text = clean_caption(tok.decode(ids, skip_special_tokens=True), opts.trigger)
+        yield _Result(path, text or None, len(ids), time.perf_counter() - t0,
+                      None if text else "the model returned an empty caption")
+
+
+# ---------------------------------------------------------------- the run
+
+def caption(paths: str | Path | Iterable[str | Path], opts: CaptionOptions = CaptionOptions(),
+            progress: Callable[[int, int], None] | None = None) -> CaptionSummary:
+    """Caption the images under ``paths``; ``progress(processed, total)`` is called on the calling
+    thread after each image that was to be captioned (written or failed)."""
+    images = find_images(paths)
+    _check(images, opts)
+    if opts.overwrite:
+        done = set()
+    elif opts.txt:
+        done = {p for p in images if _has_txt(p)}
+    else:
+        known = {**(_read_jsonl(opts.jsonl) if opts.jsonl else {}), **(_read_csv(opts.csv) if opts.csv else {})}
+        done = {p for p in images if _key(p) in known}
+    if opts.csv:
+        _read_csv(opts.csv)  # a foreign csv fails before any work
+    todo = [p for p in images if p not in done]
+    s = CaptionSummary(skipped=len(images) - len(todo))
+    t0, info = time.perf_counter(), {"model": opts.model or ""}
+    if todo:
+        backend = _serve if opts.endpoint else _local
+        with closing(backend(todo, opts, info)) as results:
+            for n, r in enumerate(results, 1):
+                if r.caption:
+                    _save(r, opts)
+                    s.done, s.tokens = s.done + 1, s.tokens + r.tokens
+                else:
+                    s.failed.append((r.path, r.error or "unknown error"))
+                if progress:
+                    progress(n, len(todo))
+    if opts.csv:
+        _final_csv(images, opts)
+    s.seconds, s.model = time.perf_counter() - t0, info["model"]
+    return s
+
+
+@contextmanager
+def progress_bar(console=None, transient: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """A rich bar with images/s; yields the ``progress`` callback for :func:`caption`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                  TimeRemainingColumn(), console=console, transient=transient) as bar:
+        task = bar.add_task("captioning", total=None, rate="")
+        t0 = time.perf_counter()
+
+        def update(n: int, total: int) -> None:
+            bar.update(task, completed=n, total=total, rate=f"{n / max(time.perf_counter() - t0, 1e-9):.2f} img/s")
+        yield update
+
+
+def print_summary(s: CaptionSummary, console) -> None:
+    console.print(f"[bold green]captioned[/] {s.done}, skipped {s.skipped} (already captioned), "
+                  f"[{'bold red' if s.failed else 'green'}]failed {len(s.failed)}[/] in {s.seconds:.1f} s: "
+                  f"{s.images_per_s:.2f} images/s, {s.tokens_per_s:.1f} tokens/s ({s.model})")
+    for path, reason in s.failed:
+        console.print(f"  [red]failed[/] {path}: {reason}", markup=True, highlight=False)
