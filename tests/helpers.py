@@ -1,0 +1,192 @@
+"""Shared test code: an independent FP8 reference written plainly, and file/tensor utilities.
+
+Nothing here imports fp8vl's numerics: the reference is what the tests judge fp8vl against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+FP8 = torch.float8_e4m3fn
+TILE = 128
+E4M3_MAX = 448.0
+ROOT = Path(__file__).resolve().parents[1]
+FP8VL = ROOT / ".venv" / "bin" / "fp8vl"
+INDEX = "model.safetensors.index.json"
+# Bad inputs that must fail with FP8VLError (API) and exit 2 (CLI); built in conftest.bad_inputs.
+BAD_CASES = (
+    "missing folder", "no config.json", "truncated shard", "corrupt header", "index names missing shard",
+    "quantization_config present", "fp8 tensors present", "int32 linear weight", "output inside source",
+    "output not empty", "hub repo offline",
+)
+PROJS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+# ---------------------------------------------------------------- reference numerics
+
+def ref_block_quantize(w: torch.Tensor, scale_dtype: torch.dtype = torch.float32):
+    """One 128x128 tile at a time: amax in float32, scale = amax/448 (all-zero tile: 1.0) rounded to
+    ``scale_dtype``, q = clamp(w / stored_scale, -448, 448) cast to e4m3fn."""
+    n, k = w.shape
+    rows, cols = -(-n // TILE), -(-k // TILE)
+    q = torch.empty(n, k, dtype=FP8)
+    s = torch.empty(rows, cols, dtype=scale_dtype)
+    for i in range(rows):
+        for j in range(cols):
+            r, c = slice(i * TILE, (i + 1) * TILE), slice(j * TILE, (j + 1) * TILE)
+            tile = w[r, c].to(torch.float32)
+            amax = tile.abs().max()
+            scale = torch.tensor(1.0, dtype=scale_dtype) if amax == 0 else (amax / E4M3_MAX).to(scale_dtype)
+            s[i, j] = scale
+            q[r, c] = (tile / scale.to(torch.float32)).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+    return q, s
+
+
+def expand_scales(s: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Per-tile scale [rows, cols] -> per-element float32 [n, k]."""
+    n, k = shape
+    out = torch.empty(n, k, dtype=torch.float32)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            out[i * TILE:(i + 1) * TILE, j * TILE:(j + 1) * TILE] = s[i, j].float()
+    return out
+
+
+def ref_dequantize(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """q * scale per tile, float32."""
+    return q.to(torch.float32) * expand_scales(s, tuple(q.shape))
+
+
+def within_e4m3_bound(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Boolean mask: |w - q*s| <= max(|w| 2^-4, s 2^-10) (+ float32 slack), element by element."""
+    w = w.to(torch.float32)
+    se = expand_scales(s, tuple(w.shape))
+    err = (w - q.to(torch.float32) * se).abs()
+    bound = torch.maximum(w.abs() * 2.0**-4, se * 2.0**-10) * (1 + 1e-6)
+    return err <= bound
+
+
+def ref_activation_quantize(x: torch.Tensor):
+    """Per token (every leading index) and per group of 128 channels, plainly."""
+    k = x.shape[-1]
+    flat = x.reshape(-1, k).to(torch.float32)
+    q = torch.empty(flat.shape, dtype=FP8)
+    s = torch.empty(flat.shape[0], k // TILE, dtype=torch.float32)
+    for t in range(flat.shape[0]):
+        for g in range(k // TILE):
+            grp = flat[t, g * TILE:(g + 1) * TILE]
+            amax = grp.abs().max()
+            scale = torch.tensor(1.0) if amax == 0 else amax / E4M3_MAX
+            s[t, g] = scale
+            q[t, g * TILE:(g + 1) * TILE] = (grp / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+    return q.reshape(x.shape), s.reshape(*x.shape[:-1], k // TILE)
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and torch.equal(as_bytes(a), as_bytes(b))
+
+
+# ---------------------------------------------------------------- checkpoints on disk
+
+def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every .safetensors file in ``folder``, read by the safetensors library."""
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            for name in h.keys():
+                out[name] = h.get_tensor(name)
+    return out
+
+
+def tensor_files(folder: Path) -> dict[str, str]:
+    """tensor name -> shard file name."""
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            for name in h.keys():
+                out[name] = f.name
+    return out
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read_config(folder: Path) -> dict:
+    return json.loads((Path(folder) / "config.json").read_text())
+
+
+def text_config(cfg: dict) -> dict:
+    return cfg.get("text_config") or cfg
+
+
+def language_linears(cfg: dict, moe: bool = False) -> set[str]:
+    """Names of the decoder-layer linear weights, from the config alone."""
+    n_layers = text_config(cfg)["num_hidden_layers"]
+    names = set()
+    for n in range(n_layers):
+        base = f"model.language_model.layers.{n}"
+        names |= {f"{base}.self_attn.{p}.weight" for p in PROJS["self_attn"]}
+        if not moe:
+            names |= {f"{base}.mlp.{p}.weight" for p in PROJS["mlp"]}
+    return names
+
+
+def expert_slices(gate_up: torch.Tensor, down: torch.Tensor, hidden: int, inter: int, e: int):
+    """Expert ``e``'s [out, in] gate, up and down matrices from the fused 3-D tensors, with the axis
+    order read off the config's sizes (gate is the first half of the 2I outputs)."""
+    if tuple(gate_up.shape[1:]) == (2 * inter, hidden):
+        gu = gate_up[e]
+    elif tuple(gate_up.shape[1:]) == (hidden, 2 * inter):
+        gu = gate_up[e].t()
+    else:
+        raise AssertionError(f"gate_up_proj shape {tuple(gate_up.shape)} fits no layout")
+    if tuple(down.shape[1:]) == (hidden, inter):
+        d = down[e]
+    elif tuple(down.shape[1:]) == (inter, hidden):
+        d = down[e].t()
+    else:
+        raise AssertionError(f"down_proj shape {tuple(down.shape)} fits no layout")
+    return gu[:inter].contiguous(), gu[inter:].contiguous(), d.contiguous()
+
+
+def astronaut():
+    """The astronaut photograph that ships with scikit-image (offline), as RGB PIL."""
+    from PIL import Image
+    from skimage import data
+
+    return Image.fromarray(data.astronaut()).convert("RGB")
+
+
+# ---------------------------------------------------------------- the CLI
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", COLUMNS="200", NO_COLOR="1")
+    env.pop("FP8VL_DEBUG", None)
+    return env
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    exe = [str(FP8VL)] if FP8VL.exists() else [sys.executable, "-m", "fp8vl.cli"]
+    return subprocess.run([*exe, *map(str, args)], capture_output=True, text=True, env=cli_env(),
+                          cwd=cwd, timeout=timeout)
+
+
+def popen_cli(*args: str, cwd: Path | None = None) -> subprocess.Popen:
+    exe = [str(FP8VL)] if FP8VL.exists() else [sys.executable, "-m", "fp8vl.cli"]
+    return subprocess.Popen([*exe, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=cli_env(), cwd=cwd)
