@@ -117,9 +117,6 @@ def test_sigint_mid_run_exits_130_and_leaves_nothing(sigint_run):
     assert list(out.parent.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: cli.main's `except KeyboardInterrupt` (message 'interrupted; "
-                   "nothing half-written was left behind') is dead code: typer turns Ctrl-C into a silent "
-                   "exit 130 before main() sees it")
 def test_sigint_mid_run_tells_the_user_it_was_interrupted(sigint_run):
     _, _, stderr, _, _ = sigint_run
     assert "interrupted" in stderr

@@ -322,10 +322,6 @@ else:
 """
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: progress() is called in a future's done-callback on a worker "
-                   "thread (convert._finish / writer.write_shards.finish); a KeyboardInterrupt there kills that "
-                   "worker and never reaches the caller "
-                   "(workers>1: the run completes and OUTPUT is written; workers=1: the pool deadlocks)")
 @pytest.mark.parametrize("workers", [2, 1])
 def test_keyboard_interrupt_from_progress_leaves_no_output(dense_src, tmp_path, workers):
     """Run in a child process: the failure mode being guarded against includes a hang."""

@@ -40,8 +40,8 @@ def test_activation_quant_kernel_matches_reference(m):
     assert torch.equal(s, s_ref)
 
 
-@pytest.mark.parametrize("m", [1, 2, 7, 8, 16, 300, 2048])
-@pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 4096), (4096, 12288), (384, 256)])
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 13, 16, 17, 30, 300, 2048])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 4096), (4096, 12288), (384, 256), (200, 384)])
 def test_fp8_linear_matches_w8a8_simulation(m, n, k):
     g = torch.Generator(device="cuda").manual_seed(m * 7 + n)
     w = torch.randn(n, k, device="cuda", generator=g) * 0.02

@@ -62,7 +62,7 @@ def test_huge_values_give_no_nan_and_stay_within_bound(dtype, big, scale_dtype):
     w = weights((256, 256), torch.float32).clamp(-1, 1) * big
     w[0, 0], w[200, 200] = big, -big
     w = w.to(dtype)
-    q, s = quantize_weight(w.clone(), scale_dtype)  # clone: see the in-place xfail below
+    q, s = quantize_weight(w.clone(), scale_dtype)
     assert fp8_nan_count(q) == 0 and not torch.isnan(q.float()).any()
     assert torch.isfinite(s.float()).all()
     assert q[0, 0].float().item() == 448.0 and q[200, 200].float().item() == -448.0
@@ -99,8 +99,6 @@ def test_non_2d_weight_is_rejected():
         quantize_weight(torch.ones(2, 128, 128))
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: kernel.quantize_with_scales divides in place (div_) on "
-                   "w.float(), which aliases a float32 input whose shape is a multiple of 128")
 def test_quantize_weight_leaves_a_float32_input_unchanged():
     w = weights((256, 256), torch.float32)
     before = w.clone()

@@ -159,8 +159,6 @@ def test_shard_writer_close_fails_when_a_tensor_is_half_written(tmp_path):
         w.close()
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: ShardWriter.close counts bytes written per tensor, not which "
-                   "bytes: writing one half twice passes although the other half was never written")
 def test_shard_writer_close_fails_when_one_range_is_written_twice_and_another_never(tmp_path):
     w = ShardWriter(tmp_path / "x.safetensors", [Slot("a", "U8", (8,), 8)], {})
     w.write("a", 0, b"1234")

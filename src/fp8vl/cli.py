@@ -291,16 +291,24 @@ def demo_cmd(
 
 
 def main() -> None:
+    import click
+
     try:
-        app()
+        rc = app(standalone_mode=False)   # exceptions come here, not to click's own handler
     except FP8VLError as e:
         if DEBUG["on"]:
             raise
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, click.exceptions.Abort):
         err.print("interrupted; nothing half-written was left behind")
         sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    if rc == 130:  # typer turns Ctrl-C inside a command into exit code 130
+        err.print("interrupted; nothing half-written was left behind")
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ def scales_from_amax(amax: torch.Tensor, scale_dtype: torch.dtype = torch.float3
     A tile whose scale is 0 (all-zero tile, or an amax so small the scale underflows) gets
     scale 1: its values all quantize to 0 either way, and 0/0 would make the tile NaN.
     """
-    scale = (amax / FP8_MAX).to(scale_dtype)
+    # A tensor divisor, not a Python scalar: CUDA divides by a scalar as a multiplication by its
+    # reciprocal, which rounds differently; this keeps CPU and GPU bit-identical (true division).
+    scale = (amax / torch.full_like(amax, FP8_MAX)).to(scale_dtype)
     return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
@@ -55,7 +57,7 @@ def quantize_with_scales(w: torch.Tensor, scale: torch.Tensor, block: int = BLOC
     done in float32 with the *stored* scale, so ``q * stored_scale`` is what a loader computes.
     """
     n, k = w.shape
-    wp = _pad_to_blocks(w, block).float()
+    wp = _pad_to_blocks(w, block).to(torch.float32, copy=True)  # a copy: divided in place below
     pn, pk = wp.shape
     s = scale.float()[:, None, :, None]
     q = wp.view(pn // block, block, pk // block, block).div_(s).clamp_(-FP8_MAX, FP8_MAX)
@@ -92,7 +94,7 @@ def quantize_activations(x: torch.Tensor, group: int = BLOCK) -> tuple[torch.Ten
         raise ValueError(f"activation width {k} is not a multiple of {group}")
     xg = x.float().reshape(*lead, k // group, group)
     amax = xg.abs().amax(dim=-1)
-    scale = amax / FP8_MAX
+    scale = amax / torch.full_like(amax, FP8_MAX)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = (xg / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q.reshape(*lead, k), scale

@@ -168,7 +168,10 @@ def make_plan(config: dict, shapes: dict[str, tuple[int, ...]], opts: QuantizeOp
         shape = tuple(shape)
         if name.endswith(FUSED_EXPERTS) and len(shape) == 3:
             split = _split_experts(name, shape, config)
-            if _matches(split[0].module.rsplit(".", 2)[0], opts.ignore):
+            # --ignore may name the fused module (...mlp.experts) or the per-expert modules written;
+            # either way the experts stay fused and BF16: a loader needs all experts in one dtype.
+            fused = name.rsplit(".", 1)[0]
+            if _matches(fused, opts.ignore) or any(_matches(e.module, opts.ignore) for e in split):
                 entries.append(Entry(name, name, False, "ignored", shape))
             else:
                 entries.extend(split)
@@ -183,8 +186,9 @@ def make_plan(config: dict, shapes: dict[str, tuple[int, ...]], opts: QuantizeOp
     if not any(e.quantize for e in entries):
         raise FP8VLError("nothing to quantize: no 2-D linear weights found inside decoder layers "
                          "(check the source, or the --ignore patterns)")
-    kept_modules = [e.module for e in entries
-                    if not e.quantize and len(e.shape) >= 2 and e.name.endswith(".weight")]
+    kept_modules = [e.module if e.name.endswith(".weight") else e.name.rsplit(".", 1)[0] for e in entries
+                    if not e.quantize and len(e.shape) >= 2
+                    and (e.name.endswith(".weight") or e.name.endswith(FUSED_EXPERTS))]
     if "lm_head" not in kept_modules:
         kept_modules.insert(0, "lm_head")  # Transformers 5 stops adding it once a list is given
     return Plan(tuple(entries), tuple(dict.fromkeys(kept_modules)), tuple(warnings), model_type)

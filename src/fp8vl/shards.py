@@ -169,7 +169,7 @@ class ShardWriter:
         head, placed = layout(entries, metadata)
         self.path = path
         self.slots = {s.name: s for s in placed}
-        self.written = {s.name: 0 for s in placed}
+        self.written: dict[str, list[tuple[int, int]]] = {s.name: [] for s in placed}  # byte ranges
         self._lock = threading.Lock()
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         total = len(head) + sum(s.nbytes for s in placed)
@@ -178,7 +178,7 @@ class ShardWriter:
 
     def write(self, name: str, at: int, data: torch.Tensor | bytes | memoryview) -> None:
         if isinstance(data, torch.Tensor):
-            data = memoryview(data.contiguous().view(torch.uint8).reshape(-1).numpy())
+            data = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
         slot = self.slots[name]
         if at < 0 or at + len(data) > slot.nbytes:
             raise ValueError(f"write outside tensor {name}: [{at}, {at + len(data)}) of {slot.nbytes}")
@@ -186,13 +186,28 @@ class ShardWriter:
         while done < len(data):
             done += os.pwrite(self.fd, data[done:], slot.offset + at + done)
         with self._lock:
-            self.written[name] += len(data)
+            self.written[name].append((at, at + len(data)))
+
+    def _covered(self, name: str) -> bool:
+        """Every byte of the tensor written exactly once: ranges tile [0, nbytes) with no overlap."""
+        pos = 0
+        for a, b in sorted(self.written[name]):
+            if a != pos:
+                return False
+            pos = b
+        return pos == self.slots[name].nbytes
 
     def close(self) -> None:
         try:
-            missing = [n for n, s in self.slots.items() if self.written[n] != s.nbytes]
-            if missing:
-                raise FP8VLError(f"{self.path}: internal error, tensors not fully written: {missing[:5]}")
+            bad = [n for n in self.slots if not self._covered(n)]
+            if bad:
+                raise FP8VLError(f"{self.path}: internal error, tensors not written exactly once: {bad[:5]}")
             os.fsync(self.fd)
         finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close the file without checks (the staging folder is about to be removed)."""
+        if self.fd >= 0:
             os.close(self.fd)
+            self.fd = -1

@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -109,41 +108,49 @@ def write_shards(tmp: Path, shards: list[list[Slot]], jobs_for: Callable[[Slot, 
                  workers: int, progress: Callable[[int, int], None] | None, total: int) -> dict[str, str]:
     """Write every shard with ``jobs_for(slot, writer)``'s jobs on a thread pool; returns the weight map.
 
-    At most 2 x workers jobs are in flight (this bounds memory); the first failure stops the feed
-    and is re-raised. Torch runs one thread per job: the parallelism is across jobs.
+    At most 2 x workers jobs are in flight (this bounds memory). Results, failures and ``progress``
+    are handled on the calling thread, so an exception there (Ctrl-C included) stops the run: jobs
+    not started are cancelled and the error re-raised. Torch runs one thread per job: the
+    parallelism is across jobs.
     """
     names = shard_names(len(shards))
-    window = threading.BoundedSemaphore(2 * workers)
-    lock, failed, done = threading.Lock(), threading.Event(), [0]
+    done = 0
+    pending: dict[Future, int] = {}
 
-    def finish(fut: Future, nbytes: int) -> None:
-        window.release()
-        if fut.exception() is not None:
-            failed.set()
-        elif progress is not None:
-            with lock:
-                done[0] += nbytes
-                progress(done[0], total)
+    def settle(block: bool) -> None:
+        nonlocal done
+        finished, _ = wait(pending, return_when=FIRST_COMPLETED) if block else ([f for f in pending if f.done()], 0)
+        for f in finished:
+            n = pending.pop(f)
+            f.result()                      # re-raises a job's failure here
+            done += n
+            if progress is not None:
+                progress(done, total)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if workers > 1 else threads)
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="fp8vl") as pool:
-            for shard, name in zip(shards, names):
-                writer = ShardWriter(tmp / name, shard, {"format": "pt"})
-                futures: list[Future] = []
-                for slot in shard:
-                    for nbytes, job in jobs_for(slot, writer):
-                        window.acquire()
-                        if failed.is_set():
-                            window.release()
-                            break
-                        fut = pool.submit(job)
-                        fut.add_done_callback(lambda f, n=nbytes: finish(f, n))
-                        futures.append(fut)
-                for f in futures:
-                    f.result()
-                writer.close()
+            writer = None
+            try:
+                for shard, name in zip(shards, names):
+                    writer = ShardWriter(tmp / name, shard, {"format": "pt"})
+                    for slot in shard:
+                        for nbytes, job in jobs_for(slot, writer):
+                            while len(pending) >= 2 * workers:
+                                settle(block=True)
+                            pending[pool.submit(job)] = nbytes
+                            settle(block=False)
+                    while pending:
+                        settle(block=True)
+                    writer.close()
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                wait(pending)
+                if writer is not None:
+                    writer.abort()
+                raise
     finally:
         torch.set_num_threads(threads)
     return {s.name: names[i] for i, shard in enumerate(shards) for s in shard}
