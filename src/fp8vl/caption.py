@@ -30,7 +30,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 from urllib.parse import urlsplit
@@ -71,7 +71,7 @@ class CaptionSummary:
     skipped: int = 0                 # already captioned, left alone
     failed: list[tuple[Path, str]] = field(default_factory=list)   # (image, reason)
     tokens: int = 0                  # generated tokens
-    seconds: float = 0.0
+    seconds: float = 0.0             # wall time of the run, model loading included
     model: str = ""
 
     @property
@@ -235,11 +235,13 @@ def _save(r: _Result, opts: CaptionOptions) -> None:
 
 
 def _final_csv(images: list[Path], opts: CaptionOptions) -> None:
-    """Rewrite the csv with every known caption once: old rows < jsonl < sidecars (the last appends
-    of this run are in the csv and the sidecars already)."""
-    known = _read_csv(opts.csv)
-    if opts.jsonl:
-        known.update({k: v for k, v in _read_jsonl(opts.jsonl).items() if k in known or k in set(images)})
+    """Rewrite the csv with every known caption once: its rows (this run's appended last), gaps filled
+    from the jsonl, sidecars over both (they are what a trainer reads and what a user edits)."""
+    known, base = _read_csv(opts.csv), _key(opts.csv).parent
+    if opts.jsonl:  # fills the gaps only: an edited csv row stays
+        for k, v in _read_jsonl(opts.jsonl).items():
+            if k.is_relative_to(base):
+                known.setdefault(k, v)
     if opts.txt:
         known.update({_key(p): sidecar(p).read_text(encoding="utf-8").strip() for p in images if _has_txt(p)})
     rows = sorted((_rel(p, opts.csv), " ".join(t.split())) for p, t in known.items())
@@ -254,7 +256,11 @@ def _check(images: list[Path], opts: CaptionOptions) -> None:
             raise FP8VLError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(opts, name)})")
     if opts.retries < 0 or opts.backoff < 0 or opts.timeout <= 0:
         raise FP8VLError("--retries and --backoff must be >= 0 and --timeout > 0")
-    if opts.endpoint is None and opts.temperature != 0:
+    if opts.endpoint is not None:
+        _base_url(opts.endpoint)
+    elif not opts.model:
+        raise FP8VLError("no model: pass --endpoint URL of a running server, or --model DIR to caption in-process")
+    elif opts.temperature != 0:
         raise FP8VLError("--temperature applies to a server (--endpoint); in-process captioning is greedy")
     if opts.txt:
         seen: dict[Path, Path] = {}
@@ -287,18 +293,18 @@ def _retry(call: Callable, opts: CaptionOptions, stop: threading.Event):
             return call()
         except (openai.APIConnectionError, openai.APIStatusError) as e:
             status = getattr(e, "status_code", None)
-            if status is not None and status < 500 and status not in (408, 429) or attempt == opts.retries:
+            if (status is not None and status < 500 and status not in (408, 429)) or attempt == opts.retries:
                 raise
             if stop.wait(min(60.0, opts.backoff * 2 ** attempt * random.uniform(0.5, 1.5))):
                 raise
 
 
-def _failure(e: Exception, opts: CaptionOptions) -> _Result:
+def _failure(path: Path, e: Exception, opts: CaptionOptions, seconds: float) -> _Result:
     import openai
 
     if isinstance(e, openai.APIStatusError):
-        return _Result(Path(), error=f"server answered {e.status_code}: {e.message}")
-    return _Result(Path(), error=f"{opts.endpoint}: {e} (after {opts.retries + 1} attempts)",
+        return _Result(path, seconds=seconds, error=f"server answered {e.status_code}: {e.message}")
+    return _Result(path, seconds=seconds, error=f"{opts.endpoint}: {e} (after {opts.retries + 1} attempts)",
                    down=not isinstance(e, openai.APITimeoutError))
 
 
@@ -307,7 +313,7 @@ def _server_one(client, model: str, path: Path, opts: CaptionOptions, stop: thre
 
     t0 = time.perf_counter()
     if stop.is_set():
-        return _Result(path, error=f"not sent: {opts.endpoint} stopped answering", seconds=0.0)
+        return _Result(path, error=f"not sent: {opts.endpoint} stopped answering; rerun to caption it")
     try:
         url = image_data_url(load_image(path, opts.max_side))
     except FP8VLError as e:
@@ -318,9 +324,7 @@ def _server_one(client, model: str, path: Path, opts: CaptionOptions, stop: thre
         r = _retry(lambda: client.chat.completions.create(
             model=model, messages=messages, max_tokens=opts.max_tokens, temperature=opts.temperature), opts, stop)
     except openai.APIError as e:
-        res = _failure(e, opts)
-        res.path, res.seconds = path, time.perf_counter() - t0
-        return res
+        return _failure(path, e, opts, time.perf_counter() - t0)
     text = clean_caption(r.choices[0].message.content if r.choices else None, opts.trigger)
     tokens = getattr(r.usage, "completion_tokens", None) or 0
     return _Result(path, text or None, tokens, time.perf_counter() - t0,
@@ -340,16 +344,20 @@ def _serve(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Resu
     model = info["model"] = opts.model or (ids[0] if ids else None)
     if not model:
         raise FP8VLError(f"{opts.endpoint}: the server lists no model; pass --model NAME")
+    lock, down = threading.Lock(), [0]
+
+    def one(path: Path) -> _Result:
+        r = _server_one(client, model, path, opts, stop)
+        with lock:  # counted as results come, so that no later image is sent to a dead server
+            down[0] = down[0] + 1 if r.down else 0 if r.caption else down[0]
+            if down[0] >= DOWN_AFTER:
+                stop.set()
+        return r
+
     pool = ThreadPoolExecutor(opts.concurrency, thread_name_prefix="fp8vl-caption")
     try:
-        futures = [pool.submit(_server_one, client, model, p, opts, stop) for p in todo]
-        down = 0
-        for fut in as_completed(futures):
-            r = fut.result()
-            down = down + 1 if r.down else 0 if r.caption else down
-            if down >= DOWN_AFTER:
-                stop.set()
-            yield r
+        for fut in as_completed([pool.submit(one, p) for p in todo]):
+            yield fut.result()
     finally:
         stop.set()
         pool.shutdown(wait=False, cancel_futures=True)
@@ -358,8 +366,6 @@ def _serve(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Resu
 def _local(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Result]:
     from .evaluate import encode, greedy, load_any
 
-    if not opts.model:
-        raise FP8VLError("no model: pass --endpoint URL of a running server, or --model DIR to caption in-process")
     loaded = load_any(opts.model, opts.device, opts.mode)
     info["model"] = f"{opts.model} ({loaded.label})"
     tok = getattr(loaded.processor, "tokenizer", loaded.processor)
@@ -382,6 +388,7 @@ def caption(paths: str | Path | Iterable[str | Path], opts: CaptionOptions = Cap
             progress: Callable[[int, int], None] | None = None) -> CaptionSummary:
     """Caption the images under ``paths``; ``progress(processed, total)`` is called on the calling
     thread after each image that was to be captioned (written or failed)."""
+    opts = replace(opts, jsonl=Path(opts.jsonl) if opts.jsonl else None, csv=Path(opts.csv) if opts.csv else None)
     images = find_images(paths)
     _check(images, opts)
     if opts.overwrite:
@@ -392,7 +399,7 @@ def caption(paths: str | Path | Iterable[str | Path], opts: CaptionOptions = Cap
         known = {**(_read_jsonl(opts.jsonl) if opts.jsonl else {}), **(_read_csv(opts.csv) if opts.csv else {})}
         done = {p for p in images if _key(p) in known}
     if opts.csv:
-        _read_csv(opts.csv)  # a foreign csv fails before any work
+        _read_csv(opts.csv)  # a csv of another layout fails before any work
     todo = [p for p in images if p not in done]
     s = CaptionSummary(skipped=len(images) - len(todo))
     t0, info = time.perf_counter(), {"model": opts.model or ""}
@@ -401,7 +408,11 @@ def caption(paths: str | Path | Iterable[str | Path], opts: CaptionOptions = Cap
         with closing(backend(todo, opts, info)) as results:
             for n, r in enumerate(results, 1):
                 if r.caption:
-                    _save(r, opts)
+                    try:
+                        _save(r, opts)
+                    except OSError as e:
+                        raise FP8VLError(f"{r.path}: cannot write its caption ({e}); check the folder's "
+                                         f"permissions and free space") from e
                     s.done, s.tokens = s.done + 1, s.tokens + r.tokens
                 else:
                     s.failed.append((r.path, r.error or "unknown error"))
@@ -429,8 +440,10 @@ def progress_bar(console=None, transient: bool = True) -> Iterator[Callable[[int
 
 
 def print_summary(s: CaptionSummary, console) -> None:
+    from rich.markup import escape
+
     console.print(f"[bold green]captioned[/] {s.done}, skipped {s.skipped} (already captioned), "
                   f"[{'bold red' if s.failed else 'green'}]failed {len(s.failed)}[/] in {s.seconds:.1f} s: "
-                  f"{s.images_per_s:.2f} images/s, {s.tokens_per_s:.1f} tokens/s ({s.model})")
+                  f"{s.images_per_s:.2f} images/s, {s.tokens_per_s:.1f} tokens/s ({escape(s.model)})")
     for path, reason in s.failed:
-        console.print(f"  [red]failed[/] {path}: {reason}", markup=True, highlight=False)
+        console.print(f"  [red]failed[/] {escape(str(path))}: {escape(reason)}", highlight=False)

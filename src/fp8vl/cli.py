@@ -254,6 +254,49 @@ def serve_cmd(
         raise typer.Exit(run(cmd))
 
 
+@app.command("caption")
+def caption_cmd(
+    paths: list[Path] = typer.Argument(..., help="images and folders (walked); jpg, png, webp"),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="OpenAI-compatible server, e.g. "
+                                           "http://127.0.0.1:8000/v1 (default: caption in-process)"),
+    model: Optional[str] = typer.Option(None, "--model", help="server model name, or the model folder in-process"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="instruction (default: one detailed sentence)"),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="read the instruction from a file"),
+    trigger: Optional[str] = typer.Option(None, "--trigger", help="prefix for every caption, e.g. 'ohwx'"),
+    max_side: int = typer.Option(512, "--max-side", help="resize so the longer side is at most this"),
+    concurrency: int = typer.Option(8, "--concurrency", help="requests in flight"),
+    max_tokens: int = typer.Option(128, "--max-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy, the same caption every run"),
+    txt: bool = typer.Option(True, "--txt/--no-txt", help="sidecar IMAGE.txt (what LoRA trainers read)"),
+    jsonl: Optional[Path] = typer.Option(None, "--jsonl", help="append {file, caption, ...} lines here"),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Hugging Face ImageFolder metadata.csv"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="recaption images that have a caption"),
+    retries: int = typer.Option(4, "--retries"), backoff: float = typer.Option(0.5, "--backoff"),
+    timeout: float = typer.Option(120.0, "--timeout", help="seconds per request"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="default: $OPENAI_API_KEY or EMPTY"),
+    device: str = typer.Option("cpu", "--device", help="in-process: cpu or cuda"),
+    mode: str = typer.Option("auto", "--mode", help="in-process FP8 runtime: auto, scaled_mm, w8a8, dequant"),
+) -> None:
+    """Caption images in batch through a server or in-process; resumable, never overwrites by default."""
+    from .caption import CaptionOptions, caption, print_summary, progress_bar
+    from .prompts import CAPTION
+
+    if prompt and prompt_file:
+        raise FP8VLError("give --prompt or --prompt-file, not both")
+    text = prompt_file.read_text().strip() if prompt_file else prompt or CAPTION
+    if endpoint is None:
+        _quiet_transformers()
+    opts = CaptionOptions(endpoint=endpoint, model=model, prompt=text, trigger=trigger, max_side=max_side,
+                          concurrency=concurrency, max_tokens=max_tokens, temperature=temperature, txt=txt,
+                          jsonl=jsonl, csv=csv, overwrite=overwrite, retries=retries, backoff=backoff,
+                          timeout=timeout, api_key=api_key, device=device, mode=mode)
+    with progress_bar(console) as tick:
+        summary = caption(paths, opts, progress=tick)
+    print_summary(summary, console)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
 @app.command("doctor")
 def doctor_cmd(
     output_dir: Path = typer.Option(Path("."), "--output-dir", help="where the FP8 copy will be written"),
