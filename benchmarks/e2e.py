@@ -59,9 +59,12 @@ class Layer(nn.Module):
         vc.index_copy_(2, pos, v)
         if prefill:   # from position 0: causal attention over the new keys only
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:         # one token: attend to the cache up to and including pos
-            mask = torch.arange(kc.shape[2], device=x.device)[None, None, None, :] <= pos[:, None]
-            a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
+        else:         # one token: grouped-query attention over the cache up to and including pos
+            qg = q.reshape(b, KV, HEADS // KV, HD)                               # [b, kv, group, hd]
+            scores = (qg @ kc.transpose(-1, -2)).float() * HD**-0.5              # [b, kv, group, L]
+            valid = torch.arange(kc.shape[2], device=x.device) <= pos
+            p = scores.masked_fill(~valid, float("-inf")).softmax(-1).to(vc.dtype)
+            a = (p @ vc).reshape(b, HEADS, 1, HD)
         x = x + self.o_proj(a.transpose(1, 2).reshape(b, t, HEADS * HD))
         h = self.post_attention_layernorm(x)
         gate, up = self.gate_up_proj(h).chunk(2, -1)
