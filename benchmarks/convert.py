@@ -109,6 +109,35 @@ def write_synthetic(path: Path, layers: int, shard_bytes: int) -> int:
     return total
 
 
+def write_fp8_headers(path: Path, layers: int) -> None:
+    """A Qwen3-VL-8B-shaped FP8 checkpoint with real headers and no data (a sparse file): enough for
+    `fp8vl plan` and `fp8vl verify`'s structure checks, at no disk cost."""
+    from fp8vl.formats import quantization_config
+    from fp8vl.kernel import cdiv
+    from fp8vl.options import QuantizeOptions
+    from fp8vl.plan import make_plan
+    from fp8vl.shards import layout
+
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = config(layers)
+    cfg["text_config"]["max_position_embeddings"] = 262144
+    plan = make_plan(cfg, qwen3_vl_8b_shapes(layers), QuantizeOptions())
+    slots = []
+    for e in plan.entries:
+        if e.quantize:
+            sr, sc = cdiv(e.shape[0], 128), cdiv(e.shape[1], 128)
+            slots += [Slot(e.name, "F8_E4M3", e.shape, e.shape[0] * e.shape[1]),
+                      Slot(e.module + ".weight_scale_inv", "F32", (sr, sc), 4 * sr * sc)]
+        else:
+            slots.append(Slot(e.name, "BF16", e.shape, 2 * int(torch.tensor(e.shape).prod())))
+    head, placed = layout(slots, {"format": "pt"})
+    with open(path / "model-00001-of-00001.safetensors", "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + sum(s.nbytes for s in placed))
+    cfg["quantization_config"] = quantization_config("fp8", list(plan.not_converted))
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
 def io_floor(src: Path, dst: Path, out_bytes: int) -> float:
     """Read every input shard once and write ``out_bytes`` to disk, fsynced: no compute at all."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -198,7 +227,12 @@ def main() -> None:
     ap.add_argument("--llmc-workers", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
+    ap.add_argument("--fp8-headers", type=Path, metavar="DIR",
+                    help="only write a header-only Qwen3-VL-8B-shaped FP8 checkpoint to DIR (for fp8vl plan)")
     a = ap.parse_args()
+    if a.fp8_headers:
+        write_fp8_headers(a.fp8_headers, a.layers)
+        return
     src, floor_dir = a.workdir / "src", a.workdir / "floor"
     if not (src / "config.json").exists():
         print(f"writing synthetic Qwen3-VL-8B-shaped checkpoint ({a.layers} text layers) ...", flush=True)

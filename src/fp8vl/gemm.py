@@ -117,7 +117,10 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: to
     """x [..., K] (bf16/fp16) @ dequant(w [N, K] e4m3, w_scale [N/128, K/128] f32)^T + bias, W8A8."""
     *lead, k = x.shape
     x2 = x.reshape(-1, k)
-    if x2.shape[0] <= DECODE_MAX_M:
+    m = x2.shape[0]
+    # Measured on an H100 (BENCHMARKS.md): the Triton kernel wins for M <= 16 except on long K
+    # (down_proj, K = 12288) beyond M = 1, where too few programs stream the weight.
+    if m <= DECODE_MAX_M and (m == 1 or k <= 8192):
         y = decode_linear(x2, w, w_scale)
     elif w.shape[0] % BLOCK == 0:
         y = prefill_linear(x2, w, w_scale)

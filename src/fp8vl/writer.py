@@ -19,7 +19,7 @@ from .shards import ShardWriter, Slot, TensorInfo, read_bytes
 from .source import INDEX, OTHER_WEIGHTS
 
 SKIP_DIRS = {".git", ".cache", ".huggingface"}
-COPY_BYTES = 64 << 20     # bytes per job when copying a tensor unchanged
+COPY_BYTES = 16 << 20     # bytes per job when copying a tensor unchanged (x 2 x workers in flight)
 Job = tuple[int, Callable[[], None]]   # (source bytes it covers, the work)
 
 
