@@ -21,7 +21,7 @@ from .formats import quantization_config, scale_suffix
 from .kernel import BLOCK, fp8_nan_count, quantize_weight
 from .options import QuantizeOptions
 from .plan import Entry, Plan, make_plan, scale_shape
-from .shards import NAMES, ShardWriter, Slot, TensorInfo, read_bytes, read_rows
+from .shards import NAMES, Scratch, ShardWriter, Slot, TensorInfo, read_bytes, read_rows
 from .source import Checkpoint, check_dtypes, open_checkpoint, resolve
 from .tp import tp_report
 from .writer import (Job, assign_shards, check_output, check_paths, copy_jobs, copy_other_files, staging,
@@ -56,18 +56,18 @@ def _out_slots(e: Entry, src: TensorInfo, fmt: str, scale_dtype: torch.dtype) ->
             Slot(f"{e.module}.{scale_suffix(fmt)}", NAMES[scale_dtype], (sr, sc), sr * sc * item)]
 
 
-def source_matrix(t: TensorInfo, e: Entry) -> torch.Tensor:
+def source_matrix(t: TensorInfo, e: Entry, scratch: Scratch | None = None) -> torch.Tensor:
     """The [out, in] source weight of a quantized entry, reading only the bytes it needs
     (for a split expert: rows r0:r1 of expert e of a fused 3-D tensor)."""
     if e.expert is None:
-        return read_rows(t, 0, t.shape[0])
+        return read_rows(t, 0, t.shape[0], scratch)
     _, a, b = t.shape
     r0, r1 = e.rows
     if not e.transpose:  # rows r0:r1 of expert e are contiguous on disk
         item = t.itemsize
         start = t.offset + (e.expert * a + r0) * b * item
-        return read_bytes(t.file, start, (r1 - r0) * b * item).view(t.torch_dtype).view(r1 - r0, b)
-    sl = read_rows(t, e.expert, e.expert + 1)[0]           # [in, out]
+        return read_bytes(t.file, start, (r1 - r0) * b * item, scratch).view(t.torch_dtype).view(r1 - r0, b)
+    sl = read_rows(t, e.expert, e.expert + 1, scratch)[0]  # [in, out]
     return sl.t()[r0:r1].contiguous()
 
 
@@ -95,14 +95,14 @@ def _jobs(e: Entry, t: TensorInfo, fmt: str, scale_dtype: torch.dtype, device: s
         writer.write(scale_name, (r0 // BLOCK) * s_cols * s_item, s)
 
     if e.expert is not None:
-        def expert_job() -> None:
-            put(0, *_quantize_job(source_matrix(t, e), scale_dtype, device))
+        def expert_job(scratch: Scratch) -> None:
+            put(0, *_quantize_job(source_matrix(t, e, scratch), scale_dtype, device))
         return [(n_out * k * t.itemsize, expert_job)]
 
     rows = max(BLOCK, (CHUNK_BYTES // max(1, k * t.itemsize)) // BLOCK * BLOCK)
 
-    def rows_job(r0: int, r1: int) -> Callable[[], None]:
-        return lambda: put(r0, *_quantize_job(read_rows(t, r0, r1), scale_dtype, device))
+    def rows_job(r0: int, r1: int) -> Callable[[Scratch], None]:
+        return lambda scratch: put(r0, *_quantize_job(read_rows(t, r0, r1, scratch), scale_dtype, device))
     return [((min(r0 + rows, n_out) - r0) * k * t.itemsize, rows_job(r0, min(r0 + rows, n_out)))
             for r0 in range(0, n_out, rows)]
 

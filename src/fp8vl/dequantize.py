@@ -12,7 +12,7 @@ import torch
 
 from .errors import FP8VLError
 from .kernel import BLOCK, dequantize_weight
-from .shards import NAMES, ShardWriter, Slot, TensorInfo, read_rows
+from .shards import NAMES, Scratch, ShardWriter, Slot, TensorInfo, read_rows
 from .source import open_checkpoint
 from .writer import (Job, assign_shards, check_output, check_paths, copy_jobs, copy_other_files, staging,
                      write_config, write_index, write_shards)
@@ -56,10 +56,11 @@ def dequantize(source: str | Path, output: str | Path, dtype: str = "bfloat16", 
         n, k = t.shape
         rows = max(BLOCK, (CHUNK_BYTES // max(1, k)) // BLOCK * BLOCK)
 
-        def job(r0: int, r1: int) -> Callable[[], None]:
-            def run() -> None:
+        def job(r0: int, r1: int) -> Callable[[Scratch], None]:
+            def run(scratch: Scratch) -> None:
                 s = read_rows(scale, r0 // BLOCK, -(-r1 // BLOCK))
-                writer.write(slot.name, r0 * k * item, dequantize_weight(read_rows(t, r0, r1), s, out_dtype))
+                q = read_rows(t, r0, r1, scratch)
+                writer.write(slot.name, r0 * k * item, dequantize_weight(q, s, out_dtype))
             return run
         return [((min(r0 + rows, n) - r0) * k, job(r0, min(r0 + rows, n))) for r0 in range(0, n, rows)]
 

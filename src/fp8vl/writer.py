@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,18 +16,18 @@ from typing import Callable, Iterator
 import torch
 
 from .errors import FP8VLError
-from .shards import ShardWriter, Slot, TensorInfo, read_bytes
+from .shards import Scratch, ShardWriter, Slot, TensorInfo, read_bytes
 from .source import INDEX, OTHER_WEIGHTS
 
 SKIP_DIRS = {".git", ".cache", ".huggingface"}
 COPY_BYTES = 16 << 20     # bytes per job when copying a tensor unchanged (x 2 x workers in flight)
-Job = tuple[int, Callable[[], None]]   # (source bytes it covers, the work)
+Job = tuple[int, Callable[[Scratch], None]]   # (source bytes it covers, the work given a read buffer)
 
 
 def copy_jobs(name: str, t: TensorInfo, writer: ShardWriter) -> list[Job]:
     """Copy tensor ``t`` byte for byte into ``writer`` as ``name``, 64 MB at a time."""
-    def job(at: int, n: int) -> Callable[[], None]:
-        return lambda: writer.write(name, at, read_bytes(t.file, t.offset + at, n))
+    def job(at: int, n: int) -> Callable[[Scratch], None]:
+        return lambda scratch: writer.write(name, at, read_bytes(t.file, t.offset + at, n, scratch))
     spans = [(at, min(COPY_BYTES, t.nbytes - at)) for at in range(0, t.nbytes, COPY_BYTES)] or [(0, 0)]
     return [(n, job(at, n)) for at, n in spans]
 
@@ -127,6 +128,13 @@ def write_shards(tmp: Path, shards: list[list[Slot]], jobs_for: Callable[[Slot, 
             if progress is not None:
                 progress(done, total)
 
+    local = threading.local()   # one Scratch read buffer per worker thread
+
+    def run(job: Callable[[Scratch], None]) -> None:
+        if not hasattr(local, "scratch"):
+            local.scratch = Scratch()
+        job(local.scratch)
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if workers > 1 else threads)
     try:
@@ -139,7 +147,7 @@ def write_shards(tmp: Path, shards: list[list[Slot]], jobs_for: Callable[[Slot, 
                         for nbytes, job in jobs_for(slot, writer):
                             while len(pending) >= 2 * workers:
                                 settle(block=True)
-                            pending[pool.submit(job)] = nbytes
+                            pending[pool.submit(run, job)] = nbytes
                             settle(block=False)
                     while pending:
                         settle(block=True)
