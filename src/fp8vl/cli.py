@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import FP8VLError
 
@@ -36,7 +37,7 @@ def quantize_cmd(
     source: str = typer.Argument(..., help="BF16 checkpoint: local folder or hub repo id"),
     output: Optional[Path] = typer.Argument(None, help="output folder (not needed with --dry-run)"),
     format: str = typer.Option("fp8", "--format", help="fp8 (Qwen/DeepSeek layout) or compressed-tensors"),
-    scale_dtype: Optional[str] = typer.Option(None, "--scale-dtype", help="float32 (fp8 default) or bfloat16"),
+    scale_dtype: Optional[str] = typer.Option(None, "--scale-dtype", help="float32 (fp8 default), bfloat16 or float16"),
     ignore: list[str] = typer.Option([], "--ignore", help="keep modules matching this glob or re:REGEX"),
     quantize_vision: bool = typer.Option(False, "--quantize-vision", help="also quantize vision linears"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
@@ -111,7 +112,7 @@ def verify_cmd(
     if plot is not None:
         if not r.tensors:
             raise FP8VLError("--plot needs --source (the chart shows the error against the source)")
-        console.print(f"chart: {layer_sqnr_plot(r, plot)}")
+        err.print(f"chart: {layer_sqnr_plot(r, plot)}")  # stderr: stdout may be the JSON
     if update_card:
         write_section(output, card_section(r))
     if not r.ok:
@@ -229,7 +230,8 @@ def plan_cmd(
 
     p = _plan(model_dir, gpu, vram, cc, tp, utilization, max_pixels, images, batched, kv_cache_dtype, eager)
     print_vram(p, console)
-    console.print(" ".join(shlex.quote(a) for a in serve_command(model_dir, "vllm", p, enforce_eager=eager)))
+    console.print(" ".join(shlex.quote(a) for a in serve_command(model_dir, "vllm", p, enforce_eager=eager)),
+                  markup=False, highlight=False)
 
 
 @app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -249,7 +251,7 @@ def serve_cmd(
     p = _plan(model_dir, gpu, vram, cc, tp, utilization, max_pixels, images, batched, kv_cache_dtype, eager) \
         if engine == "vllm" else None
     cmd = serve_command(model_dir, engine, p, host, port, list(ctx.args), eager)
-    console.print(" ".join(shlex.quote(a) for a in cmd), soft_wrap=True)
+    console.print(" ".join(shlex.quote(a) for a in cmd), soft_wrap=True, markup=False, highlight=False)
     if not dry_run:
         raise typer.Exit(run(cmd))
 
@@ -341,7 +343,7 @@ def main() -> None:
     except FP8VLError as e:
         if DEBUG["on"]:
             raise
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (KeyboardInterrupt, click.exceptions.Abort):
         err.print("interrupted; nothing half-written was left behind")

@@ -166,6 +166,6 @@ def _source_bytes(e: Entry, t: TensorInfo) -> int:
 def _model_dtype(ckpt: Checkpoint) -> str:
     d = ckpt.config.get("torch_dtype") or ckpt.config.get("dtype") or \
         ckpt.config.get("text_config", {}).get("dtype") or "bfloat16"
-    return d if d in ("bfloat16", "float32") else "bfloat16"
+    return d if d in ("bfloat16", "float32", "float16") else "bfloat16"
 
 

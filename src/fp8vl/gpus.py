@@ -37,20 +37,25 @@ KNOWN = {
     "l4": GPU("L4", 24 * GIB, (8, 9)),
     "l40s": GPU("L40S", 48 * GIB, (8, 9)),
     "t4": GPU("T4", 16 * GIB, (7, 5)),
-    "a100-40gb": GPU("A100 40GB", 40 * GIB, (8, 0)),
+    "a100 40gb": GPU("A100 40GB", 40 * GIB, (8, 0)),
+    "l40": GPU("L40", 48 * GIB, (8, 9)),
     "a100": GPU("A100 80GB", 80 * GIB, (8, 0)),
     "h100": GPU("H100 80GB", 80 * GIB, (9, 0)),
     "h200": GPU("H200", 141 * GIB, (9, 0)),
 }
 
 
+def _words(text: str) -> list[str]:
+    return text.lower().replace("-", " ").replace("_", " ").split()
+
+
 def lookup(name: str) -> GPU:
-    key = name.lower().replace("nvidia", "").replace("geforce", "").strip()
-    if key in KNOWN:
-        return KNOWN[key]
-    hits = [k for k in KNOWN if k in key]
+    """A known GPU from a user's or the driver's name ("NVIDIA GeForce RTX 4080 SUPER",
+    "NVIDIA A100-SXM4-40GB"): the key whose words all appear in the name, the most words winning."""
+    words = set(_words(name)) - {"nvidia", "geforce"}
+    hits = [k for k in KNOWN if set(_words(k)) <= words]
     if hits:
-        return KNOWN[max(hits, key=len)]  # "rtx 4080 super" before "rtx 4080"
+        return KNOWN[max(hits, key=lambda k: len(_words(k)))]
     raise FP8VLError(f"unknown GPU {name!r}; give its memory instead (--vram 16GiB) or one of: "
                      + ", ".join(g.name for g in KNOWN.values()))
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from .errors import FP8VLError
 
 FORMATS = ("fp8", "compressed-tensors")
-SCALE_DTYPES = ("float32", "bfloat16")
+SCALE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)

@@ -182,6 +182,7 @@ def make_plan(config: dict, shapes: dict[str, tuple[int, ...]], opts: QuantizeOp
             group, quantize = "ignored", False
         if quantize and shape[1] % BLOCK:
             group, quantize = "k not multiple of 128", False
+
         entries.append(Entry(name, name, quantize, group, shape))
     if not any(e.quantize for e in entries):
         raise FP8VLError("nothing to quantize: no 2-D linear weights found inside decoder layers "

@@ -88,7 +88,16 @@ def load_jsonl(path: str | Path) -> list[Prompt]:
         except (ValueError, KeyError, TypeError) as e:
             raise FP8VLError(f"{path}:{n}: expected a JSON object with a \"text\" field ({e})") from e
         image = d.get("image")
-        if image and not image.startswith("skimage:"):
+        if not isinstance(text, str) or not text.strip():
+            raise FP8VLError(f"{path}:{n}: \"text\" must be a non-empty string")
+        if image is not None and not isinstance(image, str):
+            raise FP8VLError(f"{path}:{n}: \"image\" must be a path (a string)")
+        if image and image.startswith("skimage:"):
+            from skimage import data
+
+            if not hasattr(data, image.split(":", 1)[1]):
+                raise FP8VLError(f"{path}:{n}: scikit-image ships no photo named {image.split(':', 1)[1]!r}")
+        elif image:
             ip = (path.parent / image) if not Path(image).is_absolute() else Path(image)
             if not ip.is_file():
                 raise FP8VLError(f"{path}:{n}: image {image} not found")

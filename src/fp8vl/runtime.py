@@ -12,6 +12,7 @@ checkpoint without Transformers' own FP8 path (which fetches kernels from the hu
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from .errors import FP8VLError
 from .kernel import FP8, dequantize_weight, fake_quantize_activations
+from .plan import VISION_PARTS
 from .shards import read_tensor
 from .source import open_checkpoint
 
@@ -84,8 +86,9 @@ def load_fp8_model(path: str | Path, device: str = "cpu", mode: str = "auto",
     Transformers loads the FP8 weights cast to ``dtype`` (exact: every e4m3 value is a bf16 value)
     with the config's quantization section removed; each FP8 linear is then replaced by an
     FP8Linear holding the checkpoint's own bytes and scales. Split MoE experts
-    (``experts.{e}.{gate,up,down}_proj``) are dequantized into the model's fused 3-D parameters
-    (weight-only: Transformers' fused experts have no per-expert linear to swap).
+    (``experts.{e}.{gate,up,down}_proj``) replace the model's fused experts module with
+    ``FP8Experts`` (one FP8Linear per expert projection) where its call signature is Transformers
+    5's; older fused modules get the dequantized weights instead.
     """
     from transformers import AutoConfig
 
@@ -115,8 +118,7 @@ def load_fp8_model(path: str | Path, device: str = "cpu", mode: str = "auto",
         s = read_tensor(st).float().to(device)
         m = EXPERT.match(module_name)
         if m:
-            experts.setdefault(m["base"], {}).setdefault(int(m["e"]), {})[m["proj"]] = \
-                dequantize_weight(q, s, dtype)
+            experts.setdefault(m["base"], {}).setdefault(int(m["e"]), {})[m["proj"]] = FP8Linear(q, s, None, mode)
             continue
         target = model_module_name(names, module_name, path)
         old = model.get_submodule(target)
@@ -124,7 +126,13 @@ def load_fp8_model(path: str | Path, device: str = "cpu", mode: str = "auto",
         bias = old.bias.data if getattr(old, "bias", None) is not None else None
         model.get_submodule(parent_name).register_module(child, FP8Linear(q, s, bias, mode))
     for base, per_expert in experts.items():
-        _fill_fused_experts(model.get_submodule(model_module_name(names, base, path)), per_expert, base, mode)
+        target = model_module_name(names, base, path)
+        fused = model.get_submodule(target)
+        if list(inspect.signature(fused.forward).parameters)[:3] == ["hidden_states", "top_k_index", "top_k_weights"]:
+            parent_name, _, child = target.rpartition(".")
+            model.get_submodule(parent_name).register_module(child, FP8Experts(per_expert, fused.act_fn))
+        else:
+            _fill_fused_experts(fused, per_expert, base, mode, dtype)
     model.fp8_mode = mode
     return model.eval()
 
@@ -134,7 +142,9 @@ def model_module_name(names: set[str], ckpt_name: str, path: Path) -> str:
 
     Checkpoints and module trees can name the same module differently (Transformers 5 keeps
     Qwen2.5-VL's legacy ``model.layers.`` names on disk, ``model.language_model.layers.`` in the
-    model): take the longest trailing part of the name that exactly one module ends with.
+    model): take the longest trailing part of the name that modules end with; among several
+    (Gemma 3's text and vision layers end alike), keep those sharing the checkpoint name's other
+    parts (``language_model``), then those outside the vision tower.
     """
     if ckpt_name in names:
         return ckpt_name
@@ -142,32 +152,66 @@ def model_module_name(names: set[str], ckpt_name: str, path: Path) -> str:
     for i in range(1, len(parts) - 1):
         tail = "." + ".".join(parts[i:])
         hits = [n for n in names if n.endswith(tail)]
+        if len(hits) > 1:
+            lead = set(parts[:i])
+            hits = [n for n in hits if lead <= set(n.split("."))] or \
+                [n for n in hits if not VISION_PARTS & set(n.split("."))]
         if len(hits) == 1:
             return hits[0]
-        if len(hits) > 1:
+        if hits:
             break
     raise FP8VLError(f"{path}: FP8 weight {ckpt_name} matches no single module of the model")
 
 
-def _fill_fused_experts(mod: torch.nn.Module, per_expert: dict[int, dict[str, torch.Tensor]], base: str,
-                        mode: str) -> None:
-    """Write dequantized per-expert [out, in] weights into fused [E, 2I, H] / [E, H, I] parameters
-    (or the transposed layout older Transformers use); inputs fake-quantized in w8a8 mode."""
+class FP8Experts(torch.nn.Module):
+    """Routed experts as FP8Linear modules, called like Transformers 5's fused experts module:
+    ``(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``. Every expert
+    projection, down_proj included, sees quantized activations, as on a W8A8 server."""
+
+    def __init__(self, per_expert: dict[int, dict[str, FP8Linear]], act_fn):
+        super().__init__()
+        n = max(per_expert) + 1
+        self.gate_proj = torch.nn.ModuleList(per_expert[e]["gate_proj"] for e in range(n))
+        self.up_proj = torch.nn.ModuleList(per_expert[e]["up_proj"] for e in range(n))
+        self.down_proj = torch.nn.ModuleList(per_expert[e]["down_proj"] for e in range(n))
+        self.act_fn = act_fn
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e in top_k_index.unique().tolist():
+            if e >= len(self.gate_proj):
+                continue
+            token, slot = torch.where(top_k_index == e)
+            x = hidden_states[token]
+            h = self.act_fn(self.gate_proj[e](x)) * self.up_proj[e](x)
+            y = self.down_proj[e](h) * top_k_weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+def _fill_fused_experts(mod: torch.nn.Module, per_expert: dict[int, dict[str, FP8Linear]], base: str,
+                        mode: str, dtype: torch.dtype) -> None:
+    """Older fused modules: write dequantized per-expert [out, in] weights into the fused
+    [E, 2I, H] / [E, H, I] parameters (or their transposed layout); in W8A8 modes the experts'
+    input is quantized too (their second GEMM's input is not reachable from outside)."""
     gate_up, down = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
     if not isinstance(gate_up, torch.nn.Parameter) or not isinstance(down, torch.nn.Parameter):
         raise FP8VLError(f"{base}: per-expert FP8 weights, but the model's experts module has no fused "
                          f"gate_up_proj/down_proj parameters to fill")
+
+    def deq(lin: FP8Linear) -> torch.Tensor:
+        return dequantize_weight(lin.weight, lin.weight_scale_inv, dtype)
+
     with torch.no_grad():
         for e, p in per_expert.items():
-            gu = torch.cat([p["gate_proj"], p["up_proj"]], 0)          # [2I, H]
+            gu = torch.cat([deq(p["gate_proj"]), deq(p["up_proj"])], 0)   # [2I, H]
             gate_up[e].copy_(gu if gate_up.shape[1:] == gu.shape else gu.t())
-            d = p["down_proj"]                                         # [H, I]
+            d = deq(p["down_proj"])                                        # [H, I]
             down[e].copy_(d if down.shape[1:] == d.shape else d.t())
     if mode in ("w8a8", "scaled_mm"):
-        # The experts' first GEMM input is the hidden state: quantize it as a server would.
         mod.register_forward_pre_hook(lambda _m, args: (fake_quantize_activations(args[0]), *args[1:]))
 
 
 def fp8_modules(model: torch.nn.Module) -> dict[str, FP8Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, FP8Linear)}
-

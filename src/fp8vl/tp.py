@@ -38,7 +38,7 @@ def _problem(module: str, n: int, k: int, tp: int, kv_heads: int | None, head_di
     return None  # unknown role: replicated in vLLM
 
 
-def tp_report(config: dict, linears: dict[str, tuple[int, int]]) -> dict:
+def tp_report(config: dict, linears: dict[str, tuple[int, int]], sizes_to_check: tuple[int, ...] = SIZES) -> dict:
     """{"sizes": {tp: [problems]}, "max_tp": int, "expert_parallel_beyond": int | None}.
 
     ``linears`` maps FP8 module names to their [N, K] weight shapes.
@@ -49,8 +49,11 @@ def tp_report(config: dict, linears: dict[str, tuple[int, int]]) -> dict:
         head_dim = tc["hidden_size"] // tc["num_attention_heads"]
     sizes: dict[int, list[str]] = {}
     dense_ok: dict[int, bool] = {}
-    for tp in SIZES:
+    for tp in sizes_to_check:
         problems, dense = [], True
+        heads = tc.get("num_attention_heads")
+        if heads and heads % tp:
+            problems.append(f"{heads} attention heads do not split into {tp} equal parts")
         for module, (n, k) in linears.items():
             p = _problem(module, n, k, tp, kv_heads, head_dim)
             if p:
@@ -59,12 +62,12 @@ def tp_report(config: dict, linears: dict[str, tuple[int, int]]) -> dict:
         sizes[tp] = problems
         dense_ok[tp] = dense
     max_tp = 0
-    for tp in SIZES:  # the largest TP with every smaller size fitting too
+    for tp in sorted(sizes_to_check):  # the largest TP with every smaller size fitting too
         if sizes[tp]:
             break
         max_tp = tp
     # With expert parallelism experts stay whole: only the non-expert linears must split.
-    ep = [tp for tp in SIZES if sizes[tp] and dense_ok[tp]]
+    ep = [tp for tp in sizes_to_check if sizes[tp] and dense_ok[tp]]
     return {"sizes": sizes, "max_tp": max_tp,
             "expert_parallel_beyond": max_tp if ep and any(EXPERT.search(m) for m in linears) else None}
 

@@ -368,7 +368,7 @@ def layer_sqnr_plot(r: Report, path: Path) -> Path:
 def card_section(r: Report) -> str:
     lines = [CARD_BEGIN, "## Verification (fp8vl verify)", "", "| check | result |", "|---|---|"]
     lines += [f"| {c.name} | {c.level}: {c.message} |" for c in r.checks]
-    lines += ["", f"Bytes by dtype: " + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in r.bytes_by_dtype.items()),
+    lines += ["", "Bytes by dtype: " + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in r.bytes_by_dtype.items()),
               "", summarize(r.tp) + "." if r.tp else ""]
     if r.tensors:
         mean = sum(t.sqnr_db for t in r.tensors) / len(r.tensors)

@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import FP8VLError
 from .gpus import GIB, GPU, fp8_verdict
 from .source import open_checkpoint
-from .tp import summarize, tp_report
+from .tp import SIZES, summarize, tp_report
 
 NON_TORCH = int(0.6 * GIB)    # CUDA context, NCCL and allocator slack outside PyTorch's pool
 CUDA_GRAPHS = int(0.5 * GIB)  # captured decode graphs (0 with --enforce-eager)
@@ -111,7 +111,7 @@ def plan_vram(model_dir: str | Path, gpu: GPU, tp: int = 1, utilization: float =
     fp8_linears = {n.rsplit(".", 1)[0]: (t.shape[0], t.shape[1]) for n, t in ckpt.tensors.items()
                    if t.dtype == "F8_E4M3" and len(t.shape) == 2}
     if fp8_linears:
-        rep = tp_report(config, fp8_linears)
+        rep = tp_report(config, fp8_linears, tuple(sorted({*SIZES, tp})))
         p.tp_line = summarize(rep)
         if rep["sizes"].get(tp):
             raise FP8VLError(f"--tp {tp}: {rep['sizes'][tp][0]}; vLLM would fail at start-up. {p.tp_line}")
