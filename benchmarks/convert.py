@@ -26,7 +26,7 @@ import torch
 from fp8vl.convert import CHUNK_BYTES
 from fp8vl.kernel import BLOCK, quantize_weight
 from fp8vl.options import parse_size
-from fp8vl.shards import NAMES, ShardWriter, Slot
+from fp8vl.shards import ShardWriter, Slot
 
 H, I, V, L_FULL = 4096, 12288, 151936, 36         # Qwen3-VL-8B text
 VH, VI, VD, OUT = 1152, 4304, 27, 4096             # vision tower
@@ -141,6 +141,7 @@ def write_fp8_headers(path: Path, layers: int) -> None:
 def io_floor(src: Path, dst: Path, out_bytes: int) -> float:
     """Read every input shard once and write ``out_bytes`` to disk, fsynced: no compute at all."""
     dst.mkdir(parents=True, exist_ok=True)
+    os.sync()
     t0 = time.perf_counter()
     left = out_bytes
     with open(dst / "floor.bin", "wb") as out:
@@ -158,6 +159,7 @@ def io_floor(src: Path, dst: Path, out_bytes: int) -> float:
 def run_timed(cmd: list[str], dst: Path) -> tuple[float, float]:
     """Wall time and peak RSS (GB) of a command in its own process (RSS read from the OS, via wait4)."""
     shutil.rmtree(dst, ignore_errors=True)
+    os.sync()   # no writeback left over from the previous contender inside this one's time
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(p.pid, 0)
@@ -271,7 +273,7 @@ def main() -> None:
     for name, (t, rss) in best.items():
         print(f"| {name} | {t:.2f} | {t / floor:.2f} | {bytes_in / t / 1e9:.2f} | {rss:.2f} |")
     print()
-    print(f"| in-memory quantizer, [12288, 4096] BF16 | GB/s |")
+    print("| in-memory quantizer, [12288, 4096] BF16 | GB/s |")
     print("|---|---|")
     print(f"| fp8vl's chunked loop ({a.workers} threads) | {q_chunked:.2f} |")
     print(f"| one whole-tensor call (multi-pass torch) | {q_whole:.2f} |")

@@ -81,6 +81,10 @@ def render(res, opts: QuantizeOptions, command: str | None, hub_id: str | None =
         "Every non-weight file (processor, tokenizer, chat template, generation config) is the "
         "source's, byte for byte.",
         "",
+        *(["MoE experts are stored per expert (`mlp.experts.{e}.{gate,up,down}_proj`, Qwen's FP8 MoE "
+           "layout): vLLM loads this layout; Transformers does not (it leaves the experts "
+           "uninitialized); fp8vl's own runtime (`fp8vl eval`, `fp8vl caption --model`) does.", ""]
+          if groups.get("moe experts") else []),
         "## Tensor parallelism", "",
         summarize(res.tp) + ".", "",
         "## Serve it", "",
