@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .gpus import GIB, fp8_verdict, local_gpu
 
-MIN = {"transformers": (4, 57), "torch": (2, 4), "vllm": (0, 11)}  # Qwen3-VL support in each
+MIN = {"transformers": (5, 0), "torch": (2, 4), "vllm": (0, 11)}  # what fp8vl is tested with; Qwen3-VL in vLLM
 
 
 @dataclass
@@ -55,7 +55,7 @@ def diagnose(output_dir: Path = Path("."), need_bytes: int = 0) -> list[Finding]
     f.append(Finding("ok" if py >= (3, 10) else "error", "python", sys.version.split()[0],
                      "" if py >= (3, 10) else "use Python 3.10 or newer"))
     f.append(_package("torch", True, "FP8 dtypes"))
-    f.append(_package("transformers", True, "Qwen3-VL arrived in 4.57"))
+    f.append(_package("transformers", True, "fp8vl is tested with Transformers 5 (5.17 and 5.24)"))
     f.append(_package("vllm", False, "needed for `fp8vl serve` (pip install 'fp8vl[serve]')"))
     f.append(_package("compressed-tensors", False, "needed to load --format compressed-tensors outside vLLM"))
     try:
