@@ -182,7 +182,6 @@ def make_plan(config: dict, shapes: dict[str, tuple[int, ...]], opts: QuantizeOp
             group, quantize = "ignored", False
         if quantize and shape[1] % BLOCK:
             group, quantize = "k not multiple of 128", False
-
         entries.append(Entry(name, name, quantize, group, shape))
     if not any(e.quantize for e in entries):
         raise FP8VLError("nothing to quantize: no 2-D linear weights found inside decoder layers "
@@ -193,11 +192,6 @@ def make_plan(config: dict, shapes: dict[str, tuple[int, ...]], opts: QuantizeOp
     if "lm_head" not in kept_modules:
         kept_modules.insert(0, "lm_head")  # Transformers 5 stops adding it once a list is given
     return Plan(tuple(entries), tuple(dict.fromkeys(kept_modules)), tuple(warnings), model_type)
-
-
-def quantized_bytes(e: Entry) -> int:
-    """Bytes an FP8 entry occupies: the e4m3 weight (scale bytes counted separately)."""
-    return e.shape[0] * e.shape[1]
 
 
 def scale_shape(e: Entry) -> tuple[int, int]:
