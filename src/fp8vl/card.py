@@ -101,3 +101,18 @@ def render(res, opts: QuantizeOptions, command: str | None, hub_id: str | None =
 
 def write_card(out: Path, res, opts: QuantizeOptions, command: str | None) -> None:
     (out / "README.md").write_text(render(res, opts, command))
+
+
+def update_card(path: Path, section: str) -> None:
+    """Insert or replace one fp8vl section of OUTPUT/README.md. A section's first and last lines
+    are its markers (``<!-- fp8vl:verify -->`` ... ``<!-- /fp8vl:verify -->``): a rerun replaces it."""
+    lines = section.strip("\n").splitlines()
+    begin, end = lines[0], lines[-1]
+    card = path / "README.md"
+    text = card.read_text() if card.is_file() else ""
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        text = pre + section.rstrip("\n") + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    card.write_text(text)

@@ -60,16 +60,15 @@ def quantize_cmd(
                            dry_run=dry_run or output is None, revision=revision)
     if output is None and not dry_run:
         raise FP8VLError("OUTPUT is missing (or pass --dry-run to only print the plan)")
-    plan_only = quantize(source, None, opts)
-    print_plan(plan_only, console)
     if opts.dry_run:
+        quantize(source, None, opts, on_plan=lambda plan: print_plan(plan, console))
         return
     command = "fp8vl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("quantizing", total=plan_only.bytes_in)
-        res = quantize(source, output, opts, progress=lambda done, total: bar.update(task, completed=done),
-                       command=command)
+        task = bar.add_task("quantizing", total=None)
+        res = quantize(source, output, opts, command=command, on_plan=lambda plan: print_plan(plan, console),
+                       progress=lambda done, total: bar.update(task, completed=done, total=total))
     print_summary(res, console)
 
 
@@ -100,7 +99,8 @@ def verify_cmd(
 ) -> None:
     """Check an FP8 checkpoint's structure (and, with --source, its error); exit 1 on any failure."""
     from .report import print_verify
-    from .verify import card_section, layer_sqnr_plot, update_card as write_section, verify
+    from .card import update_card as write_section
+    from .verify import card_section, layer_sqnr_plot, verify
 
     r = verify(output, source)
     if json_out is not None and str(json_out) == "-":
@@ -138,7 +138,7 @@ def eval_cmd(
     from . import prompts as P
     from .eval_report import card_section, print_eval, write_report
     from .evaluate import evaluate
-    from .verify import update_card as write_section
+    from .card import update_card as write_section
 
     _quiet_transformers()
     items = P.load_jsonl(prompts) if prompts else P.builtin(limit)
@@ -152,19 +152,13 @@ def eval_cmd(
         sqnr = _sqnr_chart(source, quantized, report)
         console.print(f"report: {write_report(r, report, sqnr)}")
     if update_card:
-        write_section(quantized, card_section(r), *_eval_markers())
+        write_section(quantized, card_section(r))
 
 
 def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # fp8vl draws its own progress
-
-
-def _eval_markers() -> tuple[str, str]:
-    from .eval_report import CARD_BEGIN, CARD_END
-
-    return CARD_BEGIN, CARD_END
 
 
 def _sqnr_chart(source: str, quantized: Path, out_dir: Path) -> Optional[Path]:

@@ -108,10 +108,12 @@ def _jobs(e: Entry, t: TensorInfo, fmt: str, scale_dtype: torch.dtype, device: s
 
 
 def quantize(source: str | Path, output: str | Path | None, opts: QuantizeOptions = QuantizeOptions(),
-             progress: Callable[[int, int], None] | None = None, command: str | None = None) -> Result:
+             progress: Callable[[int, int], None] | None = None, command: str | None = None,
+             on_plan: Callable[[Result], None] | None = None) -> Result:
     """Convert ``source`` (folder or hub id) to FP8 in ``output``; with ``opts.dry_run``, only plan.
 
-    ``progress(done_bytes, total_bytes)`` is called from worker threads as jobs finish.
+    ``on_plan(result)`` is called once the plan is made, before anything is written;
+    ``progress(done_bytes, total_bytes)`` as jobs finish.
     """
     t0 = time.perf_counter()
     src = resolve(source, opts.revision)
@@ -130,6 +132,8 @@ def quantize(source: str | Path, output: str | Path | None, opts: QuantizeOption
                  before={e.name: _source_bytes(e, ckpt.tensors[e.source]) for e in plan.entries},
                  after={e.name: sum(s.nbytes for s in u) for e, u in zip(plan.entries, units)},
                  tp=tp_report(ckpt.config, {e.module: e.shape for e in plan.entries if e.quantize}))
+    if on_plan is not None:
+        on_plan(res)
     if opts.dry_run or out is None:
         return res
     if opts.device.startswith("cuda") and not torch.cuda.is_available():

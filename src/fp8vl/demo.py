@@ -28,8 +28,8 @@ def run_demo(workdir: Path, console: Console, limit: int = 6, max_new_tokens: in
     build_tiny_qwen3_vl(src)
     console.print(f"source: {src}")
     console.rule("2. fp8vl quantize (the same code path as for a real model)")
-    print_plan(quantize(src, None, QuantizeOptions(dry_run=True)), console)
-    res = quantize(src, out, QuantizeOptions(), command=f"fp8vl quantize {src} {out}")
+    res = quantize(src, out, QuantizeOptions(), command=f"fp8vl quantize {src} {out}",
+                   on_plan=lambda plan: print_plan(plan, console))
     print_summary(res, console)
 
     console.rule("3. fp8vl verify --source")

@@ -375,15 +375,3 @@ def card_section(r: Report) -> str:
         lines += ["", f"Per-tensor SQNR vs source: mean {mean:.1f} dB, worst "
                       f"{min(t.sqnr_db for t in r.tensors):.1f} dB over {len(r.tensors)} FP8 tensors."]
     return "\n".join(lines + [CARD_END, ""])
-
-
-def update_card(path: Path, section: str, begin: str = CARD_BEGIN, end: str = CARD_END) -> None:
-    """Insert or replace one fp8vl section of a model card (between its two markers)."""
-    card = path / "README.md"
-    text = card.read_text() if card.is_file() else ""
-    if begin in text and end in text:
-        pre, rest = text.split(begin, 1)
-        text = pre + section.rstrip("\n") + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    card.write_text(text)
