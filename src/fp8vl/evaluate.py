@@ -62,7 +62,7 @@ def load_any(path: str | Path, device: str = "cpu", mode: str = "auto") -> Loade
         loaded = load_hf_model(path, device)
         loaded.label = "bf16"
         return loaded
-    from .runtime import load_fp8_model
+    from .loader import load_fp8_model
 
     model = load_fp8_model(path, device, mode)
     vlm = "vision_config" in cfg
