@@ -183,8 +183,8 @@ def test_bad_options_fail_before_any_work(tmp_path):
         caption([tmp_path], CaptionOptions(endpoint="localhost:8000"))
     with pytest.raises(FP8VLError, match="--model DIR"):
         caption([tmp_path], CaptionOptions())
-    with pytest.raises(FP8VLError, match="temperature"):
-        caption([tmp_path], CaptionOptions(model="x", temperature=0.7))
+    with pytest.raises(FP8VLError, match="--batch-size"):
+        caption([tmp_path], CaptionOptions(model="x", batch_size=0))
     port = _free_port()                                          # nobody listens there
     t0 = time.monotonic()
     with pytest.raises(FP8VLError, match=f"127.0.0.1:{port}"):
