@@ -52,7 +52,9 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _m_bucket(m: int) -> int:
-    return 1 if m == 1 else min(triton.next_power_of_2(m), 4096)
+    """Autotune's M key: 1 (a single token), 16 (the rest of decode: the GEMV pads to 16 rows
+    anyway), then powers of two up to 4096."""
+    return 1 if m == 1 else 16 if m <= DECODE_MAX_M else min(triton.next_power_of_2(m), 4096)
 
 
 def decode_config(m: int, n: int, k: int, sm_count: int) -> LaunchConfig:
