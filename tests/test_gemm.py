@@ -171,12 +171,16 @@ def test_capture_of_an_untuned_shape_uses_the_default_table():
     q, s = quantize_weight(torch.randn(2944, 1408, device="cuda") * 0.02)   # a shape no other test uses
     x = torch.randn(4, 1408, device="cuda", dtype=torch.bfloat16)
     xq, xs = gemm.quantize_activations_gpu(x)
+    table = gemm.decode_config(4, 2944, 1408, torch.cuda.get_device_properties(0).multi_processor_count)
+    eager = gemm._gemv(xq, xs, q, s, torch.bfloat16, None, True, table)   # compiles it outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = gemm.fp8_gemm(xq, xs, q, s)
     graph.replay()
     torch.cuda.synchronize()
+    assert gemm._tuned(gemm._GEMV_TUNED, _args(4, xq, xs, q, s, None)) is None   # autotune did not run
+    assert torch.equal(y, eager)
     assert rel(y, reference(x, q, s)) < 5e-3
 
 

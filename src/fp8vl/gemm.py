@@ -290,7 +290,7 @@ def _cublas_block_gemm(xq, xs, w, ws, out_dtype, bias) -> torch.Tensor:
     m, k = xq.shape
     pad = -m % 4
     if pad:
-        xp = torch.zeros((m + pad, k), dtype=FP8, device=xq.device)
+        xp = torch.zeros((m + pad, k), dtype=torch.uint8, device=xq.device).view(FP8)
         xp[:m] = xq
         xq = xp
     xs = _scales_layout(xs, m + pad)
