@@ -63,7 +63,7 @@ class CaptionOptions:
     timeout: float = 120.0           # seconds per request
     api_key: str | None = None       # default: $OPENAI_API_KEY, else "EMPTY"
     device: str = "cpu"              # local backend
-    mode: str = "auto"               # local backend FP8 runtime: auto, scaled_mm, w8a8 or dequant
+    mode: str = "auto"               # local backend FP8 runtime: auto, scaled_mm, triton, w8a8 or dequant
     batch_size: int | None = None    # local backend: sequences decoded together (None: as many as fit)
     gpu_memory: int | None = None    # local backend: bytes of GPU memory the run may use (None: the card)
 

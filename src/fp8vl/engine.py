@@ -164,9 +164,20 @@ class Engine:
         self.dtype = self.embed.weight.dtype
         self.generator = torch.Generator(device=self.device).manual_seed(opts.seed)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.fused = self._fused_mode()
         self.batch = self._batch_size() if self.layers is not None else 1
         if self.layers is not None:
             self._allocate()
+
+    def _fused_mode(self) -> str | None:
+        """The GEMM backend when every decoder linear is an FP8Linear running real FP8 kernels: the
+        decode step then quantizes activations inside their producers (RMSNorm, SiLU-and-mul)."""
+        if self.layers is None or self.device.type != "cuda":
+            return None
+        mods = [m for L in self.layers for m in (L.qkv, L.o, L.gate_up, L.down)]
+        if not all(isinstance(m, FP8Linear) and m.mode in ("scaled_mm", "triton") for m in mods):
+            return None
+        return "triton" if mods[0].mode == "triton" else "auto"
 
     # ------------------------------------------------------------ memory
     def kv_bytes_per_token(self) -> int:
@@ -233,9 +244,17 @@ class Engine:
         cos, sin = cos[:, None], sin[:, None]                               # [b, 1, 1, hd]
         mask = (self.span[None, :] <= ln[:, None])[:, None, None, :]        # [b, 1, 1, L]
         nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        if self.fused:
+            from .gemm import fp8_gemm, quantize_activations_gpu, rmsnorm_quant, silu_mul_quant
+
+            def lin(m: FP8Linear, xq_xs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:   # [b, N]
+                return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, self.dtype, m.bias, self.fused)
         for i, L in enumerate(self.layers):
-            h = rms_norm(x, L.ln1, L.eps)
-            q, k, v = L.qkv(h).split([nq, nk, nk], -1)
+            if self.fused:
+                qkv = lin(L.qkv, rmsnorm_quant(x.view(b, -1), L.ln1, L.eps))[:, None]
+            else:
+                qkv = L.qkv(rms_norm(x, L.ln1, L.eps))
+            q, k, v = qkv.split([nq, nk, nk], -1)
             q, k = q.view(b, 1, self.n_heads, self.head_dim), k.view(b, 1, self.n_kv, self.head_dim)
             if L.q_norm is not None:
                 q, k = rms_norm(q, L.q_norm, L.eps), rms_norm(k, L.k_norm, L.eps)
@@ -247,7 +266,13 @@ class Engine:
             kc[rows, :, ln] = k[:, :, 0]
             vc[rows, :, ln] = v[:, :, 0]
             a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=L.scaling, enable_gqa=True)
-            x = x + L.o(a.transpose(1, 2).reshape(b, 1, nq))
+            a = a.transpose(1, 2).reshape(b, 1, nq)
+            if self.fused:
+                x = x + lin(L.o, quantize_activations_gpu(a.view(b, nq)))[:, None]
+                gu = lin(L.gate_up, rmsnorm_quant(x.view(b, -1), L.ln2, L.eps))
+                x = x + lin(L.down, silu_mul_quant(gu))[:, None]
+                continue
+            x = x + L.o(a)
             h = rms_norm(x, L.ln2, L.eps)
             if L.mlp is not None:
                 x = x + L.mlp(h)

@@ -2,6 +2,8 @@
 
 ``FP8Linear`` holds the checkpoint's own FP8 weight and block scales and computes, by ``mode``:
 - ``"scaled_mm"``: real FP8 tensor-core GEMM (GPU with compute capability >= 8.9; see gemm.py);
+- ``"triton"``: the same with fp8vl's Triton kernels for every M (what non-SM90 cards run anyway;
+  on SM90 it replaces cuBLAS for prefill, to prove that path);
 - ``"w8a8"``: what a W8A8 server computes, simulated: activations quantized per token and per 128
   channels and dequantized, times the dequantized weight, accumulated in float32 (any device);
 - ``"dequant"``: weight-only, x @ dequant(W) (any device).
@@ -21,7 +23,7 @@ from .errors import FP8VLError
 from .kernel import FP8, dequantize_weight, fake_quantize_activations
 from .plan import VISION_PARTS
 
-MODES = ("auto", "scaled_mm", "w8a8", "dequant")
+MODES = ("auto", "scaled_mm", "triton", "w8a8", "dequant")
 EXPERT = re.compile(r"^(?P<base>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
 
 
@@ -45,10 +47,11 @@ class FP8Linear(torch.nn.Module):
         self.mode = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "scaled_mm":
+        if self.mode in ("scaled_mm", "triton"):
             from .gemm import fp8_linear
 
-            return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias)
+            backend = "triton" if self.mode == "triton" else "auto"
+            return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias, backend)
         w = dequantize_weight(self.weight, self.weight_scale_inv, torch.float32)
         xf = fake_quantize_activations(x.float()) if self.mode == "w8a8" else x.float()
         b = self.bias.float() if self.bias is not None else None
@@ -63,8 +66,8 @@ def resolve_mode(mode: str, device: str) -> str:
         raise FP8VLError(f"unknown runtime mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "auto":
         return "scaled_mm" if has_fp8_tensor_cores(device) else "w8a8"
-    if mode == "scaled_mm" and not has_fp8_tensor_cores(device):
-        raise FP8VLError("scaled_mm needs a CUDA GPU with compute capability >= 8.9 (Ada, Hopper, Blackwell); "
+    if mode in ("scaled_mm", "triton") and not has_fp8_tensor_cores(device):
+        raise FP8VLError(f"{mode} needs a CUDA GPU with compute capability >= 8.9 (Ada, Hopper, Blackwell); "
                          "use mode w8a8 or dequant")
     return mode
 
