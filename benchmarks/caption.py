@@ -94,6 +94,42 @@ def engine_rows(label: str, path: Path, pics: list[Path], new_tokens: int, batch
     return rows, loaded
 
 
+def step_rows(label: str, loaded, pics: list[Path], batches: list[int]) -> list[dict]:
+    """Where the time goes: one prefill (vision tower + prompt), one decode step at each batch size."""
+    from fp8vl.caption import load_image
+    from fp8vl.engine import Engine, EngineOptions
+    from fp8vl.evaluate import encode
+    from fp8vl.prompts import CAPTION
+
+    inputs = encode(loaded, CAPTION, load_image(pics[0], 512), device="cpu")
+    rows = []
+    for b in batches:
+        eng = Engine(loaded.model, [], EngineOptions(max_len=512, max_batch=b, max_new_tokens=64))
+        for _ in range(2):
+            eng._prefill(0, inputs)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(5):
+            eng._prefill(0, inputs)
+        torch.cuda.synchronize()
+        pre = (time.perf_counter() - t) / 5
+        eng.len[:b].fill_(300)
+        eng.pos[:b].fill_(300)
+        for _ in range(3):
+            eng._step(b)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(20):
+            eng._step(b)
+        torch.cuda.synchronize()
+        rows.append(dict(what=f"{label}: prefill 1 image / decode step batch {b}", prefill_ms=pre * 1e3,
+                         step_ms=(time.perf_counter() - t) / 20 * 1e3, graphs=eng._use_graphs(), fused=eng.fused))
+        print(rows[-1], flush=True)
+        del eng
+        torch.cuda.empty_cache()
+    return rows
+
+
 def old_path_row(label: str, loaded, pics: list[Path], new_tokens: int) -> dict:
     """Transformers' generate, one image at a time: what caption --model did before the engine."""
     from fp8vl.caption import load_image
@@ -155,7 +191,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,8,32,0", help="0: continuous batching, as many slots as fit")
     ap.add_argument("--cap", default="15.5GiB")
-    ap.add_argument("--parts", default="engine,old,caption,capped,eval")
+    ap.add_argument("--parts", default="engine,rates,steps,old,caption,capped,eval")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     parts = set(a.parts.split(","))
@@ -166,8 +202,10 @@ def main() -> None:
     batches = [int(x) for x in a.batches.split(",")]
     for label, path in (("fp8", fp8), ("bf16", bf16)):
         if "engine" in parts:
-            r, loaded = engine_rows(label, path, pics, a.new_tokens, batches)
+            r, loaded = engine_rows(label, path, pics, a.new_tokens, batches if "rates" in parts else [])
             rows += r
+            if "steps" in parts:
+                rows += step_rows(label, loaded, pics, [b for b in batches if b] or [1])
             if "old" in parts:
                 rows.append(old_path_row(label, loaded, pics, a.new_tokens))
             del loaded
