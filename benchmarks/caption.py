@@ -106,11 +106,11 @@ def step_rows(label: str, loaded, pics: list[Path], batches: list[int]) -> list[
     for b in batches:
         eng = Engine(loaded.model, [], EngineOptions(max_len=512, max_batch=b, max_new_tokens=64))
         for _ in range(2):
-            eng._prefill(0, inputs)
+            eng._prefill([0], [inputs])
         torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(5):
-            eng._prefill(0, inputs)
+            eng._prefill([0], [inputs])
         torch.cuda.synchronize()
         pre = (time.perf_counter() - t) / 5
         eng.len[:b].fill_(300)

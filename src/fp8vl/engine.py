@@ -38,7 +38,8 @@ class EngineOptions:
     top_p: float = 1.0
     seed: int = 0
     cuda_graphs: bool = True             # on CUDA devices
-    reserve: int = int(1.5 * GiB)        # device memory kept free for prefill activations (CUDA)
+    reserve: int = int(3 * GiB)          # device memory kept free for prefill activations (CUDA)
+    prefill_batch: int = 8               # prompts of one length prefilled in one forward
 
 
 @dataclass
@@ -213,24 +214,28 @@ class Engine:
 
     # ------------------------------------------------------------ prefill
     @torch.no_grad()
-    def _prefill(self, slot: int, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
-        """Run one prompt through the model's own forward; its keys/values into ``slot``.
-        Returns (last-position logits [vocab], prompt length, M-RoPE delta)."""
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        n = inputs["input_ids"].shape[1]
+    def _prefill(self, slots: list[int], group: list[dict[str, torch.Tensor]]) -> list[tuple[torch.Tensor, int, int]]:
+        """Run prompts of one length through the model's own forward together (no padding: the
+        batch dimension stacks whole prompts); each one's keys/values into its slot.
+        Returns per prompt (last-position logits [vocab], prompt length, M-RoPE delta)."""
+        n = group[0]["input_ids"].shape[1]
         if n + 1 > self.opts.max_len:
             raise FP8VLError(f"a prompt of {n} tokens does not fit the engine's {self.opts.max_len}-token "
                              f"sequences; use smaller images or a shorter prompt")
+        # per-token tensors stack on a batch axis; image patches and grids concatenate (one row per image)
+        inputs = {k: torch.cat([g[k] for g in group]).to(self.device) for k in group[0]}
         if self.mrope:
             self.base.rope_deltas = None   # Transformers keeps the last prompt's delta here
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        delta = int(self.base.rope_deltas.flatten()[0]) if self.mrope and self.base.rope_deltas is not None else 0
+        deltas = self.base.rope_deltas.flatten().tolist() if self.mrope and self.base.rope_deltas is not None \
+            else [0] * len(group)
         cache = getattr(out, "cache", None) or out.past_key_values
+        idx = torch.tensor(slots, device=self.device)
         for i in range(len(self.layers)):
             layer = cache.layers[i]
-            self.k[i][slot, :, :n] = layer.keys[0]
-            self.v[i][slot, :, :n] = layer.values[0]
-        return out.logits[0, -1], n, delta
+            self.k[i][idx, :, :n] = layer.keys
+            self.v[i][idx, :, :n] = layer.values
+        return [(out.logits[j, -1], n, int(deltas[j])) for j in range(len(group))]
 
     # ------------------------------------------------------------ decode
     def _decode(self, b: int) -> torch.Tensor:
@@ -336,18 +341,26 @@ class Engine:
         exhausted = False
         while True:
             while free and not exhausted:
-                req = next(todo, None)
-                if req is None:
-                    exhausted = True
-                    break
-                slot = free.pop(0)
-                logits, n, delta = self._prefill(slot, req.inputs)
-                s = _Seq(req, n, delta, [int(self._sample(logits[None])[0])])
-                if self._done(s):
-                    free.insert(0, slot)
-                    yield req, self._strip(s.tokens)
-                else:
-                    active[slot] = s
+                taken = []
+                while len(taken) < min(len(free), self.opts.prefill_batch):
+                    req = next(todo, None)
+                    if req is None:
+                        exhausted = True
+                        break
+                    taken.append(req)
+                groups: dict[tuple, list[Request]] = {}
+                for req in taken:   # prompts of one length (and one kind) prefill together
+                    groups.setdefault((req.inputs["input_ids"].shape[1], tuple(sorted(req.inputs))), []).append(req)
+                for reqs in groups.values():
+                    slots = [free.pop(0) for _ in reqs]
+                    for slot, req, (logits, n, delta) in zip(slots, reqs, self._prefill(slots, [r.inputs for r in reqs])):
+                        s = _Seq(req, n, delta, [int(self._sample(logits[None])[0])])
+                        if self._done(s):
+                            free.append(slot)
+                            yield req, self._strip(s.tokens)
+                        else:
+                            active[slot] = s
+                free.sort()
             if not active:
                 return
             b = self._bucket(max(active) + 1)
@@ -387,7 +400,7 @@ class Engine:
         the engine's own decode step token by token: what the engine computes while it generates."""
         if self.layers is None:
             raise FP8VLError("this model family generates through Transformers; the engine has no decode step")
-        logits, n, delta = self._prefill(0, inputs)
+        logits, n, delta = self._prefill([0], [inputs])[0]
         rows = [logits.float().cpu()]
         for j, t in enumerate(answer[:-1]):
             self.tok[:1].fill_(t)
@@ -401,10 +414,12 @@ def limit_gpu_memory(device: str, nbytes: int | None) -> None:
     """Cap what this process may allocate on ``device`` (emulates a smaller card on a larger one)."""
     if nbytes is None or not str(device).startswith("cuda"):
         return
-    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    dev = torch.device(device)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
     if nbytes > total:
         raise FP8VLError(f"--gpu-memory {nbytes / GiB:.1f} GiB is more than the card has ({total / GiB:.1f} GiB)")
-    torch.cuda.set_per_process_memory_fraction(nbytes / total, torch.device(device))
+    torch.cuda.set_per_process_memory_fraction(nbytes / total, index)
 
 
 def round_up(n: int, to: int = 64) -> int:
