@@ -481,3 +481,25 @@ def test_ctrl_c_ends_a_run_stuck_on_a_hung_server_at_once_and_keeps_the_captions
     kept = {x: sidecar(x).read_text() for x in images if sidecar(x).exists()}
     assert sorted(kept.values()) == ["caption number 0", "caption number 1"]
     assert sorted(r["caption"] for r in _jsonl(tmp_path / "log.jsonl")) == sorted(kept.values())
+
+
+def test_a_16_bit_png_reaches_the_server_mid_grey(scripted, tmp_path):
+    Image.fromarray(np.full((64, 64), 32768, np.uint16)).save(tmp_path / "grey16.png")
+    _photo("camera").save(tmp_path / "camera.png")                # 8-bit grey, for comparison
+    srv = scripted(lambda n: "ok")
+    s = caption([tmp_path], CaptionOptions(endpoint=srv.url, concurrency=1, **FAST))
+    assert s.done == 2 and srv.count == 2
+    camera, grey16 = srv.means                                     # sorted order: camera.png, grey16.png
+    assert abs(grey16 - 127.5) <= 1.5                              # JPEG at quality 90 on a flat field
+    assert abs(camera - np.asarray(_photo("camera")).mean()) <= 1.5
+
+
+def test_prompt_file_not_utf8_or_missing_is_one_line(tmp_path):
+    _photo("camera").save(tmp_path / "camera.png")
+    bad = tmp_path / "prompt.txt"
+    bad.write_bytes("D\u00e9cris l'image.".encode("latin-1"))
+    for pf, words in [(bad, ["UTF-8", "line 1"]), (tmp_path / "missing.txt", ["cannot read"])]:
+        r = run_cli("caption", tmp_path, "--endpoint", "http://127.0.0.1:9/v1", "--prompt-file", pf, cwd=tmp_path)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert str(pf) in r.stderr and all(w in r.stderr for w in words) and "Traceback" not in r.stderr
+    assert not sidecar(tmp_path / "camera.png").exists()

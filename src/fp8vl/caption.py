@@ -39,6 +39,7 @@ from typing import Callable, Iterable, Iterator
 from urllib.parse import urlsplit
 
 from .errors import FP8VLError
+from .images import open_rgb
 from .prompts import CAPTION
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -119,20 +120,11 @@ def find_images(paths: str | Path | Iterable[str | Path]) -> list[Path]:
 
 
 def load_image(path: str | Path, max_side: int = 512):
-    """RGB PIL image, EXIF orientation applied, transparency on white, longer side <= ``max_side``."""
-    from PIL import Image, ImageOps
+    """8-bit RGB PIL image (any mode scaled faithfully, see images.py), EXIF orientation applied,
+    transparency on white, longer side <= ``max_side``."""
+    from PIL import Image
 
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                im = Image.new("RGB", rgba.size, (255, 255, 255))
-                im.paste(rgba, mask=rgba.getchannel("A"))
-            else:
-                im = im.convert("RGB")
-    except Exception as e:  # any decoder failure: the batch goes on without this file
-        raise FP8VLError(f"{path}: cannot read image ({type(e).__name__}: {e}); replace or remove it") from e
+    im = open_rgb(path)
     if max(im.size) > max_side:
         im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return im
