@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from skimage import data
 
@@ -503,3 +504,46 @@ def test_prompt_file_not_utf8_or_missing_is_one_line(tmp_path):
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert str(pf) in r.stderr and all(w in r.stderr for w in words) and "Traceback" not in r.stderr
     assert not sidecar(tmp_path / "camera.png").exists()
+
+
+def _oom_line(e: FP8VLError) -> str:
+    msg = str(e)
+    assert "\n" not in msg and msg.startswith("out of memory on ")
+    return msg
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a real CUDA out-of-memory needs a GPU")
+def test_in_process_captioning_out_of_gpu_memory_is_one_line_with_the_fix(fp8_dir, tmp_path):
+    """A real CUDA OOM: this process may use 1 MiB of the GPU, so loading the model cannot fit."""
+    _photo("astronaut").save(tmp_path / "a.jpg")
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(2**20 / total)
+    try:
+        with pytest.raises(FP8VLError) as e:
+            caption([tmp_path], CaptionOptions(model=str(fp8_dir), device="cuda", max_tokens=4))
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    msg = _oom_line(e.value)
+    assert "cuda" in msg and "--max-tokens" in msg and "--device cpu" in msg
+    assert isinstance(e.value.__cause__, torch.OutOfMemoryError)
+
+
+def test_out_of_memory_mid_batch_is_one_line_and_keeps_the_captions(fp8_dir, tmp_path, monkeypatch):
+    """On the CPU no allocation raises torch.OutOfMemoryError (CPU allocation failures are RuntimeErrors),
+    so after the first caption torch.cat, which the KV cache grows with, raises it as CUDA's allocator
+    would; everything else is the real in-process path."""
+    for n in ["astronaut", "coffee"]:
+        _photo(n).save(tmp_path / f"{n}.jpg")
+
+    def cat_out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    def after_first(n, total):
+        monkeypatch.setattr(torch, "cat", cat_out_of_memory)
+
+    with pytest.raises(FP8VLError) as e:
+        caption([tmp_path], CaptionOptions(model=str(fp8_dir), max_tokens=4), progress=after_first)
+    assert "Tried to allocate 20.00 GiB" in _oom_line(e.value) and "--max-tokens" in str(e.value)
+    assert sidecar(tmp_path / "astronaut.jpg").read_text().strip()      # the first caption is kept
+    assert not sidecar(tmp_path / "coffee.jpg").exists()

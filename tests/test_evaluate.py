@@ -334,3 +334,18 @@ def test_eval_against_a_folder_without_its_processor_is_one_line(dense_fp8, tmp_
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
     assert str(quant) in r.stderr and missing in r.stderr and "Traceback" not in r.stderr
     assert r.stdout.strip() == ""                                  # refused before the source side ran
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a real CUDA out-of-memory needs a GPU")
+def test_eval_out_of_gpu_memory_is_one_line_with_the_fix(dense_fp8):
+    """A real CUDA OOM: this process may use 1 MiB of the GPU, so the source model cannot load."""
+    torch.cuda.set_per_process_memory_fraction(2**20 / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        with pytest.raises(FP8VLError) as e:
+            evaluate(dense_fp8.src, dense_fp8.out, [Prompt("sky", TEXT)], device="cuda", max_new_tokens=2)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("out of memory on cuda") and "--max-new-tokens" in msg
+    assert isinstance(e.value.__cause__, torch.OutOfMemoryError)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 from urllib.parse import urlsplit
 
-from .errors import FP8VLError
+from .errors import FP8VLError, out_of_memory
 from .images import open_rgb
 from .prompts import CAPTION
 
@@ -411,7 +411,10 @@ def _serve(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Resu
 def _local(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Result]:
     from .evaluate import encode, greedy, load_any
 
-    loaded = load_any(opts.model, opts.device, opts.mode)
+    fix = (f"caption with a smaller --max-side or --max-tokens (now {opts.max_side}, {opts.max_tokens}), "
+           "a GPU with more memory, or --device cpu; the captions written so far are kept")
+    with out_of_memory(opts.device, fix):
+        loaded = load_any(opts.model, opts.device, opts.mode)
     info["model"] = f"{opts.model} ({loaded.label})"
     tok = getattr(loaded.processor, "tokenizer", loaded.processor)
     for path in todo:
@@ -421,7 +424,8 @@ def _local(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Resu
         except FP8VLError as e:
             yield _Result(path, error=str(e))
             continue
-        ids = greedy(loaded, encode(loaded, opts.prompt, image), opts.max_tokens)
+        with out_of_memory(opts.device, fix):
+            ids = greedy(loaded, encode(loaded, opts.prompt, image), opts.max_tokens)
         text = clean_caption(tok.decode(ids, skip_special_tokens=True), opts.trigger)
         yield _Result(path, text or None, len(ids), time.perf_counter() - t0,
                       None if text else "the model returned an empty caption")

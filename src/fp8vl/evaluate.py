@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .errors import FP8VLError
+from .errors import FP8VLError, out_of_memory
 from .prompts import Prompt, open_image
 
 
@@ -268,15 +268,18 @@ def evaluate(source: str | Path, quantized: str | Path, prompts: list[Prompt], d
     src, q = resolve(source), Path(quantized)
     for folder in (src, q):  # both, before the source side runs for minutes
         check_processor(folder)
-    try:
-        ref = load_any(src, device)
-        base = run_source(ref, prompts, max_new_tokens, tick)
-        answers = [_decode(ref, r.answer) for r in base]
-        _free(ref)
-        fp8 = load_any(q, device, mode)
-    except torch.cuda.OutOfMemoryError as e:
-        raise FP8VLError(f"the model does not fit on {device} ({e}); use --device cpu, or a GPU with more "
-                         f"memory") from e
+    with out_of_memory(device, f"use a smaller --max-new-tokens (now {max_new_tokens}), a GPU with more memory, "
+                               "or --device cpu"):
+        return _evaluate(src, q, prompts, device, mode, max_new_tokens, tick)
+
+
+def _evaluate(src: Path, q: Path, prompts: list[Prompt], device: str, mode: str, max_new_tokens: int,
+              tick: Callable[[], None]) -> EvalReport:
+    ref = load_any(src, device)
+    base = run_source(ref, prompts, max_new_tokens, tick)
+    answers = [_decode(ref, r.answer) for r in base]
+    _free(ref)
+    fp8 = load_any(q, device, mode)
     report = EvalReport(str(src), str(q), fp8.label, device, max_new_tokens)
     for p, b, src_text in zip(prompts, base, answers):
         batch = encode(fp8, p.text, open_image(p.image) if p.image else None)
