@@ -1,43 +1,74 @@
-"""GEMM table on the GPU: BF16 vs fp8vl's FP8 W8A8 linear at Qwen3-VL-8B's linear shapes.
+"""Linear-layer table on the GPU: fp8vl's FP8 paths against BF16 cuBLAS and a measured read ceiling.
 
-For each (M, N, K): BF16 ``F.linear``, fp8vl ``fp8_linear`` (activation quantization included)
-and, for M >= 8, ``scaled_mm`` alone; times by CUDA events (median of many, inputs rotated so
-the weights are not served from L2), TFLOP/s, and GB/s of the bytes each must move, against
-the card's ceilings measured in the same run (device-to-device copy, 8192^3 BF16 matmul).
+Ceilings, measured in the same run: a pure-read Triton kernel over a buffer >= 4x the L2 cache
+(GB/s of reads only: the decode ceiling) and BF16 cuBLAS itself. Every timing is a CUDA graph of
+back-to-back calls rotating over enough weight copies to exceed 4x L2 (computed from
+``L2_cache_size`` per shape and dtype), so weights stream from HBM; median of a few replays.
 
-    python benchmarks/kernels.py            # prints a Markdown table
+Decode rows (M = 1, 8), at the Qwen3-VL decoder shapes as an engine runs them (q/k/v and
+gate/up fused): BF16 ``F.linear``; FP8 W8A8 given quantized input (``fp8_gemm``: the input comes
+from a fused producer); FP8 W8A8 with a standalone activation quantization (``fp8_linear``);
+W8A16 (``w8a16_linear``). Prefill rows (M = 512, 2048, 8B shapes): cuBLAS block-scaled
+``scaled_mm`` (SM90 only), the Triton block GEMM (the path of every other card), BF16.
+
+    python benchmarks/kernels.py            # tables (Markdown)
+    python benchmarks/kernels.py --check    # numerics PASS/FAIL lines first, then the tables
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
+import sys
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from fp8vl.gemm import decode_linear, fp8_linear, prefill_linear, quantize_activations_gpu
-from fp8vl.kernel import quantize_weight
+from fp8vl import gemm
+from fp8vl.kernel import dequantize_weight, fake_quantize_activations, quantize_activations, quantize_weight
 
-SHAPES = {"q/o_proj": (4096, 4096), "k/v_proj": (1024, 4096), "gate/up_proj": (12288, 4096),
-          "down_proj": (4096, 12288), "qkv fused": (6144, 4096), "gate_up fused": (24576, 4096)}
-MS = (1, 2, 4, 8, 16, 32, 64, 512, 2048)
+# (hidden, intermediate, attention heads, kv heads), head_dim 128, from the models' published
+# config.json text_config: the decoder linears as the engine runs them (fused qkv and gate_up)
+MODELS = {"8B": (4096, 12288, 32, 8), "2B": (2048, 6144, 16, 8), "4B": (2560, 9728, 32, 8),
+          "32B": (5120, 25600, 64, 8)}
+MOE = (2048, 768, 128, 8)   # Qwen3-VL-30B-A3B experts: hidden, moe_intermediate, experts, top-k
 
 
-def timed(fn, sets: int, calls: int = 20, reps: int = 15) -> float:
-    """Median milliseconds per call: ``calls`` calls (rotating over ``sets`` input sets, so weights
-    come from HBM, not L2) captured in one CUDA graph, so launch overhead is what a server sees."""
-    for i in range(sets):
-        fn(i)                      # compiles and autotunes outside the graph
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
+def shapes(model: str) -> dict[str, tuple[int, int]]:
+    h, i, heads, kv = MODELS[model]
+    return {"qkv": ((heads + 2 * kv) * 128, h), "o": (h, heads * 128), "gate_up": (2 * i, h), "down": (h, i)}
+
+
+@triton.jit
+def _read_kernel(src, out, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Each program sums ITERS x BLOCK int32 words (the sum is stored so the loads stay)."""
+    base = tl.program_id(0).to(tl.int64) * BLOCK * ITERS
+    acc = tl.zeros((BLOCK,), dtype=tl.int32)
+    for i in range(ITERS):
+        offs = base + i * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(src + offs, mask=offs < n, other=0)
+    tl.store(out + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+def timed(fn, copies: int, calls: int = 0, reps: int = 7) -> float:
+    """Median ms per call of ``fn(i)``: calls i = 0.. rotating over ``copies`` inputs, captured in
+    one CUDA graph (launch costs as a server's graph sees them); eager warm-up first (autotune)."""
+    calls = calls or max(copies, 12)
+    for i in range(min(copies, 2)):
+        fn(i)
+    side = torch.cuda.Stream()   # one more run on a side stream, as torch.cuda.graphs recommends
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
         fn(0)
-    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for i in range(calls):
-            fn(i)
+            fn(i % copies)
     graph.replay()
     torch.cuda.synchronize()
     times = []
@@ -51,50 +82,175 @@ def timed(fn, sets: int, calls: int = 20, reps: int = 15) -> float:
     return statistics.median(times)
 
 
-def ceilings() -> tuple[float, float]:
-    """(GB/s of a 4 GiB device copy counting read + write, TFLOP/s of a BF16 8192^3 matmul)."""
-    src = torch.empty(1 << 31, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    ms = timed(lambda i: dst.copy_(src), 1, 5, 5)
-    bw = 2 * src.numel() * 2 / ms / 1e6
-    del src, dst
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = timed(lambda i: a @ b, 1, 5, 5)
-    return bw, 2 * 8192**3 / ms / 1e9
+def read_ceiling(l2: int) -> float:
+    """GB/s of reads of the best of a few configs of the pure-read kernel over >= 4x L2 (>= 1 GiB)."""
+    words = max(4 * l2, 1 << 30) // 4
+    src = torch.ones(words, dtype=torch.int32, device="cuda")
+    best = 0.0
+    for block, iters, warps in ((2048, 8, 4), (4096, 8, 8), (4096, 16, 8), (8192, 4, 8)):
+        out = torch.empty(triton.cdiv(words, block * iters), dtype=torch.int32, device="cuda")
+        ms = timed(lambda i: _read_kernel[(out.numel(),)](src, out, words, BLOCK=block, ITERS=iters,
+                                                           num_warps=warps), 1, 3, 5)
+        best = max(best, words * 4 / ms / 1e6)
+    return best
+
+
+def copies_for(nbytes: int, l2: int) -> int:
+    return max(2, math.ceil(4 * l2 / nbytes))
+
+
+def decode_rows(label: str, n: int, k: int, l2: int, ceiling: float, ms_list) -> None:
+    w16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    q, s = quantize_weight(w16)
+    c16, c8 = copies_for(n * k * 2, l2), copies_for(n * k, l2)
+    ws16 = [w16] + [w16.clone() for _ in range(c16 - 1)]
+    qs = [(q, s)] + [(q.clone(), s.clone()) for _ in range(c8 - 1)]
+    for m in ms_list:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        xq, xs = gemm.quantize_activations_gpu(x)
+        t16 = timed(lambda i: F.linear(x, ws16[i]), c16)
+        t8 = timed(lambda i: gemm.fp8_gemm(xq, xs, *qs[i]), c8)
+        t8q = timed(lambda i: gemm.fp8_linear(x, *qs[i]), c8)
+        ta16 = timed(lambda i: gemm.w8a16_linear(x, *qs[i]), c8)
+        gbs = (n * k + s.numel() * 4) / t8 / 1e6
+        print(f"| {label} {n}x{k} | {m} | {t16:.4f} | {t8:.4f} | {t8q:.4f} | {ta16:.4f} | {t16 / t8:.2f}x | "
+              f"{t16 / t8q:.2f}x | {t16 / ta16:.2f}x | {gbs:.0f} ({gbs / ceiling:.0%}) | {n * k / 2**20:.0f} |",
+              flush=True)
+    del ws16, qs
+
+
+def prefill_rows(label: str, n: int, k: int, l2: int, sm90: bool, ms_list) -> None:
+    w16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    q, s = quantize_weight(w16)
+    c16, c8 = copies_for(n * k * 2, l2), copies_for(n * k, l2)
+    ws16 = [w16] + [w16.clone() for _ in range(c16 - 1)]
+    qs = [(q, s)] + [(q.clone(), s.clone()) for _ in range(c8 - 1)]
+    for m in ms_list:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        xq, xs = gemm.quantize_activations_gpu(x)
+        t16 = timed(lambda i: F.linear(x, ws16[i]), c16, reps=5)
+        tc = timed(lambda i: gemm.fp8_gemm(xq, xs, *qs[i], backend="cublas"), c8, reps=5) if sm90 else float("nan")
+        tt = timed(lambda i: gemm.fp8_gemm(xq, xs, *qs[i], backend="triton"), c8, reps=5)
+        tq = timed(lambda i: gemm.quantize_activations_gpu(x), 1, reps=5)
+        tf = 2 * m * n * k / 1e9
+        print(f"| {label} {n}x{k} | {m} | {t16:.4f} ({tf / t16:.0f}) | {tc:.4f} ({tf / tc:.0f}) | "
+              f"{tt:.4f} ({tf / tt:.0f}) | {tq:.4f} | {t16 / tc:.2f}x | {t16 / tt:.2f}x |", flush=True)
+    del ws16, qs
+
+
+def moe_rows(l2: int, ceiling: float) -> None:
+    h, inter, experts, topk = MOE
+    q, s = quantize_weight(torch.randn(2 * inter, h, device="cuda") * 0.02)
+    w = q.unsqueeze(0).repeat(experts, 1, 1)
+    ws = s.unsqueeze(0).repeat(experts, 1, 1)
+    for tokens in (1, 8):
+        ids = torch.randperm(experts, device="cuda")[: tokens * topk].int()   # distinct experts: all bytes read
+        x = torch.randn(tokens * topk, h, device="cuda", dtype=torch.bfloat16)
+        xq, xs = gemm.quantize_activations_gpu(x)
+        t = timed(lambda i: gemm.fp8_grouped_gemm(xq, xs, w, ws, ids), 1)
+        gbs = len(ids) * 2 * inter * h / t / 1e6
+        print(f"| 30B-A3B experts gate_up {2 * inter}x{h}, top-{topk} | {tokens} | {t:.4f} | "
+              f"{gbs:.0f} ({gbs / ceiling:.0%}) |", flush=True)
+
+
+def check() -> bool:
+    """Numerics on this GPU: PASS/FAIL lines; True when all pass."""
+    ok = True
+
+    def report(name: str, good: bool, detail: str = "") -> None:
+        nonlocal ok
+        ok &= good
+        print(f"{'PASS' if good else 'FAIL'} {name} {detail}", flush=True)
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    for m in (1, 8, 300):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16) * 3
+        q, sc = gemm.quantize_activations_gpu(x)
+        qr, sr = quantize_activations(x)
+        report(f"act-quant M={m}", torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(sc, sr))
+    for k in (2048, 2560, 4096, 5120):
+        x = (torch.randint(-31, 32, (8, k), device="cuda").float() / 8).to(torch.bfloat16)
+        w = (torch.randn(k, device="cuda") * 0.3 + 1).to(torch.bfloat16)
+        ref = (w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype))
+        q, sc = gemm.rmsnorm_quant(x, w, 1e-6)
+        qr, sr = quantize_activations(ref)
+        report(f"rmsnorm_quant bit-identical (exact sums) K={k}",
+               torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(sc, sr))
+        x = torch.randn(64, k, device="cuda", dtype=torch.bfloat16) * 4
+        ref = (w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype))
+        flips = (gemm.rmsnorm_quant(x, w, 1e-6)[0].view(torch.uint8) !=
+                 quantize_activations(ref)[0].view(torch.uint8)).float().mean().item()
+        report(f"rmsnorm_quant random input K={k}", flips < 1e-3, f"({flips:.1e} of codes differ: reduction order)")
+    for m, i in ((1, 12288), (8, 9728), (300, 6144)):
+        gu = torch.randn(m, 2 * i, device="cuda", dtype=torch.bfloat16) * 4
+        q, sc = gemm.silu_mul_quant(gu)
+        g, u = gu.chunk(2, -1)
+        qr, sr = quantize_activations(F.silu(g) * u)
+        report(f"silu_mul_quant bit-identical M={m} I={i}",
+               torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(sc, sr))
+    for n, k in ((6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288), (200, 384)):
+        q, s = quantize_weight(torch.randn(n, k, device="cuda") * 0.02)
+        wf = dequantize_weight(q, s, torch.float32)
+        b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        for m in (1, 8, 16, 512):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = fake_quantize_activations(x.float()) @ wf.t() + b.float()
+            xq, xs = gemm.quantize_activations_gpu(x)
+            paths = {"auto": "auto", "triton (forced)": "triton"}
+            if sm90 and m > 16 and n % 128 == 0:
+                paths["cublas"] = "cublas"
+            for name, backend in paths.items():
+                e = rel(gemm.fp8_gemm(xq, xs, q, s, torch.bfloat16, b, backend), ref)
+                report(f"W8A8 {name} {n}x{k} M={m}", e < 5e-3, f"rel err {e:.1e}")
+            e = rel(gemm.w8a16_linear(x, q, s, b), x.float() @ wf.t() + b.float())
+            report(f"W8A16 {n}x{k} M={m}", e < 5e-3, f"rel err {e:.1e} (vs weight-only simulation)")
+    h, inter, _, topk = MOE
+    experts = [quantize_weight(torch.randn(2 * inter, h, device="cuda") * 0.02) for _ in range(topk)]
+    x = torch.randn(topk, h, device="cuda", dtype=torch.bfloat16)
+    xq, xs = gemm.quantize_activations_gpu(x)
+    ids = torch.arange(topk, device="cuda").flip(0)
+    y = gemm.fp8_grouped_gemm(xq, xs, torch.stack([a for a, _ in experts]), torch.stack([c for _, c in experts]), ids)
+    e = max(rel(y[r], fake_quantize_activations(x[r:r + 1].float())[0] @ dequantize_weight(
+        *experts[topk - 1 - r], torch.float32).t()) for r in range(topk))
+    report("grouped expert GEMM", e < 5e-3, f"max rel err {e:.1e}")
+    return ok
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ms", type=int, nargs="*", default=list(MS))
+    ap.add_argument("--check", action="store_true", help="numerics PASS/FAIL lines before the tables")
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
-    bw, peak = ceilings()
-    print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}; measured ceilings: copy {bw:.0f} GB/s, "
-          f"BF16 matmul {peak:.0f} TFLOP/s\n")
-    print("| linear | M | BF16 ms | FP8 ms | FP8 speed-up | FP8 TFLOP/s | FP8 GB/s (% of copy) "
-          "| decode kernel ms | act-quant + scaled_mm ms | scaled_mm alone ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for label, (n, k) in SHAPES.items():
-        sets = 4  # 4 weight copies > L2, so every call streams its weight from HBM
-        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(sets)]
-        qs = [quantize_weight(w) for w in ws]
-        for m in a.ms:
-            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
-            t_bf16 = timed(lambda i: F.linear(xs[i % sets], ws[i % sets]), sets)
-            t_fp8 = timed(lambda i: fp8_linear(xs[i % sets], *qs[i % sets]), sets)
-            t_dec = f"{timed(lambda i: decode_linear(xs[i % sets], *qs[i % sets]), sets):.4f}" if m <= 16 else "-"
-            t_pre = f"{timed(lambda i: prefill_linear(xs[i % sets], *qs[i % sets]), sets):.4f}" if m >= 1 else "-"
-            alone = "-"
-            if m >= 8 and m % 4 == 0:
-                xq = [quantize_activations_gpu(x) for x in xs]
-                alone = f"{timed(lambda i: F.scaled_mm(xq[i % sets][0], qs[i % sets][0].t(), xq[i % sets][1], F.ScalingType.BlockWise1x128, qs[i % sets][1].t(), F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16), sets):.4f}"  # noqa: E501
-            flops = 2 * m * n * k
-            moved = n * k + m * k * 2 + m * n * 2 + (n // 128) * (k // 128) * 4
-            print(f"| {label} {n}x{k} | {m} | {t_bf16:.4f} | {t_fp8:.4f} | {t_bf16 / t_fp8:.2f}x | "
-                  f"{flops / t_fp8 / 1e9:.1f} | {moved / t_fp8 / 1e6:.0f} ({moved / t_fp8 / 1e6 / bw:.0%}) | "
-                  f"{t_dec} | {t_pre} | {alone} |", flush=True)
-        del ws, qs
+    props = torch.cuda.get_device_properties(0)
+    print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size / 2**20:.0f} MiB, "
+          f"CC {props.major}.{props.minor}; torch {torch.__version__}, triton {triton.__version__}\n", flush=True)
+    ok = check() if a.check else True
+    l2 = props.L2_cache_size
+    ceiling = read_ceiling(l2)
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    peak = 2 * 8192**3 / timed(lambda i: x @ x, 1, 3, 5) / 1e9
+    print(f"\nceilings: pure read {ceiling:.0f} GB/s (buffer >= 4x L2); BF16 cuBLAS 8192^3 matmul {peak:.0f} TFLOP/s\n")
+    print("| linear (N x K) | M | BF16 ms | W8A8 ms | W8A8 + act-quant ms | W8A16 ms | W8A8 speed-up "
+          "| W8A8+quant speed-up | W8A16 speed-up | W8A8 GB/s (% of read ceiling) | FP8 MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for model in a.models:
+        for name, (n, k) in shapes(model).items():
+            decode_rows(f"{model} {name}", n, k, l2, ceiling, (1, 8))
+    print("\n| MoE experts (grouped GEMV) | tokens | W8A8 ms | GB/s (% of read ceiling) |\n|---|---|---|---|")
+    moe_rows(l2, ceiling)
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    print("\n| prefill linear (N x K) | M | BF16 ms (TFLOP/s) | cuBLAS scaled_mm ms (TFLOP/s) "
+          "| Triton block GEMM ms (TFLOP/s) | act-quant ms | cuBLAS speed-up | Triton speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (n, k) in shapes("8B").items():
+        prefill_rows(f"8B {name}", n, k, l2, sm90, (512, 2048))
+    if not ok:
+        print("\nnumerics check FAILED (see FAIL lines above)")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

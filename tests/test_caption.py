@@ -188,8 +188,8 @@ def test_bad_options_fail_before_any_work(tmp_path):
         caption([tmp_path], CaptionOptions(endpoint="localhost:8000"))
     with pytest.raises(FP8VLError, match="--model DIR"):
         caption([tmp_path], CaptionOptions())
-    with pytest.raises(FP8VLError, match="temperature"):
-        caption([tmp_path], CaptionOptions(model="x", temperature=0.7))
+    with pytest.raises(FP8VLError, match="--batch-size"):
+        caption([tmp_path], CaptionOptions(model="x", batch_size=0))
     port = _free_port()                                          # nobody listens there
     t0 = time.monotonic()
     with pytest.raises(FP8VLError, match=f"127.0.0.1:{port}"):
@@ -514,25 +514,23 @@ def _oom_line(e: FP8VLError) -> str:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a real CUDA out-of-memory needs a GPU")
 def test_in_process_captioning_out_of_gpu_memory_is_one_line_with_the_fix(fp8_dir, tmp_path):
-    """A real CUDA OOM: this process may use 1 MiB of the GPU, so loading the model cannot fit."""
+    """A real CUDA OOM: --gpu-memory 1 MiB (the allocator's per-process cap), so the model cannot load."""
     _photo("astronaut").save(tmp_path / "a.jpg")
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(2**20 / total)
     try:
         with pytest.raises(FP8VLError) as e:
-            caption([tmp_path], CaptionOptions(model=str(fp8_dir), device="cuda", max_tokens=4))
+            caption([tmp_path], CaptionOptions(model=str(fp8_dir), device="cuda", max_tokens=4, gpu_memory=2**20))
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
     msg = _oom_line(e.value)
-    assert "cuda" in msg and "--max-tokens" in msg and "--device cpu" in msg
+    assert "cuda" in msg and "--batch-size" in msg and "--max-tokens" in msg
     assert isinstance(e.value.__cause__, torch.OutOfMemoryError)
 
 
 def test_out_of_memory_mid_batch_is_one_line_and_keeps_the_captions(fp8_dir, tmp_path, monkeypatch):
     """On the CPU no allocation raises torch.OutOfMemoryError (CPU allocation failures are RuntimeErrors),
-    so after the first caption torch.cat, which the KV cache grows with, raises it as CUDA's allocator
-    would; everything else is the real in-process path."""
+    so after the first caption torch.cat (rotary embeddings in every decode step and prefill) raises it as
+    CUDA's allocator would; everything else is the real in-process path, one image at a time."""
     for n in ["astronaut", "coffee"]:
         _photo(n).save(tmp_path / f"{n}.jpg")
 
@@ -543,7 +541,7 @@ def test_out_of_memory_mid_batch_is_one_line_and_keeps_the_captions(fp8_dir, tmp
         monkeypatch.setattr(torch, "cat", cat_out_of_memory)
 
     with pytest.raises(FP8VLError) as e:
-        caption([tmp_path], CaptionOptions(model=str(fp8_dir), max_tokens=4), progress=after_first)
-    assert "Tried to allocate 20.00 GiB" in _oom_line(e.value) and "--max-tokens" in str(e.value)
+        caption([tmp_path], CaptionOptions(model=str(fp8_dir), max_tokens=4, batch_size=1), progress=after_first)
+    assert "Tried to allocate 20.00 GiB" in _oom_line(e.value) and "--batch-size" in str(e.value)
     assert sidecar(tmp_path / "astronaut.jpg").read_text().strip()      # the first caption is kept
     assert not sidecar(tmp_path / "coffee.jpg").exists()

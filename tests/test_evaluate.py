@@ -36,7 +36,7 @@ class Reference:
     def __init__(self, src: Path, fp8: Path):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from fp8vl.runtime import load_fp8_model
+        from fp8vl.loader import load_fp8_model
 
         self.proc = AutoProcessor.from_pretrained(src)
         self.src = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.bfloat16, device_map="cpu").eval()

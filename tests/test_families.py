@@ -178,7 +178,8 @@ def digest(t: torch.Tensor) -> str:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fp8vl_runtime_loads_each_family_with_its_fp8_bytes(families, source_logits, arch):
-    from fp8vl.runtime import fp8_modules, load_fp8_model
+    from fp8vl.loader import load_fp8_model
+    from fp8vl.runtime import fp8_modules
 
     f = families[arch]
     ids, ref, _ = source_logits(arch)
@@ -250,7 +251,7 @@ def test_quantize_vision_output_loads_in_fp8vl_runtime_with_codes_times_scale(de
     """Partial output tiles (linear_fc1 [344, 128]) are valid FP8 block format and vLLM loads them;
     Transformers' CPU dequantizer refuses them (its scale grid must divide the weight), so the
     check goes through fp8vl's runtime, which dequantizes partial tiles."""
-    from fp8vl.runtime import load_fp8_model
+    from fp8vl.loader import load_fp8_model
     from helpers import expand_scales
 
     out = tmp_path / "vision-fp8"

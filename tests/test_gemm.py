@@ -1,7 +1,10 @@
-"""GPU FP8 GEMM (gemm.py) against the W8A8 simulation; skipped without a CUDA GPU with FP8 tensor cores."""
+"""GPU FP8 GEMM (gemm.py) against the W8A8 simulation; skipped without a CUDA GPU with FP8 tensor cores.
+
+The same kernels' numerics run on the CPU in test_gemm_kernels.py (Triton interpreter)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fp8vl.kernel import dequantize_weight, fake_quantize_activations, quantize_activations, quantize_weight
 
@@ -40,18 +43,145 @@ def test_activation_quant_kernel_matches_reference(m):
     assert torch.equal(s, s_ref)
 
 
+sm90 = torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 13, 16, 17, 30, 300, 2048])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 4096), (4096, 12288), (384, 256), (200, 384)])
-def test_fp8_linear_matches_w8a8_simulation(m, n, k):
+def test_fp8_linear_matches_w8a8_simulation(m, n, k, backend):
     g = torch.Generator(device="cuda").manual_seed(m * 7 + n)
     w = torch.randn(n, k, device="cuda", generator=g) * 0.02
     q, s = quantize_weight(w)
     x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
-    y = gemm.fp8_linear(x, q, s)
+    y = gemm.fp8_linear(x, q, s, backend=backend)
     ref = reference(x, q, s)
     assert y.shape == (m, n) and y.dtype == torch.bfloat16
     assert torch.isfinite(y).all()
     assert rel(y, ref) < 5e-3  # bf16 output rounding; same products, other summation order
+
+
+@pytest.mark.skipif(not sm90, reason="PyTorch's block-scaled scaled_mm runs on SM90 only")
+@pytest.mark.parametrize("m", [1, 30, 300])
+def test_cublas_path_on_sm90(m):
+    q, s = quantize_weight(torch.randn(512, 1024, device="cuda") * 0.02)
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    xq, xs = gemm.quantize_activations_gpu(x)
+    y = gemm.fp8_gemm(xq, xs.contiguous(), q, s, torch.bfloat16, backend="cublas")  # row-major scales too
+    assert rel(y, reference(x, q, s)) < 5e-3
+
+
+def qwen3_rmsnorm(x, w, eps):
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+@pytest.mark.parametrize("m", [1, 8, 300])
+@pytest.mark.parametrize("k", [2048, 2560, 4096, 5120])
+def test_rmsnorm_quant_is_bit_identical_on_exact_sums(m, k):
+    g = torch.Generator(device="cuda").manual_seed(k + m)
+    # multiples of 1/8 below 4: the sum of squares is exact in any order (torch's reduction order
+    # is not reproducible), so every other step must match torch's CUDA math bit for bit
+    x = (torch.randint(-31, 32, (m, k), device="cuda", generator=g).float() / 8).to(torch.bfloat16)
+    w = (torch.randn(k, device="cuda", generator=g) * 0.3 + 1).to(torch.bfloat16)
+    q, s = gemm.rmsnorm_quant(x, w, 1e-6)
+    q_ref, s_ref = quantize_activations(qwen3_rmsnorm(x, w, 1e-6))
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+
+
+def test_rmsnorm_quant_on_random_input_differs_by_rare_flips_only():
+    x = torch.randn(64, 4096, device="cuda").to(torch.bfloat16) * 4
+    w = (torch.randn(4096, device="cuda") * 0.3 + 1).to(torch.bfloat16)
+    q, s = gemm.rmsnorm_quant(x, w, 1e-6)
+    q_ref, s_ref = quantize_activations(qwen3_rmsnorm(x, w, 1e-6))
+    flips = (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean().item()
+    print(f"rmsnorm_quant: {flips:.2e} of codes differ on random input (reduction order)")
+    assert flips < 1e-3
+
+
+@pytest.mark.parametrize("m,i", [(1, 12288), (8, 6144), (300, 9728)])
+def test_silu_mul_quant_is_bit_identical(m, i):
+    gate_up = (torch.randn(m, 2 * i, device="cuda") * 4).to(torch.bfloat16)
+    q, s = gemm.silu_mul_quant(gate_up)
+    gate, up = gate_up.chunk(2, -1)
+    q_ref, s_ref = quantize_activations(F.silu(gate) * up)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("m", [1, 8, 16, 64, 300])
+def test_w8a16_is_the_weight_only_product(m):
+    q, s = quantize_weight(torch.randn(1000, 2048, device="cuda") * 0.02)
+    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(1000, device="cuda", dtype=torch.bfloat16)
+    y = gemm.w8a16_linear(x, q, s, b)
+    assert rel(y, x.float() @ dequantize_weight(q, s, torch.float32).t() + b.float()) < 5e-3
+
+
+def test_grouped_expert_gemm():
+    experts = [quantize_weight(torch.randn(1536, 2048, device="cuda") * 0.02) for _ in range(8)]
+    w = torch.stack([q for q, _ in experts])
+    ws = torch.stack([s for _, s in experts])
+    x = torch.randn(12, 2048, device="cuda", dtype=torch.bfloat16)
+    ids = torch.tensor([0, 7, 7, 3, -1, 5, 1, 1, 2, 6, 4, 0], device="cuda")
+    xq, xs = gemm.quantize_activations_gpu(x)
+    y = gemm.fp8_grouped_gemm(xq, xs, w, ws, ids)
+    for r, e in enumerate(ids.tolist()):
+        if e < 0:
+            assert bool((y[r] == 0).all())
+        else:
+            assert rel(y[r], reference(x[r:r + 1], *experts[e])[0]) < 5e-3
+
+
+@pytest.mark.parametrize("m", [1, 8, 512])
+def test_cuda_graph_replays_the_tuned_kernels(m):
+    """Warm-up tunes (autotune), the capture then finds that config; replay equals eager bit for bit."""
+    q, s = quantize_weight(torch.randn(3072, 4096, device="cuda") * 0.02)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(3072, device="cuda", dtype=torch.bfloat16)
+    run = lambda: (gemm.fp8_linear(x, q, s, b, backend="triton"), gemm.w8a16_linear(x, q, s))  # noqa: E731
+    eager = run()
+    xq, xs = gemm.quantize_activations_gpu(x)
+    tuner = gemm._GEMV_TUNED if m <= 16 else gemm._BLOCK_GEMM_TUNED
+    assert gemm._tuned(tuner, _args(m, xq, xs, q, s, b)) is not None, "autotune cache key not found"
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b_ in zip(out, eager):
+        assert torch.equal(a, b_)
+
+
+def _args(m, xq, xs, q, s, b):
+    """The argument dict gemm.py hands the autotuner for a W8A8 call (to look its cache up)."""
+    y = torch.empty((m, q.shape[0]), dtype=torch.bfloat16, device="cuda")
+    args = dict(x_ptr=xq, xs_ptr=xs, w_ptr=q, ws_ptr=s, b_ptr=b, y_ptr=y)
+    if m <= 16:
+        args["part_ptr"] = torch.empty(0, dtype=torch.float32, device="cuda")
+    return dict(args, M=m, N=q.shape[0], K=q.shape[1], M_BUCKET=gemm._m_bucket(m))
+
+
+def test_capture_of_an_untuned_shape_uses_the_default_table():
+    q, s = quantize_weight(torch.randn(2944, 1408, device="cuda") * 0.02)   # a shape no other test uses
+    x = torch.randn(4, 1408, device="cuda", dtype=torch.bfloat16)
+    xq, xs = gemm.quantize_activations_gpu(x)
+    table = gemm.decode_config(4, 2944, 1408, torch.cuda.get_device_properties(0).multi_processor_count)
+    eager = gemm._gemv(xq, xs, q, s, torch.bfloat16, None, True, table)   # compiles it outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = gemm.fp8_gemm(xq, xs, q, s)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert gemm._tuned(gemm._GEMV_TUNED, _args(4, xq, xs, q, s, None)) is None   # autotune did not run
+    assert torch.equal(y, eager)
+    assert rel(y, reference(x, q, s)) < 5e-3
 
 
 def test_fp8_linear_bias_and_batch_dims():
@@ -64,7 +194,8 @@ def test_fp8_linear_bias_and_batch_dims():
     assert rel(y, ref) < 5e-3
 
 
-def test_runtime_on_gpu_matches_simulation(tmp_path):
+@pytest.mark.parametrize("mode", ["scaled_mm", "triton"])
+def test_runtime_on_gpu_matches_simulation(tmp_path, mode):
     from fp8vl import quantize
     from fp8vl.evaluate import encode, load_any, logits_for, kl_stats
     from fp8vl.prompts import open_image
@@ -73,9 +204,9 @@ def test_runtime_on_gpu_matches_simulation(tmp_path):
     src = build_tiny_qwen3_vl(tmp_path / "src")
     quantize(src, tmp_path / "fp8")
     ref = load_any(src, "cuda")
-    real = load_any(tmp_path / "fp8", "cuda", "scaled_mm")
+    real = load_any(tmp_path / "fp8", "cuda", mode)
     sim = load_any(tmp_path / "fp8", "cuda", "w8a8")
-    assert real.model.fp8_mode == "scaled_mm" and sim.model.fp8_mode == "w8a8"
+    assert real.model.fp8_mode == mode and sim.model.fp8_mode == "w8a8"
     for image in (None, open_image("skimage:astronaut")):
         batch = encode(real, "Describe this image concisely.", image)
         sim_logits = logits_for(sim, batch)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fp8vl.errors import FP8VLError
-from fp8vl.runtime import FP8Experts, FP8Linear, fp8_modules, load_fp8_model, resolve_mode
+from fp8vl.loader import load_fp8_model
+from fp8vl.runtime import FP8Experts, FP8Linear, fp8_modules, resolve_mode
 from helpers import (FP8, TILE, expand_scales, expert_slices, load_tensors, read_config, ref_activation_quantize,
                      ref_block_quantize, ref_dequantize, text_config, within_e4m3_bound)
 

@@ -32,6 +32,8 @@ import re
 import tempfile
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -56,7 +58,7 @@ class CaptionOptions:
     max_side: int = 512              # longer image side sent to the model (never upscaled)
     concurrency: int = 8             # requests in flight (server backend)
     max_tokens: int = 128
-    temperature: float = 0.0         # 0: greedy, the same caption on every run (the local backend only does 0)
+    temperature: float = 0.0         # 0: greedy, the same caption on every run
     txt: bool = True                 # sidecar IMAGE.txt, the layout LoRA trainers read
     jsonl: Path | None = None        # append {file, caption, tokens, seconds} a line
     csv: Path | None = None          # ImageFolder metadata.csv (file_name relative to its folder)
@@ -66,7 +68,9 @@ class CaptionOptions:
     timeout: float = 120.0           # seconds per request
     api_key: str | None = None       # default: $OPENAI_API_KEY, else "EMPTY"
     device: str = "cpu"              # local backend
-    mode: str = "auto"               # local backend FP8 runtime: auto, scaled_mm, w8a8 or dequant
+    mode: str = "auto"               # local backend FP8 runtime: auto, scaled_mm, triton, w8a8 or dequant
+    batch_size: int | None = None    # local backend: sequences decoded together (None: as many as fit)
+    gpu_memory: int | None = None    # local backend: bytes of GPU memory the run may use (None: the card)
 
 
 @dataclass
@@ -255,8 +259,8 @@ def _check(images: list[Path], opts: CaptionOptions) -> None:
         _base_url(opts.endpoint)
     elif not opts.model:
         raise FP8VLError("no model: pass --endpoint URL of a running server, or --model DIR to caption in-process")
-    elif opts.temperature != 0:
-        raise FP8VLError("--temperature applies to a server (--endpoint); in-process captioning is greedy")
+    if opts.batch_size is not None and opts.batch_size < 1:
+        raise FP8VLError(f"--batch-size must be at least 1 (got {opts.batch_size})")
     if opts.txt:
         seen: dict[Path, Path] = {}
         for p in images:
@@ -409,26 +413,58 @@ def _serve(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Resu
 
 
 def _local(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Result]:
-    from .evaluate import encode, greedy, load_any
+    """In-process: fp8vl's engine, continuous batching; images are read and encoded by two threads
+    ahead of the GPU (the processor's CPU work overlaps the model's)."""
+    from .engine import Engine, EngineOptions, Request, limit_gpu_memory, round_up
+    from .evaluate import _eos_ids, encode, load_any
 
-    fix = (f"caption with a smaller --max-side or --max-tokens (now {opts.max_side}, {opts.max_tokens}), "
-           "a GPU with more memory, or --device cpu; the captions written so far are kept")
+    limit_gpu_memory(opts.device, opts.gpu_memory)
+    fix = ("use a smaller --batch-size, a lower --max-tokens or --max-side, or --gpu-memory below what other "
+           "programs leave free; the captions written so far are kept")
     with out_of_memory(opts.device, fix):
         loaded = load_any(opts.model, opts.device, opts.mode)
-    info["model"] = f"{opts.model} ({loaded.label})"
-    tok = getattr(loaded.processor, "tokenizer", loaded.processor)
-    for path in todo:
-        t0 = time.perf_counter()
-        try:
-            image = load_image(path, opts.max_side)
-        except FP8VLError as e:
-            yield _Result(path, error=str(e))
-            continue
-        with out_of_memory(opts.device, fix):
-            ids = greedy(loaded, encode(loaded, opts.prompt, image), opts.max_tokens)
-        text = clean_caption(tok.decode(ids, skip_special_tokens=True), opts.trigger)
-        yield _Result(path, text or None, len(ids), time.perf_counter() - t0,
-                      None if text else "the model returned an empty caption")
+        info["model"] = f"{opts.model} ({loaded.label})"
+        tok = getattr(loaded.processor, "tokenizer", loaded.processor)
+        # the longest prompt: a square image at max_side (resizing never upscales, so none is longer)
+        from PIL import Image
+
+        longest = encode(loaded, opts.prompt, Image.new("RGB", (opts.max_side, opts.max_side)))
+        eopts = EngineOptions(max_len=round_up(longest["input_ids"].shape[1] + opts.max_tokens + 1),
+                              max_batch=opts.batch_size, max_new_tokens=opts.max_tokens,
+                              temperature=opts.temperature)
+        engine = Engine(loaded.model, _eos_ids(loaded), eopts)
+        failed: list[_Result] = []
+
+        def prepare(path: Path) -> tuple[Path, float, dict | None]:
+            t0 = time.perf_counter()
+            try:
+                return path, t0, encode(loaded, opts.prompt, load_image(path, opts.max_side), device="cpu")
+            except FP8VLError as e:
+                failed.append(_Result(path, error=str(e)))
+                return path, t0, None
+
+        def requests() -> Iterator[Request]:
+            # bounded read-ahead (Executor.map would encode every image up front: ~6 MB each at 512 px)
+            ahead = 2 * engine.batch + 2
+            with ThreadPoolExecutor(2, thread_name_prefix="fp8vl-encode") as pool:
+                waiting = deque(pool.submit(prepare, p) for p in todo[:ahead])
+                rest = iter(todo[ahead:])
+                while waiting:
+                    path, t0, inputs = waiting.popleft().result()
+                    nxt = next(rest, None)
+                    if nxt is not None:
+                        waiting.append(pool.submit(prepare, nxt))
+                    if inputs is not None:
+                        yield Request(inputs, (path, t0))
+
+        for req, ids in engine.generate(requests()):
+            while failed:
+                yield failed.pop(0)
+            path, t0 = req.tag
+            text = clean_caption(tok.decode(ids, skip_special_tokens=True), opts.trigger)
+            yield _Result(path, text or None, len(ids), time.perf_counter() - t0,
+                          None if text else "the model returned an empty caption")
+        yield from failed
 
 
 # ---------------------------------------------------------------- the run

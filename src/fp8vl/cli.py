@@ -126,7 +126,7 @@ def eval_cmd(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSONL: {\"text\", \"image\"?, \"id\"?} a line"),
     limit: Optional[int] = typer.Option(None, "--limit", help="use only the first N built-in prompts of each kind"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
-    mode: str = typer.Option("auto", "--mode", help="FP8 runtime: auto, scaled_mm, w8a8 (simulated) or dequant"),
+    mode: str = typer.Option("auto", "--mode", help="FP8 runtime: auto, scaled_mm, triton, w8a8 (simulated) or dequant"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="greedy answer length"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write all results as JSON here"),
     report: Optional[Path] = typer.Option(None, "--report", help="write report.md with plots to this folder"),
@@ -271,7 +271,7 @@ def caption_cmd(
     timeout: float = typer.Option(120.0, "--timeout", help="seconds per request"),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="default: $OPENAI_API_KEY or EMPTY"),
     device: str = typer.Option("cpu", "--device", help="in-process: cpu or cuda"),
-    mode: str = typer.Option("auto", "--mode", help="in-process FP8 runtime: auto, scaled_mm, w8a8, dequant"),
+    mode: str = typer.Option("auto", "--mode", help="in-process FP8 runtime: auto, scaled_mm, triton, w8a8, dequant"),
 ) -> None:
     """Caption images in batch through a server or in-process; resumable, never overwrites by default."""
     from .caption import CaptionOptions, caption, print_summary, progress_bar

@@ -81,27 +81,23 @@ def load_hf_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = to
 
 
 def load_any(path: str | Path, device: str = "cpu", mode: str = "auto") -> Loaded:
-    """An FP8 checkpoint through fp8vl's runtime; anything else as a plain Transformers model."""
-    path = Path(path)
-    cfg = _config(path)
-    if not cfg.get("quantization_config"):
-        loaded = load_hf_model(path, device)
-        loaded.label = "bf16"
-        return loaded
-    from .runtime import load_fp8_model
+    """Any checkpoint through fp8vl's loader: FP8 weights as FP8 linears, everything else as is."""
+    from .loader import load_model
 
-    vlm = "vision_config" in cfg
-    processor = _processor(path, vlm)
-    model = load_fp8_model(path, device, mode)
-    return Loaded(model, processor, vlm, path, f"fp8 {model.fp8_mode}")
+    path = Path(path)
+    vlm = "vision_config" in _config(path)
+    processor = _processor(path, vlm)   # first: a missing file is reported before a long model load
+    model = load_model(path, device, mode)
+    return Loaded(model, processor, vlm, path, f"fp8 {model.fp8_mode}" if model.fp8_mode else "bf16")
 
 
 def _device(loaded: Loaded) -> torch.device:
     return next(loaded.model.parameters()).device
 
 
-def encode(loaded: Loaded, text: str, image=None, chat: bool = True) -> dict[str, torch.Tensor]:
-    """Model inputs for one prompt, through the chat template (image first, as Qwen's guides do)."""
+def encode(loaded: Loaded, text: str, image=None, chat: bool = True, device=None) -> dict[str, torch.Tensor]:
+    """Model inputs for one prompt, through the chat template (image first, as Qwen's guides do),
+    on ``device`` (default: the model's)."""
     proc = loaded.processor
     if image is not None and not loaded.is_vlm:
         raise FP8VLError(f"{loaded.path}: text-only model, cannot take an image prompt")
@@ -113,7 +109,7 @@ def encode(loaded: Loaded, text: str, image=None, chat: bool = True) -> dict[str
         batch = proc(text=[text], images=[image] if image is not None else None, return_tensors="pt")
     else:
         batch = proc([text], return_tensors="pt")
-    return {k: v.to(_device(loaded)) for k, v in batch.items()}
+    return {k: v.to(device or _device(loaded)) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -144,12 +140,16 @@ def _eos_ids(loaded: Loaded) -> list[int]:
     return list(ids) if isinstance(ids, (list, tuple)) else [ids]
 
 
-@torch.no_grad()
-def greedy(loaded: Loaded, batch: dict[str, torch.Tensor], max_new_tokens: int) -> list[int]:
-    """Greedy continuation token ids (stops at EOS)."""
-    out = loaded.model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
-                                eos_token_id=_eos_ids(loaded), temperature=None, top_p=None, top_k=None)
-    return out[0, batch["input_ids"].shape[1]:].tolist()
+def answers(loaded: Loaded, batches: list[dict[str, torch.Tensor]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations (EOS excluded) of every prompt, generated together by fp8vl's engine."""
+    from .engine import Engine, EngineOptions, Request, round_up
+
+    longest = max(b["input_ids"].shape[1] for b in batches)
+    opts = EngineOptions(max_len=round_up(longest + max_new_tokens + 1), max_batch=min(len(batches), 32),
+                         max_new_tokens=max_new_tokens)
+    engine = Engine(loaded.model, _eos_ids(loaded), opts)
+    out = {req.tag: ids for req, ids in engine.generate(Request(b, i) for i, b in enumerate(batches))}
+    return [out[i] for i in range(len(batches))]
 
 
 def _with_answer(batch: dict[str, torch.Tensor], answer: list[int]) -> dict[str, torch.Tensor]:
@@ -187,10 +187,9 @@ class SideResult:
 
 def run_source(loaded: Loaded, prompts: list[Prompt], max_new_tokens: int,
                tick: Callable[[], None] = lambda: None) -> list[SideResult]:
+    batches = [encode(loaded, p.text, open_image(p.image) if p.image else None) for p in prompts]
     out = []
-    for p in prompts:
-        batch = encode(loaded, p.text, open_image(p.image) if p.image else None)
-        answer = greedy(loaded, batch, max_new_tokens)
+    for p, batch, answer in zip(prompts, batches, answers(loaded, batches, max_new_tokens)):
         n = batch["input_ids"].shape[1]
         logits = logits_for(loaded, _with_answer(batch, answer))[n - 1: n - 1 + max(1, len(answer))]
         out.append(SideResult(answer, logits, perplexity(loaded, p.text) if not p.image else None))
@@ -277,16 +276,15 @@ def _evaluate(src: Path, q: Path, prompts: list[Prompt], device: str, mode: str,
               tick: Callable[[], None]) -> EvalReport:
     ref = load_any(src, device)
     base = run_source(ref, prompts, max_new_tokens, tick)
-    answers = [_decode(ref, r.answer) for r in base]
+    texts = [_decode(ref, r.answer) for r in base]
     _free(ref)
     fp8 = load_any(q, device, mode)
     report = EvalReport(str(src), str(q), fp8.label, device, max_new_tokens)
-    for p, b, src_text in zip(prompts, base, answers):
-        batch = encode(fp8, p.text, open_image(p.image) if p.image else None)
+    batches = [encode(fp8, p.text, open_image(p.image) if p.image else None) for p in prompts]
+    for p, b, src_text, batch, answer in zip(prompts, base, texts, batches, answers(fp8, batches, max_new_tokens)):
         n = batch["input_ids"].shape[1]
         logits = logits_for(fp8, _with_answer(batch, b.answer))[n - 1: n - 1 + max(1, len(b.answer))]
         st = kl_stats(b.logits, logits)
-        answer = greedy(fp8, batch, max_new_tokens)
         div = next((i for i, (x, y) in enumerate(zip(b.answer, answer)) if x != y),
                    None if len(b.answer) == len(answer) else min(len(b.answer), len(answer)))
         report.prompts.append(PromptResult(

@@ -1,131 +1,369 @@
-"""FP8 block-scaled GEMM on the GPU: y = x @ (q * scale)^T with x quantized per token and 128 channels.
+"""FP8 block-scaled linears on the GPU, y = x @ (q * scale)^T: pure tensor-in/tensor-out.
 
-Two paths, both W8A8 with the same math as ``kernel.quantize_activations`` + ``kernel.dequantize_weight``:
-- prefill (M > DECODE_MAX_M): activations quantized by a Triton kernel (one read of x), then
-  PyTorch's ``scaled_mm`` with 1x128 activation and 128x128 weight block scales (cuBLAS);
-- decode (M <= DECODE_MAX_M, memory-bound): one Triton kernel that quantizes the few activation rows
-  per 128-wide K block in registers, streams the FP8 weight once, applies both scales per block and
-  writes the output in its final dtype (no extra launches: at batch 1 launches cost as much as bytes).
-GPU only (Triton, CUDA); the CPU and older GPUs use the simulation in runtime.py.
+Numerics, by entry point:
+- W8A8 (``fp8_gemm``, ``fp8_linear``, ``triton_block_gemm``, ``fp8_grouped_gemm``): activations
+  quantized per token and per 128 channels (``kernel.quantize_activations``, bit for bit), both
+  block scales applied per 128-wide K block, float32 accumulate: what vLLM and SGLang compute, and
+  what runtime.py's ``w8a8`` simulation computes up to summation order and output rounding.
+- W8A16 (``w8a16_linear``): x @ dequant(W)^T with the activations left in bf16, the weight tile
+  converted in registers: weight-only error (runtime.py's ``dequant`` simulation), not a server's.
+
+Paths: M <= DECODE_MAX_M runs the Triton GEMV (gemm_kernels.gemv_kernel, split-K when the matrix
+is too narrow to keep the GPU's memory busy) on every card. Larger M runs cuBLAS' block-scaled
+``scaled_mm`` on SM90 (the only arch PyTorch allows it on) and the Triton block GEMM on every
+other FP8 card (8.9 Ada, 10.x/12.x Blackwell); ``backend="triton"`` forces Triton anywhere.
+The fused producers (``rmsnorm_quant``, ``silu_mul_quant``) emit the quantized input of the next
+linear in one pass. CPU tensors run the same kernels under ``TRITON_INTERPRET=1`` (tests).
+
+Launch configs: Triton autotune (keyed on N, K and an M bucket) picks them on the first eager call
+per shape; a small table keyed by SM count and shape (``decode_config``, ``prefill_config``) is
+used where autotune cannot run: on CPU tensors and inside a CUDA-graph capture that meets a shape
+not tuned yet (autotune must time kernels, which a capture forbids). Rule for callers that
+capture: run every shape once eagerly first (the usual warm-up) and the graph gets tuned configs.
 """
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
-from .kernel import BLOCK, FP8, dequantize_weight, fake_quantize_activations
+from . import gemm_kernels as gk
+from .kernel import BLOCK, FP8
 
 DECODE_MAX_M = 16
+BACKENDS = ("auto", "cublas", "triton")
 
 
-@triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, s_stride_m, s_stride_k,
-                      BLOCK_M: tl.constexpr, GROUP: tl.constexpr):
-    """A [BLOCK_M, 128] tile per program: per-row amax, scale = amax/448 (0 -> 1), q = clamp(x/scale)."""
-    pid_m = tl.program_id(0)
-    g = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = g * GROUP + tl.arange(0, GROUP)
-    mask = rows < M
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-    # div_rn: IEEE division, as kernel.quantize_activations does (a plain "/" may round differently)
-    scale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), 448.0)
-    scale = tl.where(scale == 0.0, 1.0, scale)
-    q = tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0)
-    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.float8e4nv), mask=mask[:, None])
-    tl.store(s_ptr + rows * s_stride_m + g * s_stride_k, scale, mask=mask)
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Triton meta-parameters of one launch: ``kwargs`` plus warps and pipeline stages."""
+    kwargs: dict
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _sm_count(device: torch.device) -> int:
+    # the interpreter has no SMs; 8 keeps programs few (it runs them one by one) and still splits K
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def _m_bucket(m: int) -> int:
+    """Autotune's M key: 1 (a single token), 16 (the rest of decode: the GEMV pads to 16 rows
+    anyway), then powers of two up to 4096."""
+    return 1 if m == 1 else 16 if m <= DECODE_MAX_M else min(triton.next_power_of_2(m), 4096)
+
+
+def decode_config(m: int, n: int, k: int, sm_count: int) -> LaunchConfig:
+    """Default GEMV config: 16- or 32-row weight tiles, K split in 2..8 until there are about
+    4 programs per SM, each split keeping >= 4 K blocks (one 4-block unrolled step)."""
+    block_n = 16 if n <= 8192 else 32
+    tiles = triton.cdiv(n, block_n)
+    split = 1
+    while split < 8 and tiles * split * 2 <= 4 * sm_count and (k // BLOCK) // (split * 2) >= 4:
+        split *= 2
+    return LaunchConfig({"BLOCK_N": block_n, "SPLIT_K": split, "UNROLL": 4}, num_warps=4, num_stages=3)
+
+
+def prefill_config(m: int, n: int, k: int, sm_count: int) -> LaunchConfig:
+    """Default block-GEMM config: 128x128 tiles (64-row for short M), 3 stages fit 100 KB of
+    shared memory (Ada's per-SM limit) with FP8 operands."""
+    if m <= 64:
+        return LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=3)
+    return LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=3)
+
+
+def _bench(fn, quantiles):
+    # few reps: the autotune pass runs once per shape, and decode kernels take microseconds
+    return triton.testing.do_bench(fn, warmup=3, rep=15, quantiles=quantiles)
+
+
+def _autotune(configs, key, **kw):
+    if "do_bench" in inspect.signature(triton.autotune).parameters:
+        return triton.autotune(configs=configs, key=key, do_bench=_bench, **kw)
+    return triton.autotune(configs=configs, key=key, warmup=3, rep=15, **kw)  # older Triton
+
+
+def _gemv_prune(configs, named_args, **kwargs):
+    """Drop splits that leave < 4 K blocks per split or make > 8 programs per SM."""
+    args = {**named_args, **kwargs}     # gemm.py passes every argument by name
+    kbs, n = args["K"] // BLOCK, args["N"]
+    sms = _sm_count(args["w_ptr"].device)
+    keep = [c for c in configs if c.kwargs["SPLIT_K"] == 1 or (
+        kbs // c.kwargs["SPLIT_K"] >= 4 and triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"] <= 8 * sms)]
+    return keep or configs[:1]
+
+
+def _gemv_reduce_hook(nargs, exception=None):
+    """Autotune times the split-K reduce with the GEMV it completes."""
+    if exception is None and nargs["SPLIT_K"] > 1:
+        _reduce(nargs["part_ptr"][: nargs["SPLIT_K"]], nargs["b_ptr"], nargs["y_ptr"])
+
+
+_GEMV_TUNED = _autotune(
+    [triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "UNROLL": u}, num_warps=4, num_stages=st)
+     for bn in (16, 32, 64) for sk in (1, 2, 4, 8) for u, st in ((2, 4), (4, 3))],
+    key=["N", "K", "M_BUCKET"], prune_configs_by={"early_config_prune": _gemv_prune},
+    post_hook=_gemv_reduce_hook)(gk.gemv_kernel)
+_BLOCK_GEMM_TUNED = _autotune(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=st)
+     for bm, bn, w, st in ((128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3), (64, 128, 4, 4),
+                           (128, 64, 4, 4), (64, 64, 4, 4))],
+    key=["N", "K", "M_BUCKET"])(gk.block_gemm_kernel)
+
+
+def _tuned(tuner, args: dict) -> LaunchConfig | None:
+    """The config autotune picked for these arguments (all passed by name), if it has run for
+    them. Its cache key, as Triton builds it: the key arguments' values, then the dtype of every
+    argument that has one, in call order. A key Triton builds otherwise only costs the table."""
+    named = {k: v for k, v in args.items() if k in tuner.arg_names}
+    key = [named[name] for name in tuner.keys] + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    cfg = getattr(tuner, "cache", {}).get(tuple(key))
+    return None if cfg is None else LaunchConfig(dict(cfg.kwargs), cfg.num_warps, cfg.num_stages)
+
+
+def _pick(tuner, table: LaunchConfig, args: dict) -> LaunchConfig | None:
+    """Autotune's config if tuned; None when autotune should run now (eager, on a GPU); else the table's."""
+    if args["w_ptr"].device.type != "cuda":
+        return table
+    cfg = _tuned(tuner, args)
+    if cfg is None and not torch.cuda.is_current_stream_capturing():
+        return None
+    return cfg or table
+
+
+def _run(kernel, grid, cfg: LaunchConfig, args: dict) -> None:
+    kernel[grid(cfg.kwargs)](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _best(tuner) -> LaunchConfig:
+    return LaunchConfig(dict(tuner.best_config.kwargs), tuner.best_config.num_warps, tuner.best_config.num_stages)
+
+
+def _reduce(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+    mn = y.numel()
+    gk.splitk_reduce_kernel[(triton.cdiv(mn, 1024),)](part, bias, y, mn, y.shape[1], SPLIT_K=part.shape[0],
+                                                      HAS_BIAS=bias is not None, BLOCK=1024)
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, what: str) -> tuple[int, int, int]:
+    m, k = x.shape
+    n = w.shape[-2]
+    if k % BLOCK or w.shape[-1] != k or w.dtype != FP8:
+        raise ValueError(f"{what}: need x [M, K] with K % 128 == 0 and an e4m3 weight [N, K]; got x "
+                         f"{tuple(x.shape)}, weight {tuple(w.shape)} {w.dtype}")
+    if ws.shape[-2:] != (triton.cdiv(n, BLOCK), k // BLOCK):
+        raise ValueError(f"{what}: weight scale {tuple(ws.shape)} does not match weight {tuple(w.shape)}")
+    return m, n, k
+
+
+def _scales_layout(xs: torch.Tensor, m_pad: int) -> torch.Tensor:
+    """Activation scales [M, K/128] as cuBLAS reads them: column-major, M padded with ones."""
+    m, g = xs.shape
+    if xs.stride(0) == 1 and m == m_pad:
+        return xs
+    out = torch.ones((g, m_pad), dtype=torch.float32, device=xs.device).t()
+    out[:m] = xs
+    return out
+
+
+def _col_major_scales(m: int, groups: int, device) -> torch.Tensor:
+    return torch.empty((groups, m), dtype=torch.float32, device=device).t()
 
 
 def quantize_activations_gpu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] (K % 128 == 0) -> (q [M, K] e4m3, scale [M, K/128] float32, column-major as cuBLAS reads it)."""
+    """x [M, K] (K % 128 == 0) -> (q [M, K] e4m3, scale [M, K/128] float32, column-major as cuBLAS
+    reads it); bit-identical to ``kernel.quantize_activations``."""
     m, k = x.shape
-    x = x.contiguous()
+    if k % BLOCK:
+        raise ValueError(f"activation width {k} is not a multiple of {BLOCK}")
+    x = x if x.stride(1) == 1 else x.contiguous()
     q = torch.empty((m, k), dtype=FP8, device=x.device)
-    s = torch.empty((k // BLOCK, m), dtype=torch.float32, device=x.device).t()
-    grid = (triton.cdiv(m, 32), k // BLOCK)
-    _act_quant_kernel[grid](x, q, s, m, k, x.stride(0), s.stride(0), s.stride(1), BLOCK_M=32, GROUP=BLOCK)
+    s = _col_major_scales(m, k // BLOCK, x.device)
+    gk.act_quant_kernel[(triton.cdiv(m, 32), k // BLOCK)](x, q, s, m, k, x.stride(0), s.stride(0), s.stride(1),
+                                                          BLOCK_M=32)
     return q, s
 
 
-@triton.autotune(
-    configs=[triton.Config({"BLOCK_N": bn, "UNROLL": u}, num_warps=4, num_stages=st)
-             for bn in (16, 32, 64) for u in (1, 2) for st in (3, 5)],
-    key=["N", "K"],
-)
-@triton.jit
-def _decode_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, xs_stride_m, xs_stride_k, ws_stride_n,
-                   M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr):
-    """y[:, n0:n0+BLOCK_N] = sum over 128-wide K blocks of (xq . wq) * x_scale * w_scale (fp32 accumulate).
+def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3 RMSNorm fused with the next linear's activation quantization, one pass over x.
 
-    UNROLL K blocks per iteration put more weight bytes in flight per program."""
-    pid_n = tl.program_id(0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, M_PAD)
-    offs_k = tl.arange(0, 128)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    kbs = K // 128
-    acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
-    for kb0 in range(0, kbs, UNROLL):
-        for u in tl.static_range(UNROLL):
-            kb = kb0 + u
-            live = kb < kbs
-            k0 = kb * 128
-            x = tl.load(xq_ptr + offs_m[:, None] * K + k0 + offs_k[None, :], mask=mask_m[:, None] & live, other=0.0)
-            w = tl.load(w_ptr + offs_n[:, None] * K + k0 + offs_k[None, :], mask=mask_n[:, None] & live, other=0.0)
-            xs = tl.load(xs_ptr + offs_m * xs_stride_m + kb * xs_stride_k, mask=mask_m & live, other=0.0)
-            ws = tl.load(ws_ptr + (offs_n // 128) * ws_stride_n + kb, mask=mask_n & live, other=0.0)
-            acc += tl.dot(x, tl.trans(w)) * xs[:, None] * ws[None, :]
-    ptrs = y_ptr + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-def decode_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """x [M <= 16, K] bf16/fp16 -> [M, N] in x's dtype: quantize x (one small launch), stream W once."""
+    x [M, K] bf16, weight [K] bf16 -> (q [M, K] e4m3, scale [M, K/128] float32 column-major), equal
+    to ``quantize_activations(Qwen3RMSNorm(x))``: normalized in float32, rounded to x's dtype,
+    times the weight in that dtype. Bit-identical to it except where the float32 sum of squares
+    (summed in another order than torch's reduction) rounds differently: rare 1-ulp flips.
+    """
     m, k = x.shape
-    n = w.shape[0]
-    xq, xs = quantize_activations_gpu(x)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _decode_kernel[grid](xq, xs, w, w_scale, y, m, n, k, xs.stride(0), xs.stride(1), w_scale.stride(0), M_PAD=16)
+    if k % BLOCK or weight.shape != (k,):
+        raise ValueError(f"rmsnorm_quant: need x [M, K] with K % 128 == 0 and weight [K]; got {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    q = torch.empty((m, k), dtype=FP8, device=x.device)
+    s = _col_major_scales(m, k // BLOCK, x.device)
+    inv_k = float(torch.tensor(1.0, dtype=torch.float32) / k)   # float32(1/K), as torch's CUDA mean
+    gk.rmsnorm_quant_kernel[(m,)](x, weight.contiguous(), q, s, k, x.stride(0), s.stride(0), s.stride(1), inv_k,
+                                  eps, GROUPS=triton.next_power_of_2(k // BLOCK), ON_CPU=x.device.type == "cpu",
+                                  num_warps=8 if k >= 4096 else 4)
+    return q, s
+
+
+def silu_mul_quant(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SwiGLU fused with the down projection's activation quantization.
+
+    gate_up [M, 2I] bf16 (gate first, as the fused gate_up_proj emits it) -> (q [M, I] e4m3,
+    scale [M, I/128] float32 column-major), bit-identical to
+    ``quantize_activations(F.silu(gate) * up)`` computed in bf16 (one rounding after each op).
+    """
+    m, two_i = gate_up.shape
+    i = two_i // 2
+    if two_i % (2 * BLOCK):
+        raise ValueError(f"silu_mul_quant: width {two_i} is not 2 x a multiple of {BLOCK}")
+    gate_up = gate_up if gate_up.stride(1) == 1 else gate_up.contiguous()
+    q = torch.empty((m, i), dtype=FP8, device=gate_up.device)
+    s = _col_major_scales(m, i // BLOCK, gate_up.device)
+    groups = 4
+    gk.silu_mul_quant_kernel[(m, triton.cdiv(i // BLOCK, groups))](
+        gate_up, q, s, i, gate_up.stride(0), s.stride(0), s.stride(1), GROUPS=groups,
+        ON_CPU=gate_up.device.type == "cpu")
+    return q, s
+
+
+def _gemv(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | None = None) -> torch.Tensor:
+    """Decode path (M <= 16), W8A8 (``a_fp8``) or W8A16; ``config`` overrides the choice (tests)."""
+    m, n, k = _check(x, w, ws, "fp8 decode GEMM")
+    w, ws = w.contiguous(), ws.contiguous()
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    args = dict(x_ptr=x, xs_ptr=xs if a_fp8 else ws, w_ptr=w, ws_ptr=ws, b_ptr=bias, y_ptr=y,
+                part_ptr=torch.empty(0, dtype=torch.float32, device=x.device), M=m, N=n, K=k, M_BUCKET=_m_bucket(m),
+                stride_xm=x.stride(0), stride_xsm=xs.stride(0) if a_fp8 else 0,
+                stride_xsk=xs.stride(1) if a_fp8 else 0, stride_wsn=ws.stride(0),
+                A_FP8=a_fp8, HAS_BIAS=bias is not None, ON_CPU=x.device.type == "cpu", M_PAD=DECODE_MAX_M)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+    cfg = config or _pick(_GEMV_TUNED, decode_config(m, n, k, _sm_count(x.device)), args)
+    if cfg is None:   # first eager call for this shape: autotune, with room for the largest split
+        args["part_ptr"] = torch.empty((8, m, n), dtype=torch.float32, device=x.device)
+        _GEMV_TUNED[grid](**args)
+        cfg = _best(_GEMV_TUNED)
+    else:
+        split = cfg.kwargs["SPLIT_K"]
+        if split > 1:
+            args["part_ptr"] = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        _run(gk.gemv_kernel, grid, cfg, args)
+    split = cfg.kwargs["SPLIT_K"]
+    if split > 1:
+        _reduce(args["part_ptr"][:split], bias, y)
     return y
 
 
-def prefill_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] -> [M, N] through cuBLAS' block-scaled FP8 GEMM.
+def _block_gemm(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | None = None) -> torch.Tensor:
+    """Triton block-scaled GEMM for any M, W8A8 (``a_fp8``) or W8A16."""
+    m, n, k = _check(x, w, ws, "fp8 block GEMM")
+    w, ws = w.contiguous(), ws.contiguous()
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    args = dict(x_ptr=x, xs_ptr=xs if a_fp8 else ws, w_ptr=w, ws_ptr=ws, b_ptr=bias, y_ptr=y, M=m, N=n, K=k,
+                M_BUCKET=_m_bucket(m), stride_xm=x.stride(0), stride_xsm=xs.stride(0) if a_fp8 else 0,
+                stride_xsk=xs.stride(1) if a_fp8 else 0, stride_wsn=ws.stride(0),
+                A_FP8=a_fp8, HAS_BIAS=bias is not None, ON_CPU=x.device.type == "cpu")
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    cfg = config or _pick(_BLOCK_GEMM_TUNED, prefill_config(m, n, k, _sm_count(x.device)), args)
+    if cfg is None:
+        _BLOCK_GEMM_TUNED[grid](**args)
+    else:
+        _run(gk.block_gemm_kernel, grid, cfg, args)
+    return y
 
-    cuBLAS wants the token count of the activation scales a multiple of 4 and the weight's
-    K blocks a multiple of 4: pad both (zero rows quantize to 0; padded blocks meet no data).
-    """
-    m, k = x.shape
-    pad_m = -m % 4
-    if pad_m:
-        x = F.pad(x, (0, 0, 0, pad_m))
-    xq, xs = quantize_activations_gpu(x)
-    ws = w_scale
+
+def triton_block_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                      out_dtype: torch.dtype = torch.bfloat16, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 block-scaled GEMM in Triton, any M: xq [M, K] e4m3 with scales xs [M, K/128] (any
+    strides), w [N, K] e4m3 with ws [N/128, K/128] -> [M, N] ``out_dtype`` (+ bias, added in float32).
+    For every FP8 card where PyTorch's block-scaled ``scaled_mm`` refuses (all but SM90)."""
+    return _block_gemm(xq, xs, w, ws, out_dtype, bias, True)
+
+
+def _cublas_block_gemm(xq, xs, w, ws, out_dtype, bias) -> torch.Tensor:
+    """cuBLAS' block-scaled FP8 GEMM (SM90 only). It wants the scales' token count and the
+    weight's K blocks multiples of 4: pad both (zero rows meet scale 1; padded blocks meet no data)."""
+    m, k = xq.shape
+    pad = -m % 4
+    if pad:
+        xp = torch.zeros((m + pad, k), dtype=torch.uint8, device=xq.device).view(FP8)
+        xp[:m] = xq
+        xq = xp
+    xs = _scales_layout(xs, m + pad)
     if ws.shape[1] % 4:
         ws = F.pad(ws, (0, -ws.shape[1] % 4), value=1.0)
     y = F.scaled_mm(xq, w.t(), xs, F.ScalingType.BlockWise1x128, ws.t(), F.ScalingType.BlockWise128x128,
-                    output_dtype=x.dtype)
-    return y[:m] if pad_m else y
+                    output_dtype=out_dtype)
+    y = y[:m] if pad else y
+    return y + bias if bias is not None else y
 
 
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] (bf16/fp16) @ dequant(w [N, K] e4m3, w_scale [N/128, K/128] f32)^T + bias, W8A8."""
+def _use_cublas(device: torch.device, n: int, backend: str) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown GEMM backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "cublas":
+        return True
+    sm90 = device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+    return backend == "auto" and sm90 and n % BLOCK == 0
+
+
+def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+             out_dtype: torch.dtype = torch.bfloat16, bias: torch.Tensor | None = None,
+             backend: str = "auto") -> torch.Tensor:
+    """W8A8 GEMM on already-quantized activations (from ``rmsnorm_quant``, ``silu_mul_quant`` or
+    ``quantize_activations_gpu``): xq [M, K] e4m3, xs [M, K/128] -> [M, N] ``out_dtype``.
+
+    M <= 16: the Triton GEMV on every card. Larger M: cuBLAS on SM90 (``backend="auto"``, N a
+    multiple of 128), the Triton block GEMM elsewhere or with ``backend="triton"``.
+    """
+    if xq.shape[0] <= DECODE_MAX_M and backend != "cublas":
+        return _gemv(xq, xs, w, ws, out_dtype, bias, True)
+    if _use_cublas(xq.device, w.shape[0], backend):
+        return _cublas_block_gemm(xq, xs, w, ws, out_dtype, bias)
+    return _block_gemm(xq, xs, w, ws, out_dtype, bias, True)
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+               backend: str = "auto") -> torch.Tensor:
+    """x [..., K] (bf16/fp16) @ dequant(w [N, K] e4m3, w_scale [N/128, K/128] f32)^T + bias, W8A8:
+    a standalone activation quantization, then ``fp8_gemm``."""
+    *lead, k = x.shape
+    xq, xs = quantize_activations_gpu(x.reshape(-1, k))
+    return fp8_gemm(xq, xs, w, w_scale, x.dtype, bias, backend).reshape(*lead, w.shape[0])
+
+
+def w8a16_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] bf16 @ dequant(w)^T + bias with x NOT quantized (W8A16, weight-only error): the
+    weight tile is converted to bf16 in registers and its block scale applied per 128-wide K
+    block. Not what a W8A8 server computes; the decode mode with the least error."""
     *lead, k = x.shape
     x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    # Measured on an H100 (BENCHMARKS.md): the Triton kernel wins for M <= 16 except on long K
-    # (down_proj, K = 12288) beyond M = 1, where too few programs stream the weight.
-    if m <= DECODE_MAX_M and (m == 1 or k <= 8192):
-        y = decode_linear(x2, w, w_scale)
-    elif w.shape[0] % BLOCK == 0:
-        y = prefill_linear(x2, w, w_scale)
-    else:  # cuBLAS' block mode wants whole 128-row blocks; rare partial shapes take the exact slow path
-        y = (fake_quantize_activations(x2.float()) @ dequantize_weight(w, w_scale, torch.float32).t()).to(x.dtype)
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*lead, w.shape[0])
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+    run = _gemv if x2.shape[0] <= DECODE_MAX_M else _block_gemm
+    return run(x2, None, w, w_scale, x.dtype, bias, False).reshape(*lead, w.shape[0])
+
+
+def fp8_grouped_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                     expert_ids: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """MoE experts, W8A8 (decode sizes): row r of xq [R, K] (scales xs [R, K/128]) times expert
+    ``expert_ids[r]``'s weight w [E, N, K] (scales ws [E, N/128, K/128]) -> [R, N].
+
+    For top-k routing, repeat each token's quantized row k times (rows = token-expert pairs); an
+    id < 0 gives a zero row (padding). Ids must be < E: they are not checked (a check would sync).
+    """
+    r, k = xq.shape
+    if w.ndim != 3 or ws.ndim != 3 or expert_ids.shape != (r,):
+        raise ValueError(f"fp8_grouped_gemm: need w [E, N, K], ws [E, N/128, K/128], expert_ids [R]; got "
+                         f"{tuple(w.shape)}, {tuple(ws.shape)}, {tuple(expert_ids.shape)}")
+    _, n, _ = _check(xq, w, ws, "fp8_grouped_gemm")
+    w, ws = w.contiguous(), ws.contiguous()
+    y = torch.empty((r, n), dtype=out_dtype, device=xq.device)
+    gk.grouped_gemv_kernel[(r, triton.cdiv(n, 64))](
+        xq, xs, w, ws, expert_ids, y, n, k, xq.stride(0), xs.stride(0), xs.stride(1),
+        w.stride(0), ws.stride(0), ws.stride(1), BLOCK_N=64)
+    return y

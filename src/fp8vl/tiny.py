@@ -222,3 +222,68 @@ def _spread_weights(model: torch.nn.Module, seed: int) -> None:
             elif "norm" in name:
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
 
+
+
+# ---------------------------------------------------------------- full-size Qwen3-VL-8B shapes (benchmarks)
+
+def full_size_tokenizer(vocab_size: int = 151936):
+    """A tokenizer with Qwen3's vocabulary size, built offline: a word-level vocabulary of
+    ``w0 .. wN`` plus Qwen's special tokens, so every id a random model emits decodes to text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(vocab_size - len(SPECIAL))}
+    words.update({s: len(words) + i for i, s in enumerate(SPECIAL)})
+    tok = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIAL[1:])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def qwen3_vl_8b_config(tok, layers: int = 36):
+    """Qwen3-VL-8B-Instruct's published shapes (text 4096 x 36 layers, vision 1152 x 27 blocks)."""
+    from transformers import Qwen3VLConfig
+
+    ids = _ids(tok)
+    text = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=layers,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                                    "mrope_interleaved": True, "mrope_section": [24, 20, 20]},
+                tie_word_embeddings=False, pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                bos_token_id=None)
+    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh")
+    return Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+
+
+def build_qwen3_vl_8b(path: str | Path, layers: int = 36, device: str = "cuda") -> Path:
+    """A Qwen3-VL-8B-shaped BF16 checkpoint with random weights, a full-size tokenizer and Qwen3-VL's
+    own processor sizes (a 512x512 image: 1024 patches, 256 image tokens); built on ``device``."""
+    from transformers import AutoModelForImageTextToText, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = full_size_tokenizer()
+    config = qwen3_vl_8b_config(tok, layers)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path, max_shard_size="5GB")
+    del model
+    size = {"shortest_edge": 65536, "longest_edge": 16777216}
+    image = Qwen2VLImageProcessor(size=size, patch_size=16, merge_size=2, temporal_patch_size=2,
+                                  image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    video = Qwen3VLVideoProcessor(size=size, patch_size=16, merge_size=2, temporal_patch_size=2)
+    processor = Qwen3VLProcessor(image_processor=image, tokenizer=tok, video_processor=video,
+                                 chat_template=CHAT_TEMPLATE)
+    processor.save_pretrained(path)
+    image.save_pretrained(path)
+    video.save_pretrained(path)
+    return path

@@ -1,0 +1,192 @@
+"""In-process captioning on the GPU: fp8vl's engine with the FP8 and the BF16 checkpoint side by side,
+and the previous path (Transformers ``generate``, one image at a time) as the baseline.
+
+A Qwen3-VL-8B-shaped checkpoint (random weights, full-size tokenizer, Qwen3-VL's processor) is built
+and quantized first; images are 512x512 photos (scikit-image's, cropped and recoloured so each is
+distinct). Every answer is exactly --new-tokens long (EOS ignored: random weights). Rows:
+load time and peak memory; images/s and tokens/s at batch 1, 8, 32 and with continuous batching
+(as many slots as fit); the real ``fp8vl caption`` path (disk, processor, engine); the FP8 run again
+under a --cap memory limit in a fresh process; ``fp8vl eval`` of the pair.
+
+    python benchmarks/caption.py --workdir /tmp/cap8b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GiB = 1024**3
+
+
+def images(folder: Path, n: int) -> list[Path]:
+    from PIL import Image
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    base = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    out = []
+    for i in range(n):
+        a = base[i % len(base)]
+        img = Image.fromarray(a).convert("RGB").resize((512 + 8 * (i % 7), 512 + 8 * (i % 5)))
+        arr = np.asarray(img).astype(np.int16)
+        arr = np.clip(arr + (i * 37 % 61) - 30, 0, 255).astype(np.uint8)[:512, :512]
+        p = folder / f"img{i:04d}.png"
+        if not p.exists():
+            Image.fromarray(arr).save(p)
+        out.append(p)
+    return out
+
+
+def build(work: Path, layers: int) -> tuple[Path, Path]:
+    from fp8vl import QuantizeOptions, quantize
+    from fp8vl.tiny import build_qwen3_vl_8b
+
+    bf16, fp8 = work / "bf16", work / "fp8"
+    if not (bf16 / "config.json").exists():
+        t = time.perf_counter()
+        build_qwen3_vl_8b(bf16, layers)
+        print(f"built {bf16} in {time.perf_counter() - t:.0f} s", flush=True)
+    if not (fp8 / "config.json").exists():
+        t = time.perf_counter()
+        quantize(bf16, fp8, QuantizeOptions(device="cuda", workers=8))
+        print(f"quantized in {time.perf_counter() - t:.0f} s", flush=True)
+    return bf16, fp8
+
+
+def engine_rows(label: str, path: Path, pics: list[Path], new_tokens: int, batches: list[int]) -> list[dict]:
+    from fp8vl.caption import load_image
+    from fp8vl.engine import Engine, EngineOptions, Request, round_up
+    from fp8vl.evaluate import encode, load_any
+    from fp8vl.prompts import CAPTION
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    loaded = load_any(path, "cuda")
+    torch.cuda.synchronize()
+    load_s, load_peak, steady = time.perf_counter() - t, torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+    rows = [dict(what=f"{label}: load", seconds=load_s, peak_gib=load_peak / GiB, steady_gib=steady / GiB)]
+    inputs = [encode(loaded, CAPTION, load_image(p, 512), device="cpu") for p in pics]
+    n_prompt = inputs[0]["input_ids"].shape[1]
+    max_len = round_up(n_prompt + new_tokens + 1)
+    for b in batches:
+        n = {1: 8, 8: 32, 32: 64}.get(b, 4 * len(pics))
+        eng = Engine(loaded.model, [], EngineOptions(max_len=max_len, max_batch=b or None, max_new_tokens=new_tokens))
+        list(eng.generate([Request(inputs[0])] * min(n, eng.batch)))        # graphs captured, kernels tuned
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        done = sum(len(ids) for _, ids in eng.generate(Request(inputs[i % len(inputs)]) for i in range(n)))
+        torch.cuda.synchronize()
+        s = time.perf_counter() - t
+        rows.append(dict(what=f"{label}: engine batch {b or f'continuous ({eng.batch} slots)'}", images=n,
+                         seconds=s, images_per_s=n / s, tokens_per_s=done / s,
+                         peak_gib=torch.cuda.max_memory_allocated() / GiB, prompt_tokens=n_prompt))
+        del eng
+        torch.cuda.empty_cache()
+    return rows, loaded
+
+
+def old_path_row(label: str, loaded, pics: list[Path], new_tokens: int) -> dict:
+    """Transformers' generate, one image at a time: what caption --model did before the engine."""
+    from fp8vl.caption import load_image
+    from fp8vl.evaluate import encode
+    from fp8vl.prompts import CAPTION
+
+    batch = encode(loaded, CAPTION, load_image(pics[0], 512))
+    kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=None, top_p=None,
+              top_k=None)
+    loaded.model.generate(**batch, **dict(kw, max_new_tokens=4, min_new_tokens=4))
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    n = 2
+    for p in pics[:n]:
+        loaded.model.generate(**encode(loaded, CAPTION, load_image(p, 512)), **kw)
+    torch.cuda.synchronize()
+    s = time.perf_counter() - t
+    return dict(what=f"{label}: Transformers generate, batch 1", images=n, seconds=s, images_per_s=n / s,
+                tokens_per_s=n * new_tokens / s)
+
+
+def caption_row(fp8: Path, folder: Path, new_tokens: int, cap: str | None) -> dict:
+    """The real `fp8vl caption --model` path in a fresh process (optionally under a memory cap)."""
+    code = f"""
+import json, time, torch
+from fp8vl.caption import CaptionOptions, caption
+from fp8vl.options import parse_size
+cap = {cap!r}
+opts = CaptionOptions(model={str(fp8)!r}, device="cuda", max_tokens={new_tokens}, txt=False,
+                      jsonl={str(folder / 'out.jsonl')!r}, overwrite=True,
+                      gpu_memory=parse_size(cap) if cap else None)
+t = time.perf_counter(); s = caption([{str(folder)!r}], opts)
+print("RESULT", json.dumps(dict(done=s.done, failed=len(s.failed), seconds=s.seconds, tokens=s.tokens,
+      peak_gib=torch.cuda.max_memory_allocated() / 2**30)))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT")), None)
+    if line is None:
+        return dict(what=f"fp8: fp8vl caption{' under ' + cap if cap else ''}", error=r.stderr[-800:])
+    d = json.loads(line[7:])
+    return dict(what=f"fp8: fp8vl caption (load included){' under ' + cap if cap else ''}", images=d["done"],
+                failed=d["failed"], seconds=d["seconds"], images_per_s=d["done"] / d["seconds"],
+                tokens_per_s=d["tokens"] / d["seconds"], peak_gib=d["peak_gib"])
+
+
+def eval_row(bf16: Path, fp8: Path) -> dict:
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "fp8vl.cli", "eval", str(bf16), str(fp8), "--device", "cuda"],
+                       capture_output=True, text=True)
+    return dict(what="fp8vl eval BF16 vs FP8 (24 text + 12 image prompts, 32 tokens)",
+                seconds=time.perf_counter() - t, rc=r.returncode, tail=r.stdout[-300:] + r.stderr[-300:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/fp8vl-caption-bench"))
+    ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batches", default="1,8,32,0", help="0: continuous batching, as many slots as fit")
+    ap.add_argument("--cap", default="15.5GiB")
+    ap.add_argument("--parts", default="engine,old,caption,capped,eval")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    parts = set(a.parts.split(","))
+    print(torch.cuda.get_device_name(0), f"torch {torch.__version__}", flush=True)
+    bf16, fp8 = build(a.workdir, a.layers)
+    pics = images(a.workdir / "images", a.images)
+    rows = []
+    batches = [int(x) for x in a.batches.split(",")]
+    for label, path in (("fp8", fp8), ("bf16", bf16)):
+        if "engine" in parts:
+            r, loaded = engine_rows(label, path, pics, a.new_tokens, batches)
+            rows += r
+            if "old" in parts:
+                rows.append(old_path_row(label, loaded, pics, a.new_tokens))
+            del loaded
+            torch.cuda.empty_cache()
+        for row in rows:
+            print(row, flush=True)
+    if "caption" in parts:
+        rows.append(caption_row(fp8, a.workdir / "images", a.new_tokens, None))
+    if "capped" in parts:
+        rows.append(caption_row(fp8, a.workdir / "images", a.new_tokens, a.cap))
+    if "eval" in parts:
+        rows.append(eval_row(bf16, fp8))
+    print("\n| run | images | s | images/s | tokens/s | peak GiB |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['what']} | {r.get('images', '')} | {r.get('seconds', 0):.2f} | {r.get('images_per_s', 0):.2f} | "
+              f"{r.get('tokens_per_s', 0):.0f} | {r.get('peak_gib', 0):.2f} |" + (f" {r['error']}" if 'error' in r else ""))
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

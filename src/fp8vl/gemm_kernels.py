@@ -1,0 +1,247 @@
+"""Triton kernels behind gemm.py: FP8 block-scaled GEMM/GEMV, fused activation quantization.
+
+Every kernel runs compiled on a CUDA GPU and, for tests, under ``TRITON_INTERPRET=1`` on CPU
+tensors (``ON_CPU``). Three interpreter gaps are worked around here, not in the callers:
+- its float down-casts truncate (bf16) or drop the carry (fp8): values are rounded to nearest-even
+  in float32 arithmetic first (``_bf16_rne``, ``_e4m3_rne``), so every cast below is exact, on the
+  GPU too;
+- it cannot call libdevice: ``ON_CPU`` uses ``tl.exp`` where the GPU needs ``libdevice.exp``
+  (``tl.exp`` lowers to the approximate ``ex2.approx`` there; PyTorch's SiLU uses ``expf``);
+- its bf16 ``tl.dot`` is wrong: ``ON_CPU`` multiplies bf16 operands as float32 (same products).
+Activation scales are read through strides (gemm.py stores them column-major, as cuBLAS reads them).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+
+@triton.jit
+def _bf16_rne(x):
+    """float32 -> float32 holding x rounded to the nearest bf16 (ties to even)."""
+    b = x.to(tl.uint32, bitcast=True)
+    b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e4m3_rne(v):
+    """|v| <= 448 float32 -> float32 holding v rounded to the nearest e4m3fn value (ties to even)."""
+    b = v.to(tl.uint32, bitcast=True)
+    normal = (((b + 0x7FFFF + ((b >> 20) & 1)) >> 20) << 20).to(tl.float32, bitcast=True)
+    # below 2^-6 e4m3fn is subnormal, in steps of 2^-9: 1.5 * 2^14 has float32 ulp 2^-9, so
+    # the float32 add rounds there (to even); the sign bit keeps -0 for small negatives
+    sub = ((v + 24576.0) - 24576.0).to(tl.uint32, bitcast=True) | ((b >> 31) << 31)
+    return tl.where(tl.abs(v) < 0.015625, sub.to(tl.float32, bitcast=True), normal)
+
+
+@triton.jit
+def _quantize_rows(x):
+    """x [R, 128] float32 -> (q [R, 128] float32 exact in e4m3, scale [R]) as
+    kernel.quantize_activations: scale = amax / 448 (0 -> 1), q = clamp(x / scale, +-448)."""
+    # div_rn: IEEE division, as torch divides (a plain "/" is approximate on the GPU)
+    scale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), 448.0)
+    scale = tl.where(scale == 0.0, 1.0, scale)
+    q = _e4m3_rne(tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0))
+    return q, scale
+
+
+@triton.jit
+def _store_out(ptrs, acc, mask):
+    """Store float32 ``acc`` in the output's dtype (bf16 rounded to nearest even on both backends)."""
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        acc = _bf16_rne(acc)
+    tl.store(ptrs, acc.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_sm, stride_sk,
+                     BLOCK_M: tl.constexpr):
+    """A [BLOCK_M, 128] tile of x [M, K] per program -> q [M, K] e4m3 and its scales."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    g = tl.program_id(1)
+    cols = g * 128 + tl.arange(0, 128)
+    mask = rows < M
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask[:, None], other=0.0)
+    q, scale = _quantize_rows(x.to(tl.float32))
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.float8e4nv), mask=mask[:, None])
+    tl.store(s_ptr + rows * stride_sm + g * stride_sk, scale, mask=mask)
+
+
+@triton.jit
+def rmsnorm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, stride_xm, stride_sm, stride_sk, inv_k, eps,
+                         GROUPS: tl.constexpr, ON_CPU: tl.constexpr):
+    """One row per program: Qwen3's RMSNorm (float32 normalize, round to bf16, times the bf16
+    weight, round to bf16), then quantized per 128 channels. GROUPS = next_pow2(K / 128)."""
+    row = tl.program_id(0)
+    g = tl.arange(0, GROUPS)
+    cols = g[:, None] * 128 + tl.arange(0, 128)[None, :]                      # [GROUPS, 128]
+    live = g < K // 128
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=live[:, None], other=0.0).to(tl.float32)
+    ss = tl.sum(tl.sum(x * x, axis=1), axis=0)
+    # torch's mean: sum / K on the CPU, sum * float32(1/K) on CUDA (equal when K is a power of 2)
+    if ON_CPU:
+        var = tl.math.div_rn(ss, K.to(tl.float32))
+    else:
+        var = ss * inv_k
+    h = _bf16_rne(x * tl.math.rsqrt(var + eps))
+    w = tl.load(w_ptr + cols, mask=live[:, None], other=0.0).to(tl.float32)
+    q, scale = _quantize_rows(_bf16_rne(w * h))
+    tl.store(q_ptr + row * K + cols, q.to(tl.float8e4nv), mask=live[:, None])
+    tl.store(s_ptr + row * stride_sm + g * stride_sk, scale, mask=live)
+
+
+@triton.jit
+def silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, I, stride_gm, stride_sm, stride_sk,
+                          GROUPS: tl.constexpr, ON_CPU: tl.constexpr):
+    """GROUPS 128-channel groups of one row per program: silu(gate) rounded to bf16, times up,
+    rounded to bf16 (as Transformers computes it in bf16), then quantized per 128 channels."""
+    row = tl.program_id(0)
+    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    cols = g[:, None] * 128 + tl.arange(0, 128)[None, :]
+    live = g < I // 128
+    gate = tl.load(gu_ptr + row * stride_gm + cols, mask=live[:, None], other=0.0).to(tl.float32)
+    up = tl.load(gu_ptr + row * stride_gm + I + cols, mask=live[:, None], other=0.0).to(tl.float32)
+    if ON_CPU:
+        e = tl.exp(-gate)
+    else:
+        e = libdevice.exp(-gate)   # expf, as torch's silu; tl.exp is ex2.approx on the GPU
+    act = _bf16_rne(tl.math.div_rn(gate, 1.0 + e))
+    q, scale = _quantize_rows(_bf16_rne(act * up))
+    tl.store(q_ptr + row * I + cols, q.to(tl.float8e4nv), mask=live[:, None])
+    tl.store(s_ptr + row * stride_sm + g * stride_sk, scale, mask=live)
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "SPLIT_K"])
+def gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, M, N, K, M_BUCKET, SPLIT_K,
+                stride_xm, stride_xsm, stride_xsk, stride_wsn,
+                A_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, ON_CPU: tl.constexpr,
+                M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr):
+    """Decode GEMV (M <= M_PAD rows): y[:, n-tile] = sum over this split's 128-wide K blocks of
+    (x . q) * w_scale (* x_scale when A_FP8), float32 accumulate.
+
+    Grid (N / BLOCK_N, SPLIT_K). SPLIT_K == 1 writes y (+ bias) in its dtype; otherwise each split
+    writes float32 partials [SPLIT_K, M, N] and splitk_reduce_kernel sums them in a fixed order
+    (deterministic, no atomics, no zeroed buffer: CUDA-graph capturable). UNROLL K blocks per
+    iteration put more weight bytes in flight per program. A_FP8 False is W8A16: x bf16, the
+    weight tile converted to bf16 in registers (exact: e4m3 is a subset of bf16)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, M_PAD)
+    offs_k = tl.arange(0, 128)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    kbs = K // 128
+    per = tl.cdiv(kbs, SPLIT_K)
+    kb_lo = pid_k * per
+    kb_hi = tl.minimum(kb_lo + per, kbs)
+    acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+    for kb0 in range(kb_lo, kb_hi, UNROLL):
+        for u in tl.static_range(UNROLL):
+            kb = kb0 + u
+            live = kb < kb_hi
+            k0 = kb * 128
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k0 + offs_k[None, :],
+                        mask=mask_m[:, None] & live, other=0.0)
+            w = tl.load(w_ptr + offs_n[:, None] * K + k0 + offs_k[None, :], mask=mask_n[:, None] & live, other=0.0)
+            ws = tl.load(ws_ptr + (offs_n // 128) * stride_wsn + kb, mask=mask_n & live, other=0.0)
+            if A_FP8:
+                xs = tl.load(xs_ptr + offs_m * stride_xsm + kb * stride_xsk, mask=mask_m & live, other=0.0)
+                acc += tl.dot(x, tl.trans(w)) * xs[:, None] * ws[None, :]
+            elif ON_CPU:
+                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32))) * ws[None, :]
+            else:
+                acc += tl.dot(x, tl.trans(w.to(tl.bfloat16))) * ws[None, :]
+    out = offs_m[:, None] * N + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        _store_out(y_ptr + out, acc, mask)
+    else:
+        tl.store(part_ptr + pid_k * M * N + out, acc, mask=mask)
+
+
+@triton.jit
+def splitk_reduce_kernel(part_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """y = sum_s part[s] (+ bias), s in order: part [SPLIT_K, M, N] float32 -> y [M, N]."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    _store_out(y_ptr + offs, acc, mask)
+
+
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def block_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,
+                      stride_xm, stride_xsm, stride_xsk, stride_wsn,
+                      A_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, ON_CPU: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Prefill GEMM, y = x @ dequant(w)^T: [BLOCK_M, BLOCK_N] tiles, one 128-wide K block per
+    step with both block scales applied to that step's float32 product (the DeepSeek 1x128 /
+    128x128 recipe). Tiles in GROUP_M-row bands so neighbouring programs share weight tiles in L2.
+    Rows and columns past M, N wrap (modulo) for loads, so loads need no masks; stores are masked."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    band = GROUP_M * num_n
+    first_m = (pid // band) * GROUP_M
+    rows_in_band = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % band) % rows_in_band
+    pid_n = (pid % band) // rows_in_band
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = offs_m % M
+    rn = offs_n % N
+    offs_k = tl.arange(0, 128)
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :]             # [BLOCK_M, 128]
+    w_ptrs = w_ptr + rn[None, :] * K + offs_k[:, None]                     # [128, BLOCK_N] = w^T
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, K // 128):
+        a = tl.load(x_ptrs)
+        b = tl.load(w_ptrs)
+        ws = tl.load(ws_ptr + (rn // 128) * stride_wsn + kb)
+        if A_FP8:
+            xs = tl.load(xs_ptr + rm * stride_xsm + kb * stride_xsk)
+            acc += tl.dot(a, b) * (xs[:, None] * ws[None, :])
+        elif ON_CPU:
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32)) * ws[None, :]
+        else:
+            acc += tl.dot(a, b.to(tl.bfloat16)) * ws[None, :]
+        x_ptrs += 128
+        w_ptrs += 128
+    mask_n = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    _store_out(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc, (offs_m < M)[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def grouped_gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, e_ptr, y_ptr, N, K, stride_xm, stride_xsm, stride_xsk,
+                        stride_we, stride_wse, stride_wsn, BLOCK_N: tl.constexpr):
+    """MoE decode: row r of x times expert e_ptr[r]'s weight, y [R, N]. Grid (R, N / BLOCK_N).
+    One activation row per program, so a multiply-and-sum instead of a 16-row dot; an expert id
+    < 0 (padding) gives a zero row. Rows sharing an expert re-read its tile (from L2 mostly)."""
+    r = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, 128)
+    mask_n = offs_n < N
+    e = tl.load(e_ptr + r).to(tl.int64)
+    use = e >= 0
+    e = tl.maximum(e, 0)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for kb in range(0, K // 128):
+        x = tl.load(x_ptr + r * stride_xm + kb * 128 + offs_k).to(tl.float32)
+        w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * K + kb * 128 + offs_k[None, :],
+                    mask=mask_n[:, None] & use, other=0.0).to(tl.float32)
+        xs = tl.load(xs_ptr + r * stride_xsm + kb * stride_xsk)
+        ws = tl.load(ws_ptr + e * stride_wse + (offs_n // 128) * stride_wsn + kb, mask=mask_n, other=0.0)
+        acc += tl.sum(w * x[None, :], axis=1) * xs * ws
+    _store_out(y_ptr + r * N + offs_n, acc, mask_n)

@@ -1,0 +1,145 @@
+"""Load a checkpoint straight onto the device: FP8 weights stay FP8, nothing is built twice.
+
+The model is built by Transformers on the meta device (parameters only: buffers such as rotary
+frequencies are real), the linears that the checkpoint stores in FP8 become ``FP8Linear`` modules,
+and every tensor is read from its shard and assigned where it belongs, one at a time (the
+``load_state_dict(assign=True)`` pattern). No BF16 copy of an FP8 weight exists at any time, so the
+peak device memory of a load is the checkpoint's own footprint. BF16 checkpoints go through the same
+path, so FP8 and BF16 are compared in one engine.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .errors import FP8VLError
+from .runtime import EXPERT, FP8Experts, FP8Linear, model_module_name, resolve_mode
+from .shards import TensorInfo, read_tensor
+from .source import open_checkpoint
+
+SCALE = re.compile(r"^(?P<module>.+)\.(?P<kind>weight_scale_inv|weight_scale)$")
+
+
+def _model_class(config: dict):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if "vision_config" in config else AutoModelForCausalLM
+
+
+def _empty_model(path: Path, config_dict: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """Transformers' model for ``path`` with every parameter on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    for c in (config, getattr(config, "text_config", None)):
+        if c is not None and hasattr(c, "quantization_config"):
+            delattr(c, "quantization_config")   # the plain model: fp8vl puts the FP8 modules in itself
+    with init_empty_weights(include_buffers=False):
+        model = _model_class(config_dict).from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def _assign(module: torch.nn.Module, attr: str, value: torch.Tensor) -> None:
+    if attr in module._buffers:
+        module._buffers[attr] = value
+    else:
+        module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+
+
+def load_model(path: str | Path, device: str = "cpu", mode: str = "auto",
+               dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """Any fp8vl / Qwen / compressed-tensors FP8 checkpoint, or a plain BF16/FP16/FP32 one, on ``device``.
+
+    FP8 linears become ``FP8Linear`` (``mode`` as in runtime.py; set on every module), split MoE
+    experts ``FP8Experts``; every other tensor is cast to ``dtype``. ``model.fp8_mode`` says the mode
+    (None for a checkpoint without FP8 weights).
+    """
+    path = Path(path)
+    ckpt = open_checkpoint(path, allow_quantized=True)
+    quantized = bool(ckpt.config.get("quantization_config"))
+    mode = resolve_mode(mode, device) if quantized else None
+    model = _empty_model(path, ckpt.config, dtype)
+    names = {n for n, _ in model.named_modules()}
+
+    scales = {m["module"]: t for n, t in ckpt.tensors.items() if (m := SCALE.match(n))}
+    experts: dict[str, dict[int, dict[str, FP8Linear]]] = defaultdict(lambda: defaultdict(dict))
+    done: set[str] = set()
+
+    def fp8(module_name: str) -> FP8Linear:
+        w, s = ckpt.tensors[module_name + ".weight"], scales[module_name]
+        done.update({w.name, s.name})
+        return FP8Linear(read_tensor(w).to(device), read_tensor(s).float().to(device), None, mode)
+
+    for module_name in scales:
+        m = EXPERT.match(module_name)
+        if m:
+            experts[m["base"]][int(m["e"])][m["proj"]] = fp8(module_name)
+            continue
+        target = model_module_name(names, module_name, path)
+        parent, _, child = target.rpartition(".")
+        model.get_submodule(parent).register_module(child, fp8(module_name))
+    for base, per_expert in experts.items():
+        target = model_module_name(names, base, path)
+        parent, _, child = target.rpartition(".")
+        act = model.get_submodule(target).act_fn
+        model.get_submodule(parent).register_module(child, FP8Experts(per_expert, act))
+
+    for name, info in ckpt.tensors.items():
+        if name in done:
+            continue
+        module_name, _, attr = name.rpartition(".")
+        target = model_module_name(names, module_name, path) if module_name else ""
+        module = model.get_submodule(target)
+        _assign(module, attr, _tensor_for(module, attr, info, device, dtype))
+
+    _tie_or_fail(model, path)
+    model.to(device)   # the real buffers (rotary frequencies); parameters are there already
+    model.fp8_mode = mode
+    return model
+
+
+def _tensor_for(module: torch.nn.Module, attr: str, info: TensorInfo, device: str,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The checkpoint tensor as the module holds it: float cast to ``dtype``, 3-D fused experts in the
+    module's own axis order (Transformers versions store [E, 2I, H] or [E, H, 2I])."""
+    t = read_tensor(info)
+    want = getattr(module, attr, None)
+    if isinstance(want, torch.Tensor) and want.shape != t.shape:
+        if t.ndim == 3 and want.shape == t.transpose(1, 2).shape:
+            t = t.transpose(1, 2).contiguous()
+        else:
+            raise FP8VLError(f"{info.file}: tensor {info.name} has shape {tuple(t.shape)}, the model "
+                             f"expects {tuple(want.shape)}; the config and the weights disagree")
+    if t.is_floating_point() and t.dtype != dtype:
+        t = t.to(dtype)
+    return t.to(device)
+
+
+def _tie_or_fail(model: torch.nn.Module, path: Path) -> None:
+    """Tie lm_head to the embeddings where the config says so; any parameter still on meta is missing."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight.is_meta and not emb.weight.is_meta:
+        if not getattr(model.config.get_text_config(), "tie_word_embeddings", False) and \
+                not getattr(model.config, "tie_word_embeddings", False):
+            raise FP8VLError(f"{path}: no lm_head weight in the checkpoint and the config does not tie it "
+                             f"to the embeddings; the checkpoint is incomplete")
+        head.weight = emb.weight
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise FP8VLError(f"{path}: the checkpoint has no tensor for {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}; it does not match its config.json")
+
+
+def load_fp8_model(path: str | Path, device: str = "cpu", mode: str = "auto",
+                   dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """``load_model`` for a checkpoint that must be FP8 (one with a quantization_config)."""
+    path = Path(path)
+    config = open_checkpoint(path, allow_quantized=True).config
+    if not config.get("quantization_config"):
+        raise FP8VLError(f"{path}: no quantization_config in config.json; load it as a normal model")
+    return load_model(path, device, mode, dtype)

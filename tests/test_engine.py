@@ -1,0 +1,212 @@
+"""fp8vl.engine and fp8vl.loader on the tiny real-architecture models, on the CPU (no graphs).
+
+The engine's own decode step is judged against Transformers' forward of the very same weights
+(teacher-forced on the engine's answer), its batching against itself at batch 1, and the loader
+against Transformers' own load.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fp8vl.engine import Engine, EngineOptions, Request
+from fp8vl.errors import FP8VLError
+from fp8vl.evaluate import Loaded, _eos_ids, _processor, encode, kl_stats
+from fp8vl.loader import load_model
+from fp8vl.runtime import FP8Linear
+
+
+def _image(seed: int, h: int, w: int) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+
+
+def _loaded(path, dtype=torch.bfloat16, mode="w8a8") -> Loaded:
+    return Loaded(load_model(path, "cpu", mode, dtype), _processor(path, True), True, path)
+
+
+def _requests(L: Loaded) -> list[Request]:
+    """Image prompts of different sizes (different image token counts) and text prompts."""
+    sizes = [(64, 96), (128, 64), (96, 128), (64, 64)]
+    reqs = [Request(encode(L, "Describe this image." + " more" * i, _image(i, *hw)), f"img{i}")
+            for i, hw in enumerate(sizes)]
+    return reqs + [Request(encode(L, "Hello there. " * (i + 1)), f"txt{i}") for i in range(3)]
+
+
+def _forward_logits(model, inputs, answer) -> torch.Tensor:
+    """Transformers' forward over prompt + answer: [len(answer), vocab] float32."""
+    n = inputs["input_ids"].shape[1]
+    ext = torch.tensor([answer])
+    full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], ext], 1),
+                attention_mask=torch.ones(1, n + len(answer), dtype=torch.long))
+    if "mm_token_type_ids" in inputs:
+        full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ext)], 1)
+    with torch.no_grad():
+        return model(**full).logits[0, n - 1:n - 1 + len(answer)].float()
+
+
+@pytest.mark.parametrize("kind", ["dense", "tied", "moe"])
+def test_engine_decode_step_equals_transformers_forward(kind, dense_src, tied_src, moe_src):
+    """float32: the engine's decode (fused qkv/gate_up, its own attention over the static cache)
+    computes what Transformers' forward computes, to float32 rounding. (In bfloat16 both the engine
+    and Transformers' own cached decoding differ from the full forward by KL ~2e-4 on these random
+    models: rounding, not the algorithm.)"""
+    src = {"dense": dense_src, "tied": tied_src, "moe": moe_src}[kind]
+    L = _loaded(src, torch.float32)
+    eng = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=10, max_batch=2))
+    for req in _requests(L)[::3]:
+        answer = next(eng.generate([req]))[1]
+        assert len(answer) == 10
+        st = kl_stats(_forward_logits(L.model, req.inputs, answer), eng.forced_logits(req.inputs, answer))
+        assert st["kl_max"] < 1e-6 and st["top1"] == 1.0, (req.tag, st["kl_max"])
+
+
+def test_engine_fp8_decode_matches_transformers_forward_with_the_same_fp8_linears(dense_fp8):
+    """FP8 (W8A8 simulation, float32 activations): the engine's decode against Transformers' forward
+    with the same FP8Linear modules. Activation quantization amplifies rounding differences (a
+    value on a rounding boundary of e4m3 moves one step), hence a looser bound than plain float32."""
+    L = _loaded(dense_fp8.out, torch.float32)
+    assert any(isinstance(m, FP8Linear) for m in L.model.modules())
+    eng = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=10, max_batch=2))
+    req = _requests(L)[0]
+    answer = next(eng.generate([req]))[1]
+    st = kl_stats(_forward_logits(L.model, req.inputs, answer), eng.forced_logits(req.inputs, answer))
+    assert st["kl_mean"] < 1e-3 and st["top1"] == 1.0
+
+
+@pytest.mark.parametrize("which", ["src", "fp8"])
+def test_batch_1_and_batch_n_give_the_same_greedy_answers(which, dense_src, dense_fp8):
+    """Continuous batching with 3 slots over 7 prompts (slots refill) against one slot at a time."""
+    L = _loaded(dense_src if which == "src" else dense_fp8.out)
+    reqs = _requests(L)
+    eos = _eos_ids(L)
+    many = Engine(L.model, eos, EngineOptions(max_len=256, max_new_tokens=12, max_batch=3))
+    one = Engine(L.model, eos, EngineOptions(max_len=256, max_new_tokens=12, max_batch=1))
+    got_many = {r.tag: ids for r, ids in many.generate(reqs)}
+    got_one = {r.tag: ids for r, ids in one.generate(reqs)}
+    assert set(got_many) == {r.tag for r in reqs}
+    assert got_many == got_one
+    # and they are Transformers' own greedy answers
+    for req in reqs[:2]:
+        out = L.model.generate(**req.inputs, do_sample=False, max_new_tokens=12, eos_token_id=eos)
+        ids = out[0, req.inputs["input_ids"].shape[1]:].tolist()
+        assert got_many[req.tag] == [t for t in ids if t not in eos][:len(got_many[req.tag])]
+
+
+def test_continuous_batching_refills_freed_slots(dense_src):
+    """Short and long requests in 2 slots: a slot freed by a short one is refilled before the long
+    one ends (results come back out of submission order)."""
+    L = _loaded(dense_src)
+    reqs = _requests(L)[:4]
+    seen = []
+
+    def source():
+        for r in reqs:
+            seen.append(r.tag)
+            yield r
+
+    eng = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=6, max_batch=2))
+    # the first request asks for fewer tokens: it finishes first and its slot takes request 3
+    eng.opts = EngineOptions(max_len=256, max_new_tokens=6, max_batch=2)
+    order = []
+    for r, ids in eng.generate(source()):
+        order.append((r.tag, len(ids), list(seen)))
+    assert [o[0] for o in order][:2] == ["img0", "img1"]
+    # when the first result came back only the 2 requests that fit had been taken ...
+    assert order[0][2] == ["img0", "img1"]
+    # ... and the next were taken only as slots freed up
+    assert len({o[0] for o in order}) == 4 and all(o[1] == 6 for o in order)
+
+
+def test_prompt_longer_than_the_cache_is_refused(dense_src):
+    L = _loaded(dense_src)
+    eng = Engine(L.model, [], EngineOptions(max_len=16, max_new_tokens=4, max_batch=1))
+    with pytest.raises(FP8VLError, match="does not fit"):
+        list(eng.generate([_requests(L)[0]]))
+
+
+def test_loader_equals_transformers_load_and_keeps_fp8_bytes(dense_src, dense_fp8):
+    from transformers import AutoModelForImageTextToText
+
+    ours = load_model(dense_src, "cpu").state_dict()
+    theirs = AutoModelForImageTextToText.from_pretrained(dense_src, dtype=torch.bfloat16).state_dict()
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    fp8 = load_model(dense_fp8.out, "cpu", "w8a8")
+    assert fp8.fp8_mode == "w8a8" and not any(p.is_meta for p in fp8.parameters())
+
+
+def test_loader_never_holds_a_widened_copy_of_an_fp8_weight(tmp_path):
+    """Peak memory of a load: the tiny FP8 checkpoint is loaded in a fresh process with every torch
+    operation watched (TorchDispatchMode); no operation may turn an FP8 weight into a wider float
+    tensor (what loading through Transformers' dequantizing path does). The same watch on
+    Transformers' own load of the checkpoint must see such copies, so the watch can fail."""
+    from fp8vl.tiny import build_tiny_qwen3_vl
+    from fp8vl import QuantizeOptions, quantize
+
+    src = build_tiny_qwen3_vl(tmp_path / "src", "dense")
+    out = tmp_path / "fp8"
+    quantize(src, out, QuantizeOptions(workers=1))
+    code = textwrap.dedent(f"""
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from safetensors import safe_open
+        from fp8vl.loader import load_model
+        from pathlib import Path
+        fp8_shapes = set()
+        for shard in Path({str(out)!r}).glob("*.safetensors"):
+            with safe_open(shard, "pt") as f:
+                for k in f.keys():
+                    if f.get_slice(k).get_dtype() == "F8_E4M3":
+                        fp8_shapes.add(tuple(f.get_slice(k).get_shape()))
+        wide = []
+        class Watch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                r = func(*args, **(kwargs or {{}}))
+                fp8_in = any(isinstance(a, torch.Tensor) and a.dtype == torch.float8_e4m3fn
+                             for a in [*args, *(kwargs or {{}}).values()])
+                for t in (r if isinstance(r, (list, tuple)) else [r]):
+                    if fp8_in and isinstance(t, torch.Tensor) and tuple(t.shape) in fp8_shapes and \\
+                            t.dtype in (torch.bfloat16, torch.float16, torch.float32):
+                        wide.append((str(func), tuple(t.shape), str(t.dtype)))
+                return r
+        with Watch():
+            m = load_model({str(out)!r}, "cpu", "w8a8")
+        assert fp8_shapes, "no FP8 weights"
+        print("WIDE", wide)
+        wide.clear()
+        from transformers import AutoModelForImageTextToText
+        with Watch():
+            AutoModelForImageTextToText.from_pretrained({str(out)!r}, dtype=torch.bfloat16)
+        print("TRANSFORMERS", len(wide))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "WIDE []" in r.stdout, r.stdout[-2000:]
+    assert "TRANSFORMERS 0" not in r.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_memory_cap_is_respected_and_graphs_match_eager(dense_fp8):
+    from fp8vl.engine import limit_gpu_memory
+
+    L = Loaded(load_model(dense_fp8.out, "cuda"), _processor(dense_fp8.out, True), True, dense_fp8.out)
+    reqs = [Request({k: v.cpu() for k, v in r.inputs.items()}, r.tag) for r in _requests(L)]
+    graphs = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=12, max_batch=4))
+    eager = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=12, max_batch=4, cuda_graphs=False))
+    assert {r.tag: i for r, i in graphs.generate(reqs)} == {r.tag: i for r, i in eager.generate(reqs)}
+    limit_gpu_memory("cuda", torch.cuda.memory_allocated() + 64 * 2**20)
+    try:
+        with pytest.raises(FP8VLError, match="KV cache"):
+            Engine(L.model, [], EngineOptions(max_len=4096, max_new_tokens=12))
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)

@@ -1,0 +1,204 @@
+"""The Triton kernels of gemm.py / gemm_kernels.py on the CPU, through Triton's interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported, and the suite's other modules
+import it without: so ``test_kernels_under_the_triton_interpreter`` re-runs this module in a child
+pytest with TRITON_INTERPRET=1, where the ``interp`` tests run (and are skipped in the parent).
+Shapes are small: the interpreter runs programs one by one in numpy.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fp8vl import gemm
+from fp8vl.kernel import FP8_MAX, dequantize_weight, fake_quantize_activations, quantize_activations, quantize_weight
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+interp = pytest.mark.skipif(not INTERPRETER, reason="runs in the TRITON_INTERPRET=1 child process")
+
+
+@pytest.mark.skipif(INTERPRETER, reason="this is the child")
+def test_kernels_under_the_triton_interpreter():
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                       cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-6000:] + r.stderr[-3000:]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def qwen3_rmsnorm(x, w, eps):
+    """Transformers' Qwen3(-VL) RMSNorm, unfused."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+@interp
+def test_activation_quantization_rounds_every_e4m3_tie_to_even():
+    # 448 in every group makes the scale exactly 1, so q is x rounded to e4m3 by the kernel:
+    # all midpoints between neighbouring e4m3 values (subnormals included), both signs
+    codes = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()   # 0 .. 448
+    mids = (codes[:-1] + codes[1:]) / 2
+    vals = torch.cat([mids, -mids, codes, -codes, torch.tensor([1e-5, -1e-5, 0.0, -0.0])])
+    vals = torch.cat([vals, torch.zeros(-len(vals) % 127)])
+    x = torch.cat([torch.full((len(vals) // 127, 1), FP8_MAX), vals.view(-1, 127)], 1).reshape(1, -1)
+    q, s = gemm.quantize_activations_gpu(x)
+    q_ref, s_ref = quantize_activations(x)
+    assert bool((s == 1).all())
+    assert same_bits(q, q_ref)
+
+
+@interp
+@pytest.mark.parametrize("m,scale", [(1, 3.0), (5, 1e-3), (33, 100.0)])
+def test_activation_quantization_is_bit_identical(m, scale):
+    g = torch.Generator().manual_seed(m)
+    x = (torch.randn(m, 512, generator=g) * scale).to(torch.bfloat16)
+    x[0, :128] = 0                                   # an all-zero group: scale 1
+    q, s = gemm.quantize_activations_gpu(x)
+    q_ref, s_ref = quantize_activations(x)
+    assert same_bits(q, q_ref) and torch.equal(s, s_ref)
+    assert s.stride() == (1, m)                      # column-major, as cuBLAS reads it
+
+
+@interp
+@pytest.mark.parametrize("k", [256, 640])            # 640: 5 groups (masked), mean by a non-power-of-2
+def test_rmsnorm_quant_is_bit_identical_to_the_unfused_norm(k):
+    g = torch.Generator().manual_seed(k)
+    # multiples of 1/8 below 4: every order of summing their squares is exact in float32, so the
+    # only freedom left (the reduction order) cannot hide a difference in the rest of the math
+    x = (torch.randint(-31, 32, (3, k), generator=g).float() / 8).to(torch.bfloat16)
+    w = (torch.randn(k, generator=g) * 0.3 + 1).to(torch.bfloat16)
+    q, s = gemm.rmsnorm_quant(x, w, 1e-6)
+    q_ref, s_ref = quantize_activations(qwen3_rmsnorm(x, w, 1e-6))
+    assert same_bits(q, q_ref) and torch.equal(s, s_ref)
+
+
+@interp
+def test_rmsnorm_quant_on_random_input_differs_at_most_by_rare_flips():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 1024, generator=g).to(torch.bfloat16) * 5
+    w = (torch.randn(1024, generator=g) * 0.3 + 1).to(torch.bfloat16)
+    q, s = gemm.rmsnorm_quant(x, w, 1e-6)
+    q_ref, s_ref = quantize_activations(qwen3_rmsnorm(x, w, 1e-6))
+    assert (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean() < 1e-3
+    assert torch.allclose(s, s_ref, rtol=2**-8, atol=0)
+
+
+@interp
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")   # numpy's exp(100) = inf, as expf's
+@pytest.mark.parametrize("m,i", [(1, 384), (3, 1024)])
+def test_silu_mul_quant_is_bit_identical_to_the_unfused_bf16_math(m, i):
+    g = torch.Generator().manual_seed(i)
+    gate_up = (torch.randn(m, 2 * i, generator=g) * 4).to(torch.bfloat16)
+    gate_up[0, :8] = torch.tensor([-100.0, 100.0, -20.0, 0.0, 1e-30, -1e-30, 88.0, -88.0])
+    q, s = gemm.silu_mul_quant(gate_up)
+    gate, up = gate_up.chunk(2, -1)
+    q_ref, s_ref = quantize_activations(F.silu(gate) * up)
+    assert same_bits(q, q_ref) and torch.equal(s, s_ref)
+
+
+def w8a8_reference(x, q, s):
+    return fake_quantize_activations(x.float()) @ dequantize_weight(q, s, torch.float32).t()
+
+
+def fp8_weight(n, k, seed):
+    return quantize_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02)
+
+
+@interp
+@pytest.mark.parametrize("m,n,k", [(1, 200, 1024), (7, 256, 512), (16, 136, 384)])   # splits 2, 1, 1
+def test_decode_gemm_matches_the_w8a8_simulation(m, n, k):
+    q, s = fp8_weight(n, k, m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
+    b = torch.randn(n, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
+    xq, xs = gemm.quantize_activations_gpu(x)
+    y = gemm.fp8_gemm(xq, xs, q, s, torch.bfloat16, b)
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    assert rel(y, w8a8_reference(x, q, s) + b.float()) < 5e-3
+
+
+@interp
+@pytest.mark.parametrize("split", [1, 3, 8])
+def test_every_split_k_gives_the_same_product(split):
+    q, s = fp8_weight(200, 1024, 0)       # partial last N tile and 128-row block; 3 splits: 3+3+2 blocks
+    x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    xq, xs = gemm.quantize_activations_gpu(x)
+    cfg = gemm.LaunchConfig({"BLOCK_N": 64, "SPLIT_K": split, "UNROLL": 2})
+    y = gemm._gemv(xq, xs, q, s, torch.bfloat16, None, True, cfg)
+    assert rel(y, w8a8_reference(x, q, s)) < 5e-3
+
+
+@interp
+@pytest.mark.parametrize("m,n,k", [(40, 200, 384), (80, 136, 256)])
+def test_triton_block_gemm_matches_the_w8a8_simulation(m, n, k):
+    q, s = fp8_weight(n, k, m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
+    xq, xs = gemm.quantize_activations_gpu(x)
+    y = gemm.triton_block_gemm(xq, xs, q, s)
+    assert rel(y, w8a8_reference(x, q, s)) < 5e-3
+    b = torch.randn(n).to(torch.bfloat16)
+    yb = gemm.fp8_linear(x, q, s, b, backend="triton")   # the forced prefill path, bias in the kernel
+    assert rel(yb, w8a8_reference(x, q, s) + b.float()) < 5e-3
+
+
+@interp
+@pytest.mark.parametrize("m", [3, 33])
+def test_w8a16_is_the_weight_only_product(m):
+    q, s = fp8_weight(200, 512, m)
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    y = gemm.w8a16_linear(x, q, s)
+    ref = x.float() @ dequantize_weight(q, s, torch.float32).t()
+    assert rel(y, ref) < 5e-3
+    assert rel(y, w8a8_reference(x, q, s)) > 5e-3     # no activation quantization error in it
+
+
+@interp
+def test_grouped_expert_gemm_uses_each_rows_expert():
+    experts = [fp8_weight(136, 256, e) for e in range(4)]
+    w = torch.stack([q for q, _ in experts])
+    ws = torch.stack([s for _, s in experts])
+    x = torch.randn(6, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    ids = torch.tensor([0, 3, 3, 1, -1, 2])
+    xq, xs = gemm.quantize_activations_gpu(x)
+    y = gemm.fp8_grouped_gemm(xq, xs, w, ws, ids)
+    for r, e in enumerate(ids.tolist()):
+        if e < 0:
+            assert bool((y[r] == 0).all())
+        else:
+            assert rel(y[r], w8a8_reference(x[r:r + 1], *experts[e])[0]) < 5e-3
+
+
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288), (2048, 2048),
+                                 (2048, 6144), (200, 256)])
+@pytest.mark.parametrize("sms", [8, 58, 132, 170])
+def test_default_decode_configs_keep_k_splits_whole_and_programs_few(n, k, sms):
+    cfg = gemm.decode_config(1, n, k, sms).kwargs
+    split, tiles = cfg["SPLIT_K"], -(-n // cfg["BLOCK_N"])
+    assert split in (1, 2, 4, 8)
+    if split > 1:
+        assert (k // 128) // split >= 4 and tiles * split <= 4 * sms
+
+
+def test_bad_shapes_get_one_clear_error():
+    q, s = fp8_weight(256, 512, 0)
+    with pytest.raises(ValueError, match="K % 128"):
+        gemm.fp8_gemm(torch.zeros(2, 500, dtype=torch.float8_e4m3fn), torch.ones(2, 4), q, s)
+    with pytest.raises(ValueError, match="weight scale"):
+        gemm.fp8_gemm(torch.zeros(2, 512, dtype=torch.float8_e4m3fn), torch.ones(2, 4), q, s[:1])
+    with pytest.raises(ValueError, match="backend"):
+        gemm.fp8_gemm(torch.zeros(32, 512, dtype=torch.float8_e4m3fn), torch.ones(32, 4), q, s, backend="cutlass")
