@@ -6,13 +6,15 @@ import glob
 import json
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import BAD_CASES, file_hashes, language_linears, load_tensors, popen_cli, read_config, run_cli
+from helpers import BAD_CASES, cli_env, file_hashes, language_linears, load_tensors, popen_cli, read_config, run_cli
 
 
 def assert_one_line_error(r):
@@ -120,3 +122,34 @@ def test_sigint_mid_run_exits_130_and_leaves_nothing(sigint_run):
 def test_sigint_mid_run_tells_the_user_it_was_interrupted(sigint_run):
     _, _, stderr, _, _ = sigint_run
     assert "interrupted" in stderr
+
+
+# ---------------------------------------------------------------- start-up: no torch where none is needed
+
+HEAVY = ("torch", "transformers", "openai", "triton")
+
+
+def imported_by(args: list[str], cwd) -> dict:
+    """Run ``fp8vl ARGS`` inside a fresh interpreter; which heavy modules it imported, and its exit code."""
+    code = ("import json, sys\nfrom fp8vl.cli import main\nsys.argv = ['fp8vl', *json.loads(sys.argv[1])]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    rc = e.code\n"
+            f"print(json.dumps({{'rc': rc, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))")
+    r = subprocess.run([sys.executable, "-c", code, json.dumps([str(a) for a in args])], capture_output=True,
+                       text=True, cwd=cwd, env=cli_env(), timeout=120)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_help_plan_serve_and_doctor_start_without_torch(dense_fp8, tmp_path):
+    from fp8vl.gpus import gpu_driver_present
+
+    assert imported_by(["--help"], tmp_path) == {"rc": 0, "heavy": []}
+    assert imported_by(["plan", dense_fp8.out, "--gpu", "RTX 4080"], tmp_path) == {"rc": 0, "heavy": []}
+    assert imported_by(["serve", dense_fp8.out, "--vram", "16GiB", "--dry-run"], tmp_path) == {"rc": 0, "heavy": []}
+    doctor = imported_by(["doctor", "--output-dir", tmp_path], tmp_path)
+    # with a GPU driver, doctor asks PyTorch what it sees (that is the check); without one it must not
+    assert doctor["heavy"] == (["torch"] if gpu_driver_present() else [])
+    # the package API is still there, imported on first use
+    code = "import sys, fp8vl; assert 'torch' not in sys.modules; from fp8vl import quantize, Result; " \
+           "print(fp8vl.quantize is quantize, 'torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert r.stdout.split() == ["True", "True"], r.stderr

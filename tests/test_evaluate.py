@@ -18,7 +18,7 @@ import torch
 
 from fp8vl.errors import FP8VLError
 from fp8vl.evaluate import evaluate
-from fp8vl.prompts import Prompt, builtin, load_jsonl
+from fp8vl.prompts import Prompt, builtin, load_jsonl, open_image
 from helpers import astronaut, run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -226,6 +226,8 @@ BAD_LINES = {
     "text null": json.dumps({"text": None}),
     "image not a string": json.dumps({"text": "What is this?", "image": 5}),
     "unknown scikit-image photo": json.dumps({"text": "What is this?", "image": "skimage:no_such_photo"}),
+    "scikit-image downloader": json.dumps({"text": "What is this?", "image": "skimage:download_all"}),
+    "scikit-image data needing a download": json.dumps({"text": "What is this?", "image": "skimage:brain"}),
 }
 
 
@@ -240,7 +242,24 @@ def test_bad_prompt_line_raises_an_error_naming_file_and_line(tmp_path, case):
     f = _bad_file(tmp_path, BAD_LINES[case])
     with pytest.raises(FP8VLError) as e:
         load_jsonl(f)
-    assert f"{f}:3:" in str(e.value)
+    assert f"{f}:3:" in str(e.value) and "\n" not in str(e.value)
+    if "scikit-image" in case:                                     # the error lists the photos there are
+        assert "astronaut" in str(e.value) and "download_all" not in str(e.value).split("use one of")[1]
+
+
+def test_skimage_downloader_is_never_called_through_open_image():
+    with pytest.raises(FP8VLError, match="astronaut"):
+        open_image("skimage:download_all")
+
+
+def test_prompt_file_not_utf8_is_one_line_naming_the_file(tmp_path):
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(json.dumps({"text": "ok"}).encode() + b"\n" + '{"text": "caf\u00e9"}'.encode("latin-1") + b"\n")
+    with pytest.raises(FP8VLError) as e:
+        load_jsonl(f)
+    assert str(f) in str(e.value) and "UTF-8" in str(e.value) and "line 2" in str(e.value)
+    r = run_cli("eval", tmp_path, tmp_path, "--prompts", f, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and str(f) in r.stderr and "Traceback" not in r.stderr
 
 
 # ---------------------------------------------------------------- the command
@@ -300,3 +319,33 @@ def test_eval_command_with_prompt_file_report_and_card(dense_fp8, reference, tmp
     for kind, s in summarize(prompts).items():
         assert f"| {kind} | {s['prompts']} | {s['kl_mean']:.5f} | {s['kl_max']:.4f} | {s['top1']:.3f} |" in section
     assert f"{len(prompts)} prompts" in section
+
+
+@pytest.mark.parametrize("remove,missing", [
+    (("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json"), "image processor"),
+    (("tokenizer.json", "tokenizer_config.json"), "tokenizer"),     # Transformers would build an empty one
+])
+def test_eval_against_a_folder_without_its_processor_is_one_line(dense_fp8, tmp_path, remove, missing):
+    quant = tmp_path / "quant"
+    shutil.copytree(dense_fp8.out, quant)
+    for name in remove:
+        (quant / name).unlink()
+    r = run_cli("eval", dense_fp8.src, quant, "--limit", "1", "--max-new-tokens", "2", cwd=tmp_path, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
+    assert str(quant) in r.stderr and missing in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout.strip() == ""                                  # refused before the source side ran
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a real CUDA out-of-memory needs a GPU")
+def test_eval_out_of_gpu_memory_is_one_line_with_the_fix(dense_fp8):
+    """A real CUDA OOM: this process may use 1 MiB of the GPU, so the source model cannot load."""
+    torch.cuda.set_per_process_memory_fraction(2**20 / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        with pytest.raises(FP8VLError) as e:
+            evaluate(dense_fp8.src, dense_fp8.out, [Prompt("sky", TEXT)], device="cuda", max_new_tokens=2)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("out of memory on cuda") and "--max-new-tokens" in msg
+    assert isinstance(e.value.__cause__, torch.OutOfMemoryError)

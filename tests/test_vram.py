@@ -17,7 +17,7 @@ import pytest
 
 from fp8vl import FP8VLError, QuantizeOptions
 from fp8vl.formats import quantization_config, scale_suffix
-from fp8vl.gpus import GIB, KNOWN, fp8_verdict, lookup
+from fp8vl.gpus import GIB, GPU, KNOWN, bf16_verdict, fp8_verdict, lookup
 from fp8vl.plan import make_plan, scale_shape
 from fp8vl.shards import Slot, layout
 from fp8vl.vram import plan_vram
@@ -225,6 +225,31 @@ def test_tiny_model_tp2_splits_a_64_row_kv_block(dense_fp8):
     assert cfg["num_key_value_heads"] * cfg["head_dim"] // 2 == 64
     with pytest.raises(FP8VLError, match="--tp 2"):
         plan_vram(dense_fp8.out, lookup("RTX 4080"), tp=2)
+
+
+def test_too_small_gpu_suggests_only_tp_sizes_that_start(dense_fp8, ckpt_8b, tmp_path):
+    """The tiny model fits no TP but 1: the fix list must not offer --tp 2; the 8B one fits TP 2."""
+    r = run_cli("plan", dense_fp8.out, "--vram", "1GiB", cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "does not fit" in r.stderr and "--tp " not in r.stderr and "TP=2 fails" in r.stderr
+    with pytest.raises(FP8VLError) as e:
+        plan_vram(ckpt_8b, GPU("4 GiB", 4 * GIB, (8, 9)), tp=2)
+    assert "--tp 4" in str(e.value) and "--tp 2" not in str(e.value)      # the next size up, not the current
+    with pytest.raises(FP8VLError) as e:
+        plan_vram(ckpt_8b, GPU("4 GiB", 4 * GIB, (8, 9)), kv_cache_dtype="fp8")
+    assert "--tp 2" in str(e.value) and "--kv-cache-dtype" not in str(e.value)   # already fp8
+
+
+def test_bf16_checkpoint_gets_a_bf16_verdict_not_fp8(dense_src, tmp_path):
+    p = plan_vram(dense_src, lookup("L4"))
+    assert p.verdict == bf16_verdict((8, 9)) and "FP8 tensor cores" not in p.verdict[1]
+    rows = {name: (how, n) for name, how, n in p.rows}
+    assert "FP8 weights" not in rows and "BF16" in rows["weights"][0]
+    assert plan_vram(dense_src, lookup("T4")).verdict[0] == "no bf16"
+    r = run_cli("plan", dense_src, "--gpu", "RTX 4080", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = " ".join(r.stdout.split())
+    assert bf16_verdict((8, 9))[1] in out and fp8_verdict((8, 9))[1] not in out and "FP8 weights" not in out
 
 
 def test_tp_outside_the_checked_sizes_that_does_not_divide_fails(ckpt_8b):

@@ -2,8 +2,17 @@
 
 __version__ = "0.1.0"
 
-from .convert import Result, quantize  # noqa: E402
 from .errors import FP8VLError  # noqa: E402
 from .options import QuantizeOptions  # noqa: E402
 
 __all__ = ["FP8VLError", "QuantizeOptions", "Result", "quantize", "__version__"]
+
+
+def __getattr__(name: str):
+    """``quantize`` and ``Result`` are imported on first use (PEP 562): they need torch, which takes
+    seconds to import, and ``fp8vl --help``, ``plan``, ``serve`` and ``doctor`` do not."""
+    if name in ("quantize", "Result"):
+        from . import convert
+
+        return getattr(convert, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

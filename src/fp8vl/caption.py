@@ -2,8 +2,9 @@
 
 Server backend (``endpoint`` set): any OpenAI-compatible server (vLLM, SGLang, ``transformers serve``)
 gets each image, EXIF-rotated and shrunk so its longer side is at most ``max_side``, as a base64 JPEG
-data URL next to the prompt; ``concurrency`` requests in flight; connection errors, timeouts, 429 and
-5xx are retried with exponential backoff and jitter. Local backend (no endpoint): the model folder is
+data URL next to the prompt; ``concurrency`` requests in flight; connection errors, timeouts, 429, 5xx
+and 200s whose body is not the JSON asked for (an HTML page from a proxy, an empty or cut-off body)
+are retried with exponential backoff and jitter. Local backend (no endpoint): the model folder is
 loaded once with fp8vl's runtime and images are captioned one after another, greedily.
 
 Outputs, written by the main thread as each caption arrives, so a killed run loses no finished one:
@@ -13,7 +14,9 @@ and ``csv``, a Hugging Face ImageFolder ``metadata.csv`` (file_name,text): rows 
 come and the file is rewritten at the end with every known caption exactly once. A rerun skips the
 images already captioned (sidecar present; with txt off, listed in the jsonl or csv) unless
 ``overwrite``. An unreadable image, or one that still fails after the retries, is reported and the
-batch goes on; when the server stops answering altogether, the images not yet sent are reported too.
+batch goes on; when the server stops answering altogether (``DOWN_AFTER`` images in a row lost to
+connection errors or timeouts), the images not yet sent are reported too. Ctrl-C stops at once:
+the captions already written stay, in-flight requests are dropped, a rerun does the rest.
 """
 
 from __future__ import annotations
@@ -23,25 +26,27 @@ import csv as csvlib
 import io
 import json
 import os
+import queue
 import random
 import re
 import tempfile
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 from urllib.parse import urlsplit
 
-from .errors import FP8VLError
+from .errors import FP8VLError, out_of_memory
+from .images import open_rgb
 from .prompts import CAPTION
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 CSV_HEADER = ["file_name", "text"]
-DOWN_AFTER = 3  # consecutive images lost to connection errors: the server is gone, stop sending
+DOWN_AFTER = 3  # consecutive images lost to connection errors or timeouts: the server is gone, stop sending
 
 
 @dataclass(frozen=True)
@@ -119,20 +124,11 @@ def find_images(paths: str | Path | Iterable[str | Path]) -> list[Path]:
 
 
 def load_image(path: str | Path, max_side: int = 512):
-    """RGB PIL image, EXIF orientation applied, transparency on white, longer side <= ``max_side``."""
-    from PIL import Image, ImageOps
+    """8-bit RGB PIL image (any mode scaled faithfully, see images.py), EXIF orientation applied,
+    transparency on white, longer side <= ``max_side``."""
+    from PIL import Image
 
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                im = Image.new("RGB", rgba.size, (255, 255, 255))
-                im.paste(rgba, mask=rgba.getchannel("A"))
-            else:
-                im = im.convert("RGB")
-    except Exception as e:  # any decoder failure: the batch goes on without this file
-        raise FP8VLError(f"{path}: cannot read image ({type(e).__name__}: {e}); replace or remove it") from e
+    im = open_rgb(path)
     if max(im.size) > max_side:
         im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return im
@@ -287,14 +283,41 @@ def _base_url(endpoint: str) -> str:
     return endpoint.rstrip("/") + ("/v1" if u.path in ("", "/") else "")
 
 
+class BadReply(Exception):
+    """A 2xx answer whose body is not what was asked for: an HTML page from a proxy, an empty or cut-off
+    body, JSON of another shape. Retried like a 5xx: the server (or what stands before it) is answering."""
+
+
+def _json_reply(raw, shape: Callable[[dict], object]):
+    """``shape(body)`` of a raw openai response; any failure to read it is a :class:`BadReply`."""
+    text = raw.text
+    try:
+        return shape(json.loads(text))
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        snippet = " ".join(text[:80].split()) or "an empty body"
+        raise BadReply(f"server answered {raw.status_code} with a body that is not the JSON asked for "
+                       f"({snippet!r}{'...' if len(text) > 80 else ''})") from e
+
+
+def _completion(body: dict) -> tuple[str | None, int]:
+    """(message text, completion tokens) of a chat completion body; raises on any other shape."""
+    choices = body["choices"]
+    text = choices[0]["message"]["content"] if choices else None
+    tokens = int((body.get("usage") or {}).get("completion_tokens") or 0)
+    if text is not None and not isinstance(text, str):
+        raise TypeError(f"message content is {type(text).__name__}")
+    return text, tokens
+
+
 def _retry(call: Callable, opts: CaptionOptions, stop: threading.Event):
-    """``call()`` with retries on connection errors, timeouts, 429 and 5xx (exponential backoff, jitter)."""
+    """``call()`` with retries on connection errors, timeouts, 429, 5xx and bad replies (exponential
+    backoff, jitter); gives up at once when ``stop`` is set."""
     import openai
 
     for attempt in range(opts.retries + 1):
         try:
             return call()
-        except (openai.APIConnectionError, openai.APIStatusError) as e:
+        except (openai.APIConnectionError, openai.APIStatusError, BadReply) as e:
             status = getattr(e, "status_code", None)
             if (status is not None and status < 500 and status not in (408, 429)) or attempt == opts.retries:
                 raise
@@ -307,8 +330,11 @@ def _failure(path: Path, e: Exception, opts: CaptionOptions, seconds: float) -> 
 
     if isinstance(e, openai.APIStatusError):
         return _Result(path, seconds=seconds, error=f"server answered {e.status_code}: {e.message}")
+    if isinstance(e, BadReply):
+        return _Result(path, seconds=seconds, error=f"{e} (after {opts.retries + 1} attempts)")
+    # connection errors and timeouts (APITimeoutError is an APIConnectionError) both say "not answering"
     return _Result(path, seconds=seconds, error=f"{opts.endpoint}: {e} (after {opts.retries + 1} attempts)",
-                   down=not isinstance(e, openai.APITimeoutError))
+                   down=True)
 
 
 def _server_one(client, model: str, path: Path, opts: CaptionOptions, stop: threading.Event) -> _Result:
@@ -324,58 +350,78 @@ def _server_one(client, model: str, path: Path, opts: CaptionOptions, stop: thre
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                              {"type": "text", "text": opts.prompt}]}]
     try:
-        r = _retry(lambda: client.chat.completions.create(
-            model=model, messages=messages, max_tokens=opts.max_tokens, temperature=opts.temperature), opts, stop)
-    except openai.APIError as e:
+        text, tokens = _retry(lambda: _json_reply(client.chat.completions.with_raw_response.create(
+            model=model, messages=messages, max_tokens=opts.max_tokens, temperature=opts.temperature),
+            _completion), opts, stop)
+    except (openai.APIError, BadReply) as e:
         return _failure(path, e, opts, time.perf_counter() - t0)
-    text = clean_caption(r.choices[0].message.content if r.choices else None, opts.trigger)
-    tokens = getattr(r.usage, "completion_tokens", None) or 0
+    text = clean_caption(text, opts.trigger)
     return _Result(path, text or None, tokens, time.perf_counter() - t0,
                    None if text else "the model returned an empty caption")
 
 
 def _serve(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Result]:
+    """Results in the order they arrive, from ``concurrency`` worker threads.
+
+    The workers are daemon threads, not a ThreadPoolExecutor: the interpreter joins an executor's
+    threads at exit, so a request blocked on a hung server would hold Ctrl-C for up to the timeout.
+    On close (end, error, Ctrl-C) the client is closed and no further request is sent."""
     from openai import OpenAI
 
     client = OpenAI(base_url=_base_url(opts.endpoint), api_key=opts.api_key or os.environ.get("OPENAI_API_KEY")
                     or "EMPTY", timeout=opts.timeout, max_retries=0)
     stop = threading.Event()
     try:
-        ids = [m.id for m in _retry(lambda: client.models.list().data, opts, stop)]
-    except Exception as e:
-        raise FP8VLError(f"{opts.endpoint}: cannot list models ({e}); start the server or fix --endpoint") from e
-    model = info["model"] = opts.model or (ids[0] if ids else None)
-    if not model:
-        raise FP8VLError(f"{opts.endpoint}: the server lists no model; pass --model NAME")
-    lock, down = threading.Lock(), [0]
+        try:
+            ids = _retry(lambda: _json_reply(client.models.with_raw_response.list(),
+                                             lambda body: [str(m["id"]) for m in body["data"]]), opts, stop)
+        except Exception as e:
+            raise FP8VLError(f"{opts.endpoint}: cannot list models ({e}); start the server or fix --endpoint") from e
+        model = info["model"] = opts.model or (ids[0] if ids else None)
+        if not model:
+            raise FP8VLError(f"{opts.endpoint}: the server lists no model; pass --model NAME")
+        lock, down, pending = threading.Lock(), [0], iter(todo)
+        results: queue.SimpleQueue = queue.SimpleQueue()
 
-    def one(path: Path) -> _Result:
-        r = _server_one(client, model, path, opts, stop)
-        with lock:  # counted as results come, so that no later image is sent to a dead server
-            down[0] = down[0] + 1 if r.down else 0 if r.caption else down[0]
-            if down[0] >= DOWN_AFTER:
-                stop.set()
-        return r
+        def work() -> None:
+            while True:
+                with lock:
+                    path = next(pending, None)
+                if path is None:
+                    return
+                try:
+                    r = _server_one(client, model, path, opts, stop)
+                except BaseException as e:  # handed to the main thread, which re-raises it
+                    results.put(e)
+                    return
+                with lock:  # counted as results come, so that no later image is sent to a dead server
+                    down[0] = down[0] + 1 if r.down else 0 if r.caption else down[0]
+                    if down[0] >= DOWN_AFTER:
+                        stop.set()
+                results.put(r)
 
-    pool = ThreadPoolExecutor(opts.concurrency, thread_name_prefix="fp8vl-caption")
-    try:
-        for fut in as_completed([pool.submit(one, p) for p in todo]):
-            yield fut.result()
+        for i in range(min(opts.concurrency, len(todo))):
+            threading.Thread(target=work, name=f"fp8vl-caption-{i}", daemon=True).start()
+        for _ in todo:
+            r = results.get()
+            if isinstance(r, BaseException):
+                raise r
+            yield r
     finally:
         stop.set()
-        pool.shutdown(wait=False, cancel_futures=True)
+        client.close()  # in-flight requests end with the connections; the daemon threads are not waited for
 
 
 def _local(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Result]:
     """In-process: fp8vl's engine, continuous batching; images are read and encoded by two threads
     ahead of the GPU (the processor's CPU work overlaps the model's)."""
-    import torch
-
     from .engine import Engine, EngineOptions, Request, limit_gpu_memory, round_up
     from .evaluate import _eos_ids, encode, load_any
 
     limit_gpu_memory(opts.device, opts.gpu_memory)
-    try:
+    fix = ("use a smaller --batch-size, a lower --max-tokens or --max-side, or --gpu-memory below what other "
+           "programs leave free; the captions written so far are kept")
+    with out_of_memory(opts.device, fix):
         loaded = load_any(opts.model, opts.device, opts.mode)
         info["model"] = f"{opts.model} ({loaded.label})"
         tok = getattr(loaded.processor, "tokenizer", loaded.processor)
@@ -401,13 +447,13 @@ def _local(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Resu
             # bounded read-ahead (Executor.map would encode every image up front: ~6 MB each at 512 px)
             ahead = 2 * engine.batch + 2
             with ThreadPoolExecutor(2, thread_name_prefix="fp8vl-encode") as pool:
-                queue = deque(pool.submit(prepare, p) for p in todo[:ahead])
+                waiting = deque(pool.submit(prepare, p) for p in todo[:ahead])
                 rest = iter(todo[ahead:])
-                while queue:
-                    path, t0, inputs = queue.popleft().result()
+                while waiting:
+                    path, t0, inputs = waiting.popleft().result()
                     nxt = next(rest, None)
                     if nxt is not None:
-                        queue.append(pool.submit(prepare, nxt))
+                        waiting.append(pool.submit(prepare, nxt))
                     if inputs is not None:
                         yield Request(inputs, (path, t0))
 
@@ -419,10 +465,6 @@ def _local(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Resu
             yield _Result(path, text or None, len(ids), time.perf_counter() - t0,
                           None if text else "the model returned an empty caption")
         yield from failed
-    except torch.cuda.OutOfMemoryError as e:
-        raise FP8VLError(f"out of GPU memory while captioning ({str(e).splitlines()[0]}); use a smaller "
-                         f"--batch-size, a lower --max-tokens or --max-side, or --gpu-memory below what other "
-                         f"programs leave free") from e
 
 
 # ---------------------------------------------------------------- the run

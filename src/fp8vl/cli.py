@@ -275,11 +275,13 @@ def caption_cmd(
 ) -> None:
     """Caption images in batch through a server or in-process; resumable, never overwrites by default."""
     from .caption import CaptionOptions, caption, print_summary, progress_bar
-    from .prompts import CAPTION
+    from .prompts import CAPTION, read_utf8
 
     if prompt and prompt_file:
         raise FP8VLError("give --prompt or --prompt-file, not both")
-    text = prompt_file.read_text().strip() if prompt_file else prompt or CAPTION
+    text = read_utf8(prompt_file, "prompt file").strip() if prompt_file else prompt or CAPTION
+    if not text:
+        raise FP8VLError(f"{prompt_file if prompt_file else '--prompt'}: the prompt is empty")
     if endpoint is None:
         _quiet_transformers()
     opts = CaptionOptions(endpoint=endpoint, model=model, prompt=text, trigger=trigger, max_side=max_side,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata as md
+import importlib.util
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gpus import GIB, fp8_verdict, local_gpu
+from .gpus import GIB, fp8_verdict, gpu_driver_present, local_gpu
+from .serve import INSTALL
 
 MIN = {"transformers": (5, 0), "torch": (2, 4), "vllm": (0, 11)}  # what fp8vl is tested with; Qwen3-VL in vLLM
 
@@ -36,17 +39,35 @@ def _tuple(v: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _package(name: str, required: bool, why: str) -> Finding:
+def _package(name: str, required: bool, why: str, install: str = "") -> Finding:
+    """``install``: the command when it is missing (default: pip install the package itself)."""
     v = _version(name)
     need = MIN.get(name)
     if v is None:
         level = "error" if required else "warning"
-        return Finding(level, name, "not installed", f"pip install '{name}>={'.'.join(map(str, need))}'"
-                       if need else f"pip install {name}" + (f"  ({why})" if why else ""))
+        return Finding(level, name, "not installed", install or (f"pip install '{name}>={'.'.join(map(str, need))}'"
+                       if need else f"pip install {name}" + (f"  ({why})" if why else "")))
     if need and _tuple(v) < need:
         return Finding("error", name, f"{v} is older than {'.'.join(map(str, need))} ({why})",
                        f"pip install -U '{name}>={'.'.join(map(str, need))}'")
     return Finding("ok", name, v)
+
+
+def _torch_cuda_build() -> str | None:
+    """torch's CUDA version (None: a CPU build). With a GPU driver present torch is imported (the GPU
+    check needs it anyway, and so a broken install shows); without one, the value is read from
+    torch/version.py, because importing torch takes seconds."""
+    spec = importlib.util.find_spec("torch")
+    if gpu_driver_present() or spec is None or not spec.origin:
+        import torch
+
+        return torch.version.cuda
+    tree = ast.parse((Path(spec.origin).parent / "version.py").read_text())
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        if isinstance(target, ast.Name) and target.id == "cuda" and node.value is not None:
+            return ast.literal_eval(node.value)
+    raise ImportError(f"{spec.origin}: no cuda entry in torch/version.py")
 
 
 def diagnose(output_dir: Path = Path("."), need_bytes: int = 0) -> list[Finding]:
@@ -56,12 +77,10 @@ def diagnose(output_dir: Path = Path("."), need_bytes: int = 0) -> list[Finding]
                      "" if py >= (3, 10) else "use Python 3.10 or newer"))
     f.append(_package("torch", True, "FP8 dtypes"))
     f.append(_package("transformers", True, "fp8vl is tested with Transformers 5 (5.17 and 5.24)"))
-    f.append(_package("vllm", False, "needed for `fp8vl serve` (pip install 'fp8vl[serve]')"))
+    f.append(_package("vllm", False, "needed for `fp8vl serve`", INSTALL["vllm"]))
     f.append(_package("compressed-tensors", False, "needed to load --format compressed-tensors outside vLLM"))
     try:
-        import torch
-
-        cuda = torch.version.cuda
+        cuda = _torch_cuda_build()
         f.append(Finding("ok", "torch CUDA build", cuda or "CPU-only build",
                          "" if cuda else "a CPU build quantizes fine; install a CUDA build to run models on a GPU"))
     except Exception as e:  # a broken torch install

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .errors import FP8VLError
+from .errors import FP8VLError, out_of_memory
 from .prompts import Prompt, open_image
 
 
@@ -37,10 +37,35 @@ def _config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
+# Files one of which each part needs. Without a vocabulary Transformers builds an empty tokenizer
+# that turns every text into no tokens, silently; so their presence is checked before loading.
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+PROCESSOR_FIX = "copy the processor and tokenizer files from the model it was made from"
+
+
+def check_processor(path: Path) -> None:
+    """Before any model is loaded: the folder has a tokenizer (and, for a VLM, an image processor)."""
+    missing = [f"a tokenizer ({' or '.join(VOCAB_FILES)})"] * (not any((path / f).is_file() for f in VOCAB_FILES))
+    if "vision_config" in _config(path) and not any((path / f).is_file() for f in IMAGE_PROCESSOR_FILES):
+        missing.append(f"an image processor ({' or '.join(IMAGE_PROCESSOR_FILES)})")
+    if missing:
+        raise FP8VLError(f"{path}: no {' and no '.join(missing)}; {PROCESSOR_FIX}")
+
+
 def _processor(path: Path, vlm: bool):
+    """The model's processor (or tokenizer); one FP8VLError naming the folder and what is missing."""
     from transformers import AutoProcessor, AutoTokenizer
 
-    return AutoProcessor.from_pretrained(path) if vlm else AutoTokenizer.from_pretrained(path)
+    check_processor(path)
+    fix = PROCESSOR_FIX
+    try:
+        return AutoProcessor.from_pretrained(path) if vlm else AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FP8VLError(f"{path}: cannot load its processor ({first}); {fix}") from e
 
 
 def load_hf_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> Loaded:
@@ -50,8 +75,9 @@ def load_hf_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = to
     path = Path(path)
     vlm = "vision_config" in _config(path)
     cls = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
+    processor = _processor(path, vlm)   # first: a missing file is reported before a long model load
     model = cls.from_pretrained(path, dtype=dtype, device_map=device).eval()
-    return Loaded(model, _processor(path, vlm), vlm, path, "transformers")
+    return Loaded(model, processor, vlm, path, "transformers")
 
 
 def load_any(path: str | Path, device: str = "cpu", mode: str = "auto") -> Loaded:
@@ -60,8 +86,9 @@ def load_any(path: str | Path, device: str = "cpu", mode: str = "auto") -> Loade
 
     path = Path(path)
     vlm = "vision_config" in _config(path)
+    processor = _processor(path, vlm)   # first: a missing file is reported before a long model load
     model = load_model(path, device, mode)
-    return Loaded(model, _processor(path, vlm), vlm, path, f"fp8 {model.fp8_mode}" if model.fp8_mode else "bf16")
+    return Loaded(model, processor, vlm, path, f"fp8 {model.fp8_mode}" if model.fp8_mode else "bf16")
 
 
 def _device(loaded: Loaded) -> torch.device:
@@ -238,15 +265,20 @@ def evaluate(source: str | Path, quantized: str | Path, prompts: list[Prompt], d
     from .source import resolve
 
     src, q = resolve(source), Path(quantized)
-    try:
-        ref = load_any(src, device)
-        base = run_source(ref, prompts, max_new_tokens, tick)
-        texts = [_decode(ref, r.answer) for r in base]
-        _free(ref)
-        fp8 = load_any(q, device, mode)
-    except torch.cuda.OutOfMemoryError as e:
-        raise FP8VLError(f"the model does not fit on {device} ({e}); use --device cpu, or a GPU with more "
-                         f"memory") from e
+    for folder in (src, q):  # both, before the source side runs for minutes
+        check_processor(folder)
+    with out_of_memory(device, f"use a smaller --max-new-tokens (now {max_new_tokens}), a GPU with more memory, "
+                               "or --device cpu"):
+        return _evaluate(src, q, prompts, device, mode, max_new_tokens, tick)
+
+
+def _evaluate(src: Path, q: Path, prompts: list[Prompt], device: str, mode: str, max_new_tokens: int,
+              tick: Callable[[], None]) -> EvalReport:
+    ref = load_any(src, device)
+    base = run_source(ref, prompts, max_new_tokens, tick)
+    texts = [_decode(ref, r.answer) for r in base]
+    _free(ref)
+    fp8 = load_any(q, device, mode)
     report = EvalReport(str(src), str(q), fp8.label, device, max_new_tokens)
     batches = [encode(fp8, p.text, open_image(p.image) if p.image else None) for p in prompts]
     for p, b, src_text, batch, answer in zip(prompts, base, texts, batches, answers(fp8, batches, max_new_tokens)):

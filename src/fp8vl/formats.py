@@ -6,7 +6,12 @@ FP8_BLOCK scheme llm-compressor writes. Both store W ~= fp8 * scale per 128x128 
 
 from __future__ import annotations
 
-from .kernel import BLOCK
+BLOCK = 128  # weight tile side: one scale per BLOCK x BLOCK tile, activations per 1 x BLOCK group
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division: tiles of ``b`` needed to cover ``a``."""
+    return -(-a // b)
 
 
 def scale_suffix(fmt: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 
 from .errors import FP8VLError
@@ -60,8 +62,17 @@ def lookup(name: str) -> GPU:
                      + ", ".join(g.name for g in KNOWN.values()))
 
 
+def gpu_driver_present() -> bool:
+    """False only where no GPU can be visible: Linux without NVIDIA (or ROCm, or WSL2) device nodes.
+    Checked before asking PyTorch, whose import alone takes seconds."""
+    return not sys.platform.startswith("linux") or any(
+        os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd"))
+
+
 def local_gpu() -> GPU | None:
     """The first CUDA GPU, as PyTorch sees it; None without one."""
+    if not gpu_driver_present():
+        return None
     try:
         import torch
 
@@ -83,3 +94,13 @@ def fp8_verdict(cc: tuple[int, int] | None) -> tuple[str, str]:
         return "fp8 weight-only", (f"CC {cc[0]}.{cc[1]}: no FP8 tensor cores; vLLM runs the weights through "
                                    "its weight-only FP8 (Marlin) path: memory savings, little speed-up")
     return "unsupported", f"CC {cc[0]}.{cc[1]}: vLLM's FP8 paths need 8.0+; use the BF16 model or another GPU"
+
+
+def bf16_verdict(cc: tuple[int, int] | None) -> tuple[str, str]:
+    """(short verdict, explanation) for a checkpoint without FP8 weights (BF16, FP16, ...)."""
+    if cc is None:
+        return "unknown", "compute capability unknown: BF16 weights need 8.0+; no FP8 path involved"
+    if cc >= (8, 0):
+        return "bf16", (f"CC {cc[0]}.{cc[1]}: runs the BF16 weights as they are; no FP8 path involved "
+                        "(`fp8vl quantize` first to serve an FP8 copy)")
+    return "no bf16", f"CC {cc[0]}.{cc[1]}: no BF16 support; vLLM needs --dtype float16 on this GPU"

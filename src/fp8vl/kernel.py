@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from .formats import BLOCK, cdiv  # noqa: F401  (re-exported: the tile size is a format fact)
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
-BLOCK = 128
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _pad_to_blocks(w: torch.Tensor, block: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import FP8VLError
-from .kernel import BLOCK, cdiv
+from .formats import BLOCK, cdiv
 from .options import QuantizeOptions
 
 # Model families fp8vl knows; any other gets the generic rule and a warning.

@@ -54,6 +54,35 @@ IMAGE = [
 ]
 
 
+# The photographs that ship inside scikit-image (no download): "skimage:NAME" takes only these.
+PHOTOS = ("astronaut", "brick", "camera", "cat", "cell", "checkerboard", "chelsea", "clock", "coffee", "coins",
+          "colorwheel", "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo",
+          "microaneurysms", "moon", "page", "retina", "rocket", "shepp_logan_phantom", "stereo_motorcycle", "text")
+
+
+def _photo_name(ref: str) -> str:
+    """NAME of "skimage:NAME", checked against :data:`PHOTOS` (``skimage.data`` also has downloaders)."""
+    name = ref.split(":", 1)[1]
+    if name not in PHOTOS:
+        raise FP8VLError(f"{ref}: not a photo bundled with scikit-image; use one of: {', '.join(PHOTOS)}")
+    return name
+
+
+def read_utf8(path: str | Path, what: str = "file") -> str:
+    """The text of a UTF-8 file, or one FP8VLError naming it (missing, unreadable, or not UTF-8 and where)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise FP8VLError(f"{path}: cannot read this {what} ({e.strerror or e})") from e
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise FP8VLError(f"{path}: {what} is not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}); "
+                         f"save it as UTF-8") from e
+
+
 @dataclass(frozen=True)
 class Prompt:
     id: str
@@ -79,7 +108,7 @@ def load_jsonl(path: str | Path) -> list[Prompt]:
     if not path.is_file():
         raise FP8VLError(f"{path}: no such prompt file")
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_utf8(path, "prompt file").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -93,10 +122,10 @@ def load_jsonl(path: str | Path) -> list[Prompt]:
         if image is not None and not isinstance(image, str):
             raise FP8VLError(f"{path}:{n}: \"image\" must be a path (a string)")
         if image and image.startswith("skimage:"):
-            from skimage import data
-
-            if not hasattr(data, image.split(":", 1)[1]):
-                raise FP8VLError(f"{path}:{n}: scikit-image ships no photo named {image.split(':', 1)[1]!r}")
+            try:
+                _photo_name(image)
+            except FP8VLError as e:
+                raise FP8VLError(f"{path}:{n}: {e}") from None
         elif image:
             ip = (path.parent / image) if not Path(image).is_absolute() else Path(image)
             if not ip.is_file():
@@ -109,20 +138,19 @@ def load_jsonl(path: str | Path) -> list[Prompt]:
 
 
 def open_image(ref: str):
-    """A prompt's image as RGB PIL: a file (EXIF orientation applied) or a bundled scikit-image photo."""
-    from PIL import Image, ImageOps
+    """A prompt's image as 8-bit RGB PIL: a file (EXIF orientation applied) or a bundled scikit-image photo."""
+    from .images import open_rgb, to_rgb
 
     if ref.startswith("skimage:"):
+        import numpy as np
+        from PIL import Image
         from skimage import data
 
-        name = ref.split(":", 1)[1]
-        if not hasattr(data, name):
-            raise FP8VLError(f"{ref}: scikit-image ships no photo named {name!r}")
-        arr = getattr(data, name)()
+        arr = getattr(data, _photo_name(ref))()
         arr = arr[0] if isinstance(arr, tuple) else arr  # stereo pairs: the left view
-        return Image.fromarray(arr).convert("RGB")
-    try:
-        with Image.open(ref) as im:
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except OSError as e:
-        raise FP8VLError(f"{ref}: cannot read image ({e})") from e
+        if arr.dtype == bool:
+            arr = arr.astype(np.uint8) * 255
+        elif arr.dtype.kind == "f":  # shepp_logan_phantom: float64 in 0-1; PIL takes float32 ("F")
+            arr = arr.astype(np.float32)
+        return to_rgb(Image.fromarray(arr))
+    return open_rgb(ref)

@@ -16,19 +16,40 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import FP8VLError
 
-DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
-    "I32": torch.int32, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F32": torch.float32, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype -> (bytes per element, torch dtype). Headers need only the sizes, so torch is
+# imported where tensors are touched: `plan` and `serve` read headers and start without it.
+_DTYPES = {"BOOL": (1, "bool"), "U8": (1, "uint8"), "I8": (1, "int8"), "I16": (2, "int16"),
+           "I32": (4, "int32"), "I64": (8, "int64"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
+           "F32": (4, "float32"), "F64": (8, "float64"), "F8_E4M3": (1, "float8_e4m3fn"),
+           "F8_E5M2": (1, "float8_e5m2")}
+ITEMSIZE = {k: size for k, (size, _) in _DTYPES.items()}
+
+
+@cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {k: getattr(torch, name) for k, (_, name) in _DTYPES.items()}
+
+
+def __getattr__(name: str):
+    """``DTYPES`` (safetensors name -> torch dtype) and ``NAMES`` (the reverse), built on first use."""
+    if name == "DTYPES":
+        return _torch_dtypes()
+    if name == "NAMES":
+        return {v: k for k, v in _torch_dtypes().items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 
 
@@ -45,11 +66,11 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return _torch_dtypes()[self.dtype]
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.torch_dtype).element_size()
+        return ITEMSIZE[self.dtype]
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -79,7 +100,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             dtype, shape, (begin, end) = h["dtype"], tuple(int(d) for d in h["shape"]), h["data_offsets"]
         except (KeyError, TypeError, ValueError) as e:
             raise FP8VLError(f"{path}: corrupt header entry for tensor {name!r}; {fix}") from e
-        if dtype not in DTYPES:
+        if dtype not in ITEMSIZE:
             raise FP8VLError(f"{path}: tensor {name!r} has dtype {dtype}, which fp8vl cannot read")
         numel = 1
         for d in shape:
@@ -103,9 +124,13 @@ class Scratch:
     """
 
     def __init__(self) -> None:
+        import torch
+
         self.buf = torch.empty(0, dtype=torch.uint8)
 
     def get(self, nbytes: int) -> torch.Tensor:
+        import torch
+
         if self.buf.numel() < nbytes:
             self.buf = torch.empty(nbytes, dtype=torch.uint8)
         return self.buf[:nbytes]
@@ -116,6 +141,8 @@ def read_bytes(path: Path, offset: int, nbytes: int, scratch: Scratch | None = N
 
     With ``scratch`` the bytes land in its buffer, valid until the next read into it.
     """
+    import torch
+
     buf = scratch.get(nbytes) if scratch is not None else torch.empty(nbytes, dtype=torch.uint8)
     view = memoryview(buf.numpy())
     fd = os.open(path, os.O_RDONLY)
@@ -161,7 +188,7 @@ def layout(entries: list[Slot], metadata: dict[str, str]) -> tuple[bytes, list[S
     Tensors are ordered by element size, largest first (as the safetensors library writes them),
     so that every tensor's data stays aligned to its element size.
     """
-    order = sorted(entries, key=lambda s: (-torch.empty((), dtype=DTYPES[s.dtype]).element_size(), s.name))
+    order = sorted(entries, key=lambda s: (-ITEMSIZE[s.dtype], s.name))
     header: dict[str, object] = {"__metadata__": metadata}
     pos = 0
     for s in order:
@@ -196,6 +223,8 @@ class ShardWriter:
         os.pwrite(self.fd, head, 0)
 
     def write(self, name: str, at: int, data: torch.Tensor | bytes | memoryview) -> None:
+        import torch
+
         if isinstance(data, torch.Tensor):
             data = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
         slot = self.slots[name]

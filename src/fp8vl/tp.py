@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from .kernel import BLOCK
+from .formats import BLOCK
 
 SIZES = (1, 2, 4, 8)
 ROW = re.compile(r"(o_proj|down_proj|attn\.proj|linear_fc2|out_proj|fc2|w2|dense)$")

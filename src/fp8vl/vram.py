@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import FP8VLError
-from .gpus import GIB, GPU, fp8_verdict
+from .gpus import GIB, GPU, bf16_verdict, fp8_verdict
 from .source import open_checkpoint
 from .tp import SIZES, summarize, tp_report
 
@@ -79,11 +79,16 @@ def plan_vram(model_dir: str | Path, gpu: GPU, tp: int = 1, utilization: float =
     hidden, inter = tc["hidden_size"], tc.get("intermediate_size") or 4 * tc["hidden_size"]
     vocab = tc.get("vocab_size") or config.get("vocab_size", 0)
     lm_act = max_num_batched_tokens * (4 * hidden + 3 * inter // tp) * 2
-    rows = [("budget", f"{gpu.memory / GIB:.1f} GiB x {utilization}", budget),
-            ("FP8 weights", f"{fp8 / GIB:.2f} GiB of FP8 tensors / TP {tp}", -fp8 // tp),
-            ("BF16 weights", f"{other / GIB:.2f} GiB (vision, embeddings, head, norms, scales) / TP {tp}",
-             -other // tp),
-            ("LM activations", f"{max_num_batched_tokens} tokens x (4 x {hidden} + 3 x {inter}/TP) x 2 B", -lm_act)]
+    rows = [("budget", f"{gpu.memory / GIB:.1f} GiB x {utilization}", budget)]
+    if fp8:
+        rows += [("FP8 weights", f"{fp8 / GIB:.2f} GiB of FP8 tensors / TP {tp}", -fp8 // tp),
+                 ("BF16 weights", f"{other / GIB:.2f} GiB (vision, embeddings, head, norms, scales) / TP {tp}",
+                  -other // tp)]
+    else:  # a BF16 (FP16, FP32) checkpoint: no FP8 tensors at all
+        dtypes = ", ".join(sorted({t.dtype for t in ckpt.tensors.values()}))
+        rows.append(("weights", f"{other / GIB:.2f} GiB ({dtypes}; no FP8 tensors) / TP {tp}", -other // tp))
+    rows.append(("LM activations", f"{max_num_batched_tokens} tokens x (4 x {hidden} + 3 x {inter}/TP) x 2 B",
+                 -lm_act))
     if vc:
         patch = vc.get("patch_size", 14)
         merge = vc.get("spatial_merge_size", 2)
@@ -107,20 +112,25 @@ def plan_vram(model_dir: str | Path, gpu: GPU, tp: int = 1, utilization: float =
     p.context_limit = int(tc.get("max_position_embeddings") or 32768)
     p.max_model_len = min(p.kv_tokens, p.context_limit) // 1024 * 1024
     p.max_num_seqs = max(1, min(256, p.kv_tokens // typical_tokens))
-    p.verdict = fp8_verdict(gpu.cc)
+    p.verdict = fp8_verdict(gpu.cc) if fp8 else bf16_verdict(gpu.cc)
     fp8_linears = {n.rsplit(".", 1)[0]: (t.shape[0], t.shape[1]) for n, t in ckpt.tensors.items()
                    if t.dtype == "F8_E4M3" and len(t.shape) == 2}
+    larger_tp = [s for s in SIZES if s > tp]   # TP sizes to suggest when it does not fit: those that start
     if fp8_linears:
         rep = tp_report(config, fp8_linears, tuple(sorted({*SIZES, tp})))
         p.tp_line = summarize(rep)
         if rep["sizes"].get(tp):
             raise FP8VLError(f"--tp {tp}: {rep['sizes'][tp][0]}; vLLM would fail at start-up. {p.tp_line}")
+        larger_tp = [s for s in larger_tp if not rep["sizes"].get(s)]
     if p.max_model_len < 1024:
+        fixes = ["a bigger GPU"] + [f"--tp {s}" for s in larger_tp[:1]]
+        fixes += ["--kv-cache-dtype fp8"] * (kv_cache_dtype != "fp8") + ["a smaller --max-pixels"] * bool(vc)
         raise FP8VLError(
             f"{path.name} does not fit {gpu.name} ({gpu.memory / GIB:.0f} GiB) at utilization {utilization}: "
             f"{-kv_budget / GIB if kv_budget < 0 else kv_budget / GIB:.2f} GiB "
             f"{'short' if kv_budget < 0 else 'left'} for the KV cache (needs >= 1024 tokens). "
-            "Use a bigger GPU, --tp 2, --kv-cache-dtype fp8 or a smaller --max-pixels.")
+            f"Use {' or '.join(fixes) if len(fixes) < 3 else ', '.join(fixes[:-1]) + ' or ' + fixes[-1]}"
+            + (f" ({p.tp_line})" if p.tp_line and not larger_tp and tp < SIZES[-1] else "") + ".")
     return p
 
 
