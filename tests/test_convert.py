@@ -295,6 +295,7 @@ def test_non_finite_source_weight_fails_naming_the_tensor_and_leaves_nothing(den
 def test_overwrite_replaces_a_non_empty_output(dense_fp8, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "config.json").write_text("{}")       # an earlier checkpoint: --overwrite replaces only those
     (out / "stale.txt").write_text("old")
     quantize(dense_fp8.src, out, QuantizeOptions(overwrite=True))
     got, first = file_hashes(out), file_hashes(dense_fp8.out)

@@ -108,7 +108,7 @@ def test_quantize_refuses_up_front_when_the_output_cannot_fit(tmp_path):
     with pytest.raises(FP8VLError) as ei:
         quantize(src, parent / "out", QuantizeOptions(workers=1), progress=never)
     msg = str(ei.value)
-    assert str(parent / "out") in msg and n * k <= needs(msg) <= 1.01 * n * k and "free" in msg, msg
+    assert str(parent / "out") in msg and n * k - 5e7 <= needs(msg) <= 1.01 * n * k and "free" in msg, msg
     assert listing(parent) == []
 
 
@@ -125,7 +125,7 @@ def test_dequantize_refuses_up_front_when_the_output_cannot_fit(tmp_path):
     with pytest.raises(FP8VLError) as ei:
         dequantize(src, parent / "out", progress=never)
     msg = str(ei.value)
-    assert 2 * n * k <= needs(msg) <= 1.01 * 2 * n * k and "free" in msg, msg
+    assert 2 * n * k - 5e7 <= needs(msg) <= 1.01 * 2 * n * k and "free" in msg, msg
     assert listing(parent) == []
 
 

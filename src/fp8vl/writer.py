@@ -114,14 +114,24 @@ class Staging:
 
     def __enter__(self) -> "Staging":
         made_parent = not self.out.parent.exists()
-        self.out.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
             self.lock.acquire()
-        except Timeout:
+            held = self.lock_file.exists()
+            if not held:                  # we locked a file the previous owner had just unlinked
+                self.lock.release()
+        except Timeout:                   # (an OSError too: caught first)
+            held = False
+        except OSError as e:
+            raise FP8VLError(f"{self.out.parent}: cannot write there ({e.strerror}); choose another OUTPUT") from e
+        if not held:
             if made_parent:
-                self.out.parent.rmdir()
+                try:
+                    self.out.parent.rmdir()
+                except OSError:
+                    pass
             raise FP8VLError(f"{self.out}: another fp8vl run is writing it (it holds {self.lock_file}); "
-                             f"wait for it to finish or choose another OUTPUT") from None
+                             f"wait for it to finish or choose another OUTPUT")
         try:
             check_paths(self.source, self.out, self.overwrite)   # again, now that no other run can change it
             self._remove_stale()
