@@ -175,3 +175,18 @@ def bad_inputs(tmp_path_factory, dense_src, dense_fp8) -> dict[str, Bad]:
     cases["hub repo offline"] = Bad(repo, out("hub repo offline"), (repo, "local folder"))
     assert set(cases) == set(BAD_CASES)
     return cases
+
+
+# ---------------------------------------------------------------- a source big enough to interrupt
+
+@pytest.fixture(scope="session")
+def big_src(tmp_path_factory):
+    """512 MB of BF16 linears: about a second of conversion with one worker, long enough to interrupt."""
+    src = tmp_path_factory.mktemp("big") / "src"
+    src.mkdir()
+    tensors = {f"model.layers.{i}.mlp.down_proj.weight": torch.full((4096, 4096), 0.01 * (i + 1),
+                                                                      dtype=torch.bfloat16) for i in range(16)}
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    yield src
+    shutil.rmtree(src)

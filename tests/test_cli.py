@@ -67,24 +67,11 @@ def test_quantize_command_writes_what_the_api_writes(dense_fp8, tmp_path):
 
 # ---------------------------------------------------------------- signals mid-run
 
-@pytest.fixture(scope="module")
-def big_src(tmp_path_factory):
-    """512 MB of BF16 linears: about a second of conversion with one worker, long enough to interrupt."""
-    src = tmp_path_factory.mktemp("big") / "src"
-    src.mkdir()
-    tensors = {f"model.layers.{i}.mlp.down_proj.weight": torch.full((4096, 4096), 0.01 * (i + 1),
-                                                                      dtype=torch.bfloat16) for i in range(16)}
-    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
-    (src / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
-    yield src
-    shutil.rmtree(src)
-
-
 def start_and_signal(src, out, sig):
     """Start a conversion, send ``sig`` as soon as its staging folder exists; return (process, stdout, stderr,
     staging folders left)."""
     p = popen_cli("quantize", src, out, "--workers", "1", "--max-shard-size", "32MB", cwd=out.parent)
-    pattern = str(out.parent / f".{out.name}.fp8vl-partial-*")
+    pattern = str(out.parent / f".{out.name}.fp8vl-partial*")
     deadline = time.monotonic() + 60
     while not glob.glob(pattern) and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -153,3 +140,111 @@ def test_help_plan_serve_and_doctor_start_without_torch(dense_fp8, tmp_path):
            "print(fp8vl.quantize is quantize, 'torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=120)
     assert r.stdout.split() == ["True", "True"], r.stderr
+
+
+def test_sigterm_mid_run_cleans_up_like_ctrl_c_and_exits_143(big_src, tmp_path):
+    """`timeout`, SLURM and `docker stop` send SIGTERM: the staging folder and the lock go, exit 128 + 15."""
+    out = tmp_path / "out"
+    p, _, stderr, staging = start_and_signal(big_src, out, signal.SIGTERM)
+    assert p.returncode == 143, stderr
+    assert "Traceback" not in stderr and "terminated" in stderr
+    assert staging == [] and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- one writer per OUTPUT, stale staging
+
+# A real conversion (the API in its own process) that holds OUTPUT mid-run until the file GO exists.
+PAUSED = r"""
+import sys, time, pathlib
+from fp8vl import QuantizeOptions, quantize
+go = pathlib.Path(sys.argv[3])
+def progress(done, total):
+    while not go.exists():
+        time.sleep(0.01)
+quantize(sys.argv[1], sys.argv[2], QuantizeOptions(workers=1), progress=progress)
+print("DONE")
+"""
+
+
+def start_paused(src, out, go):
+    import subprocess
+    import sys
+
+    from helpers import ROOT, cli_env
+    p = subprocess.Popen([sys.executable, "-c", PAUSED, str(src), str(out), str(go)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while not glob.glob(str(out.parent / f".{out.name}.fp8vl-partial*")) and p.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert p.poll() is None, p.communicate()
+    time.sleep(0.5)     # well inside the run: the first job is done and progress() waits
+    return p
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
+def test_a_second_run_into_the_same_output_is_refused_while_the_first_runs(dense_src, tmp_path, overwrite):
+    out, go = tmp_path / "work" / "out", tmp_path / "go"
+    first = start_paused(dense_src, out, go)
+    try:
+        r = run_cli("quantize", dense_src, out, "--workers", "1", *(["--overwrite"] if overwrite else []),
+                    cwd=tmp_path)
+        line = assert_one_line_error(r)
+        assert str(out) in line and "another fp8vl run" in line
+        assert first.poll() is None
+    finally:
+        go.touch()
+    stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0 and "DONE" in stdout, stderr[-2000:]
+    assert [p.name for p in out.parent.iterdir()] == ["out"]     # no staging folder, no lock file
+
+
+def test_rerun_after_sigkill_removes_the_stale_staging_folder_and_says_so(dense_src, dense_fp8, tmp_path):
+    out, go = tmp_path / "work" / "out", tmp_path / "go"
+    killed = start_paused(dense_src, out, go)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=60)
+    stale = [p.name for p in out.parent.iterdir()]
+    assert any("fp8vl-partial" in n for n in stale), stale         # the OOM killer's leftovers
+    r = run_cli("quantize", dense_src, out, "--workers", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    said = r.stdout + r.stderr
+    staging = next(n for n in stale if "fp8vl-partial" in n)
+    assert "removed" in said and staging in said and f"pid {killed.pid}" in said, said
+    assert [p.name for p in out.parent.iterdir()] == ["out"]
+    got, api = file_hashes(out), file_hashes(dense_fp8.out)
+    got.pop("README.md"), api.pop("README.md")
+    assert got == api
+
+
+# ---------------------------------------------------------------- headers the safetensors library rejects
+
+def overlap_header(folder):
+    """Point the second of two same-sized tensors at the first one's bytes (its own become a gap)."""
+    import struct
+
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    raw = shard.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    by_size = {}
+    for name, h in header.items():
+        if name != "__metadata__":
+            by_size.setdefault((h["dtype"], h["data_offsets"][1] - h["data_offsets"][0]), []).append(name)
+    a, b = next(v for (_, size), v in by_size.items() if len(v) >= 2 and size > 0)[:2]
+    header[b]["data_offsets"] = list(header[a]["data_offsets"])
+    js = json.dumps(header).encode()
+    js += b" " * (-len(js) % 8)
+    shard.write_bytes(struct.pack("<Q", len(js)) + js + raw[8 + n:])
+    return shard, a, b
+
+
+@pytest.mark.parametrize("what", ["quantize", "verify"])
+def test_overlapping_data_offsets_are_refused_in_one_line(dense_src, dense_fp8, tmp_path, what):
+    folder = tmp_path / "overlap"
+    shutil.copytree(dense_src if what == "quantize" else dense_fp8.out, folder)
+    shard, a, b = overlap_header(folder)
+    args = ("quantize", folder, tmp_path / "out") if what == "quantize" else ("verify", folder)
+    line = assert_one_line_error(run_cli(*args, cwd=tmp_path))
+    assert str(shard) in line and (f"'{a}'" in line or f"'{b}'" in line), line
+    assert not (tmp_path / "out").exists()

@@ -295,6 +295,7 @@ def test_non_finite_source_weight_fails_naming_the_tensor_and_leaves_nothing(den
 def test_overwrite_replaces_a_non_empty_output(dense_fp8, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "config.json").write_text("{}")       # an earlier checkpoint: --overwrite replaces only those
     (out / "stale.txt").write_text("old")
     quantize(dense_fp8.src, out, QuantizeOptions(overwrite=True))
     got, first = file_hashes(out), file_hashes(dense_fp8.out)
@@ -418,3 +419,39 @@ def test_moe_kept_tensors_are_byte_identical(moe_fp8):
     assert_fp8_equals_reference(src, out, linears)
     for n in kept:
         assert same_bytes(out[n], src[n]), n
+
+
+# ---------------------------------------------------------------- non-finite values and scale overflow
+
+@pytest.mark.parametrize("kept", ["lm_head.weight", "model.visual.blocks.0.attn.qkv.weight",
+                                  "model.language_model.norm.weight"])
+def test_non_finite_kept_tensor_fails_naming_it_and_leaves_nothing(dense_src, tmp_path, kept):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(dense_src, src)
+    sd = load_file(src / "model.safetensors")
+    sd[kept].view(-1)[sd[kept].numel() // 2] = float("nan") if "visual" in kept else float("-inf")
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    out_parent = tmp_path / "parent"
+    with pytest.raises(FP8VLError) as ei:
+        quantize(src, out_parent / "out", QuantizeOptions(workers=2))
+    assert kept in str(ei.value) and "NaN" in str(ei.value), ei.value
+    assert list(out_parent.iterdir()) == []
+
+
+def test_finite_weights_too_large_for_a_float16_scale_say_so(tmp_path):
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    w = torch.randn(256, 256).bfloat16()
+    w[7, 9] = 1e8                       # finite; 1e8 / 448 does not fit float16 (max 65504)
+    name = "model.layers.0.mlp.down_proj.weight"
+    save_file({name: w}, src / "model.safetensors", metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    with pytest.raises(FP8VLError) as ei:
+        quantize(src, tmp_path / "out", QuantizeOptions(scale_dtype="float16"))
+    msg = str(ei.value)
+    assert name in msg and "float16" in msg and "overflow" in msg and "non-finite" not in msg, msg
+    quantize(src, tmp_path / "out", QuantizeOptions(scale_dtype="bfloat16"))   # the fix the message gives

@@ -170,3 +170,15 @@ def test_fp8_tensor_without_scale_fails_naming_it_and_writes_nothing(dense_fp8, 
     with pytest.raises(FP8VLError, match=victim + ".weight"):
         dequantize(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_dequantized_output_has_a_card_of_its_own(round_trips):
+    first, bf16, _ = round_trips["dense"]
+    text = (bf16 / "README.md").read_text()
+    import yaml
+
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["license"] == "apache-2.0" and "dequantized" in meta["tags"] and "fp8" not in meta["tags"]
+    assert "fp8vl dequantize" in text and f"{first.name}" in text and "bfloat16" in text
+    assert str(first.parent) not in text and str(bf16.parent) not in text
+    assert "FP8 copy of" not in text           # not the FP8 card carried over

@@ -165,3 +165,68 @@ def test_shard_writer_close_fails_when_one_range_is_written_twice_and_another_ne
     w.write("a", 0, b"1234")
     with pytest.raises((FP8VLError, ValueError)):
         w.close()
+
+
+# ---------------------------------------------------------------- headers the safetensors library rejects
+
+def raw_file(path, header: dict, data: bytes):
+    """A .safetensors file with exactly this header (JSON) and data section, right or wrong."""
+    js = json.dumps(header).encode()
+    js += b" " * (-len(js) % 8)
+    path.write_bytes(struct.pack("<Q", len(js)) + js + data)
+    return path
+
+
+F32x2 = {"dtype": "F32", "shape": [2]}
+BAD_HEADERS = {   # case -> (header, data bytes, the tensor the message must name or None)
+    "overlapping offsets": ({"a": {**F32x2, "data_offsets": [0, 8]}, "b": {**F32x2, "data_offsets": [4, 12]}},
+                            bytes(12), "b"),
+    "same offsets twice": ({"a": {**F32x2, "data_offsets": [0, 8]}, "b": {**F32x2, "data_offsets": [0, 8]}},
+                           bytes(16), "b"),
+    "gap between tensors": ({"a": {**F32x2, "data_offsets": [0, 8]}, "b": {**F32x2, "data_offsets": [12, 20]}},
+                            bytes(20), "b"),
+    "first tensor not at 0": ({"a": {**F32x2, "data_offsets": [4, 12]}}, bytes(12), "a"),
+    "string offsets": ({"a": {**F32x2, "data_offsets": ["0", "8"]}}, bytes(8), "a"),
+    "float offsets": ({"a": {**F32x2, "data_offsets": [0.0, 8.0]}}, bytes(8), "a"),
+    "negative offsets": ({"a": {**F32x2, "data_offsets": [-8, 0]}}, bytes(8), "a"),
+    "end before begin": ({"a": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}}, bytes(8), "a"),
+    "three offsets": ({"a": {**F32x2, "data_offsets": [0, 8, 8]}}, bytes(8), "a"),
+    "negative dims": ({"a": {"dtype": "F32", "shape": [-2, -2], "data_offsets": [0, 16]}}, bytes(16), "a"),
+    "float dims": ({"a": {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}}, bytes(8), "a"),
+    "bool dims": ({"a": {"dtype": "U8", "shape": [True], "data_offsets": [0, 1]}}, bytes(8), "a"),
+    "shape not a list": ({"a": {"dtype": "F32", "shape": 2, "data_offsets": [0, 8]}}, bytes(8), "a"),
+    "entry not an object": ({"a": [1, 2]}, bytes(8), "a"),
+    "bytes after the last tensor": ({"a": {**F32x2, "data_offsets": [0, 8]}}, bytes(16), None),
+    "metadata not strings": ({"__metadata__": {"format": 1}, "a": {**F32x2, "data_offsets": [0, 8]}},
+                             bytes(8), None),
+}
+
+
+@pytest.mark.parametrize("case", BAD_HEADERS)
+def test_headers_the_safetensors_library_rejects_raise_one_fp8vl_error_naming_file_and_tensor(tmp_path, case):
+    header, data, tensor = BAD_HEADERS[case]
+    path = raw_file(tmp_path / "bad.safetensors", header, data)
+    with pytest.raises(Exception):                 # the library's own judgement: this file is invalid
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                f.get_tensor(name)
+    with pytest.raises(FP8VLError) as ei:
+        read_header(path)
+    msg = str(ei.value)
+    assert str(path) in msg and "\n" not in msg
+    if tensor is not None:
+        assert f"'{tensor}'" in msg, msg
+
+
+def test_a_valid_file_with_unaligned_tensors_is_read_exactly(tmp_path):
+    """Contiguous offsets after an odd-sized tensor are valid for the library, so they are for fp8vl."""
+    b = torch.tensor([1.5, -2.25, 3.0], dtype=torch.bfloat16)
+    data = bytes([7, 8, 9]) + as_bytes(b).numpy().tobytes()
+    path = raw_file(tmp_path / "odd.safetensors",
+                    {"a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+                     "b": {"dtype": "BF16", "shape": [3], "data_offsets": [3, 9]}}, data)
+    with safe_open(path, framework="pt") as f:
+        assert f.get_slice("b").get_shape() == [3]
+    infos, _ = read_header(path)
+    assert same_bytes(read_tensor(infos["b"]), b)
+    assert read_tensor(infos["a"]).tolist() == [7, 8, 9]

@@ -412,3 +412,49 @@ def test_cli_json_on_stdout_stays_parseable_with_plot(dense_fp8, tmp_path):
     assert r.returncode == 0, r.stderr
     assert png.read_bytes()[:8] == PNG_MAGIC
     assert json.loads(r.stdout)["ok"] is True
+
+
+# ---------------------------------------------------------------- NaN/Inf anywhere, tiny tiles, --plot
+
+@pytest.mark.parametrize("name", ["lm_head.weight", "model.visual.blocks.0.attn.qkv.weight"])
+def test_nan_or_inf_in_a_kept_tensor_fails_with_and_without_the_source(dense_fp8, tmp_path, name):
+    """Source and output both damaged the same way (made by a tool that let it through): still an error."""
+    src, out = copy_output(dense_fp8.src, tmp_path / "src"), copy_output(dense_fp8.out, tmp_path / "out")
+    for folder, value in ((src, float("nan")), (out, float("nan"))):
+        w = load_tensors(folder)[name].clone()
+        w[1, 2] = value
+        w[3, 4] = float("inf")
+        replace_tensors(folder, {name: w})
+    for r in (verify(out), verify(out, src)):
+        assert not r.ok
+        assert any(name in m and "2 NaN/Inf" in m for m in errors(r)), errors(r)
+
+
+def test_sqnr_of_tiny_weights_is_finite_and_exact(tmp_path):
+    """Weights of ~1e-39: their float32 squares underflow to 0; the SQNR must not come out infinite."""
+    src = tmp_path / "src"
+    src.mkdir()
+    g = torch.Generator().manual_seed(3)
+    tiny = "model.layers.0.mlp.down_proj.weight"
+    tensors = {tiny: (torch.randn(256, 256, generator=g) * 1e-39).bfloat16(),
+               "model.layers.0.mlp.up_proj.weight": torch.randn(256, 256, generator=g).bfloat16()}
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    (src / "tokenizer.json").write_text("{}")
+    (src / "chat_template.jinja").write_text("{{ messages }}")
+    quantize(src, tmp_path / "out", QuantizeOptions())
+    r = verify(tmp_path / "out", src)
+    figures, _ = expected_figures(tmp_path / "out", src)
+    got = {t.name: t for t in r.tensors}
+    assert math.isfinite(got[tiny].sqnr_db) and math.isfinite(figures[tiny][1])
+    assert got[tiny].sqnr_db == pytest.approx(figures[tiny][1], rel=1e-6)
+    assert got[tiny].rel_error == pytest.approx(figures[tiny][0], rel=1e-6)
+
+
+def test_plot_without_source_fails_before_any_check(dense_fp8, tmp_path):
+    png = tmp_path / "sqnr.png"
+    r = run_cli("verify", dense_fp8.out, "--plot", png, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--source" in lines[0]
+    assert r.stdout.strip() == "" and not png.exists()           # no report printed: nothing was checked

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from collections import Counter
 from pathlib import Path
 
@@ -32,14 +33,36 @@ def source_front_matter(source: Path) -> dict[str, object]:
                                  "pipeline_tag", "library_name") if k in data}
 
 
-def base_model_id(source: Path, hub_id: str | None) -> str:
-    if hub_id:
-        return hub_id
-    # A hub snapshot folder: .../models--owner--name/snapshots/<rev>
+def hub_id(source: Path) -> str | None:
+    """``owner/name`` of a hub snapshot folder (``.../models--owner--name/snapshots/<rev>``), else None."""
     for part in source.parts:
         if part.startswith("models--"):
             return part[len("models--"):].replace("--", "/", 1)
-    return source.name
+    return None
+
+
+def base_model_id(source: Path, hub: str | None = None) -> str:
+    """The hub id when there is one; for a local folder its name (not a hub id: never linked)."""
+    return hub or hub_id(source) or source.name
+
+
+def quantize_command(source: str, output: str, opts: QuantizeOptions) -> str:
+    """The command that makes this output again, with the options that shape it (not --workers or
+    --device: the output is byte-identical either way) and no local paths."""
+    args = ["fp8vl", "quantize", source, output]
+    if opts.format != "fp8":
+        args += ["--format", opts.format]
+    if opts.scale_dtype:
+        args += ["--scale-dtype", opts.scale_dtype]
+    for pattern in opts.ignore:
+        args += ["--ignore", pattern]
+    if opts.quantize_vision:
+        args.append("--quantize-vision")
+    if opts.max_shard_size != QuantizeOptions().max_shard_size:
+        args += ["--max-shard-size", str(opts.max_shard_size)]
+    if opts.revision:
+        args += ["--revision", opts.revision]
+    return " ".join(shlex.quote(a) for a in args)
 
 
 def _yaml(meta: dict[str, object]) -> str:
@@ -48,9 +71,13 @@ def _yaml(meta: dict[str, object]) -> str:
     return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip()
 
 
-def render(res, opts: QuantizeOptions, command: str | None, hub_id: str | None = None) -> str:
+def render(res, opts: QuantizeOptions, hub: str | None = None) -> str:
     meta = source_front_matter(res.source)
-    base = base_model_id(res.source, hub_id)
+    hub = hub or hub_id(res.source)
+    base = base_model_id(res.source, hub)
+    name = res.output.name if res.output is not None else f"{Path(base).name}-FP8"
+    made_from = f"[{base}](https://huggingface.co/{base})" if hub else \
+        f"the local model `{base}` (not a hub repo: set `base_model` above to its hub id before uploading)"
     tags = list(dict.fromkeys(list(meta.pop("tags", []) or []) + ["fp8", "quantized", "fp8vl"]))
     front = {"base_model": base, "base_model_relation": "quantized", **meta, "tags": tags}
     groups = Counter()
@@ -61,8 +88,8 @@ def render(res, opts: QuantizeOptions, command: str | None, hub_id: str | None =
         "compressed-tensors FP8_BLOCK (`weight_scale`)"
     lines = [
         "---", _yaml(front), "---", "",
-        f"# {Path(base).name}-FP8", "",
-        f"FP8 copy of [{base}](https://huggingface.co/{base}) made with fp8vl {__version__}: "
+        f"# {name}", "",
+        f"FP8 copy of {made_from} made with fp8vl {__version__}: "
         "language-model linear weights in FP8 E4M3 with one scale per 128x128 block, activations "
         "quantized at run time per token and per 128 channels (W8A8, dynamic). No calibration data.",
         "",
@@ -88,19 +115,48 @@ def render(res, opts: QuantizeOptions, command: str | None, hub_id: str | None =
         "## Tensor parallelism", "",
         summarize(res.tp) + ".", "",
         "## Serve it", "",
-        "```bash", f"vllm serve {Path(base).name}-FP8 --max-model-len 16384", "```", "",
+        "```bash", f"vllm serve {shlex.quote(name)} --max-model-len 16384", "```", "",
         "FP8 tensor cores need compute capability 8.9 or newer (RTX 40xx, L4, H100, RTX 50xx); "
         "on 8.0/8.6 vLLM runs these weights through its weight-only FP8 path. "
         "`fp8vl plan` sizes `--max-model-len` for a given GPU.",
         "",
         "## How it was made", "",
-        "```bash", command or f"fp8vl quantize {base} OUTPUT", "```", "",
+        "```bash", quantize_command(base, name, opts), "```", "",
     ]
     return "\n".join(lines)
 
 
-def write_card(out: Path, res, opts: QuantizeOptions, command: str | None) -> None:
-    (out / "README.md").write_text(render(res, opts, command))
+def write_card(out: Path, res, opts: QuantizeOptions) -> None:
+    (out / "README.md").write_text(render(res, opts))
+
+
+def write_dequantized_card(tmp: Path, source: Path, out: Path, dtype: str) -> None:
+    """A short card for ``fp8vl dequantize``'s output (the FP8 card would describe the wrong model)."""
+    meta = source_front_matter(source)
+    tags = [t for t in meta.pop("tags", []) or [] if t not in ("fp8", "quantized")]
+    front: dict[str, object] = {}
+    card = source / "README.md"
+    m = FRONT.match(card.read_text(errors="replace")) if card.is_file() else None
+    try:
+        import yaml
+
+        base = (yaml.safe_load(m.group(1)) or {}).get("base_model") if m else None
+    except Exception:
+        base = None
+    if isinstance(base, str) and "/" in base:      # a hub id: the original model
+        front["base_model"] = base
+    front.update({**meta, "tags": list(dict.fromkeys(tags + ["fp8vl", "dequantized"]))})
+    src = hub_id(source) or source.name
+    cmd = ["fp8vl", "dequantize", src, out.name] + (["--dtype", dtype] if dtype != "bfloat16" else [])
+    text = "\n".join([
+        "---", _yaml(front), "---", "",
+        f"# {out.name}", "",
+        f"{dtype} copy of the FP8 block-quantized checkpoint `{src}`, made with fp8vl {__version__}: every FP8 "
+        "weight is its codes times its block scale, exactly; every other tensor and file is unchanged and "
+        "`quantization_config` is removed. The FP8 rounding stays in the weights: this is not the model the "
+        "FP8 copy was made from.", "",
+        "```bash", " ".join(shlex.quote(a) for a in cmd), "```", ""])
+    (tmp / "README.md").write_text(text)
 
 
 def update_card(path: Path, section: str) -> None:

@@ -6,8 +6,10 @@ or FP8VL_DEBUG=1.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -63,11 +65,10 @@ def quantize_cmd(
     if opts.dry_run:
         quantize(source, None, opts, on_plan=lambda plan: print_plan(plan, console))
         return
-    command = "fp8vl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=True) as bar:
         task = bar.add_task("quantizing", total=None)
-        res = quantize(source, output, opts, command=command, on_plan=lambda plan: print_plan(plan, console),
+        res = quantize(source, output, opts, on_plan=lambda plan: print_plan(plan, console),
                        progress=lambda done, total: bar.update(task, completed=done, total=total))
     print_summary(res, console)
 
@@ -102,6 +103,8 @@ def verify_cmd(
     from .card import update_card as write_section
     from .verify import card_section, layer_sqnr_plot, verify
 
+    if plot is not None and source is None:   # before the checks, which take a while on a large model
+        raise FP8VLError("--plot needs --source (the chart shows the error against the source)")
     r = verify(output, source)
     if json_out is not None and str(json_out) == "-":
         print(r.to_json())
@@ -331,9 +334,30 @@ def demo_cmd(
     run_demo(workdir, console)
 
 
+class Terminated(BaseException):
+    """SIGTERM (``timeout``, SLURM, ``docker stop``), raised in the main thread so that cleanup runs as
+    for Ctrl-C: a BaseException, so no ``except Exception`` swallows it."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # once: a second SIGTERM must not cut the cleanup short
+    raise Terminated()
+
+
+class _Notes(logging.Handler):
+    """fp8vl's log warnings (e.g. a stale staging folder removed) as ``note:`` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(f"[yellow]note:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     import click
 
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    log = logging.getLogger("fp8vl")
+    log.addHandler(_Notes())
+    log.propagate = False
     try:
         rc = app(standalone_mode=False)   # exceptions come here, not to click's own handler
     except FP8VLError as e:
@@ -341,6 +365,9 @@ def main() -> None:
             raise
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except Terminated:
+        err.print("terminated (SIGTERM); nothing half-written was left behind")
+        sys.exit(143)
     except (KeyboardInterrupt, click.exceptions.Abort):
         err.print("interrupted; nothing half-written was left behind")
         sys.exit(130)

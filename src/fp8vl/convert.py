@@ -18,14 +18,14 @@ import torch
 
 from .errors import FP8VLError
 from .formats import quantization_config, scale_suffix
-from .kernel import BLOCK, fp8_nan_count, quantize_weight
+from .kernel import BLOCK, all_finite, fp8_nan_count, non_finite_count, quantize_weight
 from .options import QuantizeOptions
-from .plan import Entry, Plan, make_plan, scale_shape
+from .plan import Entry, Plan, make_plan, scale_shape, text_config
 from .shards import NAMES, Scratch, ShardWriter, Slot, TensorInfo, read_bytes, read_rows
 from .source import Checkpoint, check_dtypes, open_checkpoint, resolve
 from .tp import tp_report
-from .writer import (Job, assign_shards, check_output, check_paths, copy_jobs, copy_other_files, staging,
-                     write_config, write_index, write_shards)
+from .writer import (Job, Staging, assign_shards, bytes_to_write, check_output, check_paths, copy_files, copy_jobs,
+                     other_files, write_config, write_index, write_shards)
 
 CHUNK_BYTES = 4 << 20     # source bytes per quantize job: fits in L2/L3 next to its float32 copy
 
@@ -80,29 +80,35 @@ def _jobs(e: Entry, t: TensorInfo, fmt: str, scale_dtype: torch.dtype, device: s
           writer: ShardWriter) -> list[Job]:
     """Jobs that together write entry ``e`` (and its scale) into ``writer``."""
     if not e.quantize:
-        return copy_jobs(e.name, t, writer)
+        return copy_jobs(e.name, t, writer, finite=True)
     scale_name = f"{e.module}.{scale_suffix(fmt)}"
     n_out, k = e.shape
     s_item = torch.empty((), dtype=scale_dtype).element_size()
     s_cols = scale_shape(e)[1]
 
-    def put(r0: int, q: torch.Tensor, s: torch.Tensor) -> None:
-        if fp8_nan_count(q):
-            raise FP8VLError(f"tensor {e.source}: quantization produced NaN (source has NaN/Inf?)")
-        if not torch.isfinite(s.float()).all() or (s.float() <= 0).any():
-            raise FP8VLError(f"tensor {e.source}: non-finite weights give an invalid scale; fix the source")
+    def put(r0: int, w: torch.Tensor) -> None:
+        q, s = _quantize_job(w, scale_dtype, device)
+        if fp8_nan_count(q) or not all_finite(s) or (s.float() <= 0).any():
+            # Either the source holds NaN/Inf, or finite weights too large for the scale dtype: say which.
+            if not all_finite(w):
+                raise FP8VLError(f"{t.file}: tensor {e.source} holds {non_finite_count(w)} NaN/Inf value(s); "
+                                 f"fix the source")
+            amax = float(w.abs().max())
+            raise FP8VLError(f"tensor {e.source}: its largest value {amax:.3g} needs a scale of {amax / 448:.3g}, "
+                             f"which overflows a {scale_dtype_name(scale_dtype)} scale; use --scale-dtype float32 "
+                             f"or bfloat16")
         writer.write(e.name, r0 * k, q)
         writer.write(scale_name, (r0 // BLOCK) * s_cols * s_item, s)
 
     if e.expert is not None:
         def expert_job(scratch: Scratch) -> None:
-            put(0, *_quantize_job(source_matrix(t, e, scratch), scale_dtype, device))
+            put(0, source_matrix(t, e, scratch))
         return [(n_out * k * t.itemsize, expert_job)]
 
     rows = max(BLOCK, (CHUNK_BYTES // max(1, k * t.itemsize)) // BLOCK * BLOCK)
 
     def rows_job(r0: int, r1: int) -> Callable[[Scratch], None]:
-        return lambda scratch: put(r0, *_quantize_job(read_rows(t, r0, r1, scratch), scale_dtype, device))
+        return lambda scratch: put(r0, read_rows(t, r0, r1, scratch))
     return [((min(r0 + rows, n_out) - r0) * k * t.itemsize, rows_job(r0, min(r0 + rows, n_out)))
             for r0 in range(0, n_out, rows)]
 
@@ -113,7 +119,8 @@ def quantize(source: str | Path, output: str | Path | None, opts: QuantizeOption
     """Convert ``source`` (folder or hub id) to FP8 in ``output``; with ``opts.dry_run``, only plan.
 
     ``on_plan(result)`` is called once the plan is made, before anything is written;
-    ``progress(done_bytes, total_bytes)`` as jobs finish.
+    ``progress(done_bytes, total_bytes)`` as jobs finish. ``command`` is accepted for older callers
+    and unused: the card rebuilds the command from ``opts``, without local paths.
     """
     t0 = time.perf_counter()
     src = resolve(source, opts.revision)
@@ -146,8 +153,12 @@ def quantize(source: str | Path, output: str | Path | None, opts: QuantizeOption
         return [] if e is None else _jobs(e, ckpt.tensors[e.source], opts.format, scale_dtype, opts.device,
                                           writer)
 
-    with staging(out) as tmp:
-        res.copied, res.skipped = copy_other_files(src, tmp, ckpt.weight_files)
+    copied, res.skipped = other_files(src, ckpt.weight_files)
+    need = bytes_to_write(src, copied, res.bytes_out, sum(len(u) for u in units))
+    with Staging(src, out, opts.overwrite) as stage:
+        tmp = stage.begin(need)
+        copy_files(src, tmp, copied)
+        res.copied = copied
         shards = assign_shards(units, opts.max_shard_size)
         weight_map = write_shards(tmp, shards, jobs_for, opts.workers, progress, res.bytes_in)
         res.shards = sorted(set(weight_map.values()))
@@ -158,9 +169,14 @@ def quantize(source: str | Path, output: str | Path | None, opts: QuantizeOption
         res.seconds = time.perf_counter() - t0
         from .card import write_card
 
-        write_card(tmp, res, opts, command)
+        write_card(tmp, res, opts)
+        stage.commit()
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def scale_dtype_name(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
 
 
 def _source_bytes(e: Entry, t: TensorInfo) -> int:
@@ -169,7 +185,7 @@ def _source_bytes(e: Entry, t: TensorInfo) -> int:
 
 def _model_dtype(ckpt: Checkpoint) -> str:
     d = ckpt.config.get("torch_dtype") or ckpt.config.get("dtype") or \
-        ckpt.config.get("text_config", {}).get("dtype") or "bfloat16"
+        text_config(ckpt.config).get("dtype") or "bfloat16"
     return d if d in ("bfloat16", "float32", "float16") else "bfloat16"
 
 

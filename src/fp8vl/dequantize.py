@@ -14,8 +14,8 @@ from .errors import FP8VLError
 from .kernel import BLOCK, dequantize_weight
 from .shards import NAMES, Scratch, ShardWriter, Slot, TensorInfo, read_rows
 from .source import open_checkpoint
-from .writer import (Job, assign_shards, check_output, check_paths, copy_jobs, copy_other_files, staging,
-                     write_config, write_index, write_shards)
+from .writer import (Job, Staging, assign_shards, bytes_to_write, check_output, check_paths, copy_files, copy_jobs,
+                     other_files, write_config, write_index, write_shards)
 
 SCALES = ("weight_scale_inv", "weight_scale")
 CHUNK_BYTES = 8 << 20     # FP8 bytes per job
@@ -65,13 +65,20 @@ def dequantize(source: str | Path, output: str | Path, dtype: str = "bfloat16", 
         return [((min(r0 + rows, n) - r0) * k, job(r0, min(r0 + rows, n))) for r0 in range(0, n, rows)]
 
     total = sum(t.nbytes for t in ckpt.tensors.values())
-    with staging(out) as tmp:
-        copy_other_files(src, tmp, ckpt.weight_files)
+    out_bytes = sum(s.nbytes for u in units for s in u)
+    copied, _ = other_files(src, ckpt.weight_files)
+    with Staging(src, out, overwrite) as stage:
+        tmp = stage.begin(bytes_to_write(src, copied, out_bytes, len(units)))
+        copy_files(src, tmp, copied)
         weight_map = write_shards(tmp, assign_shards(units, max_shard_size), jobs_for, workers, progress, total)
-        write_index(tmp, weight_map, sum(s.nbytes for u in units for s in u))
+        write_index(tmp, weight_map, out_bytes)
         config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
         if isinstance(config.get("text_config"), dict):
             config["text_config"] = {k: v for k, v in config["text_config"].items() if k != "quantization_config"}
         write_config(tmp, config)
         check_output(tmp, {s.name: s for u in units for s in u}, None)
+        from .card import write_dequantized_card
+
+        write_dequantized_card(tmp, src, out, dtype)
+        stage.commit()
     return out

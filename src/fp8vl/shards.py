@@ -12,6 +12,7 @@ spaces to a multiple of 8, then the tensors' bytes back to back.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -91,29 +92,59 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise FP8VLError(f"{path}: cannot read safetensors header ({e}); {fix}") from e
     if not isinstance(header, dict):
-        raise FP8VLError(f"{path}: corrupt safetensors header; {fix}")
+        raise FP8VLError(f"{path}: corrupt safetensors header (not a JSON object); {fix}")
     meta = header.pop("__metadata__", None) or {}
-    data_start, data_len = 8 + n, size - 8 - n
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FP8VLError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings); {fix}")
+    return _check_entries(path, header, 8 + n, size), meta
+
+
+def _is_count(x: object) -> bool:
+    """A non-negative JSON integer (bool is an int in Python, not in JSON)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_entries(path: Path, header: dict, data_start: int, size: int) -> dict[str, TensorInfo]:
+    """The safetensors library's rules, each failure one line naming file and tensor: dtype known,
+    shape a list of non-negative ints, data_offsets two non-negative ints with begin <= end and
+    end - begin = numel * itemsize; the tensors, in offset order, tile the data section exactly
+    (first at 0, each where the previous ends, the last at the end of the file)."""
+    fix = "re-download or re-save this file"
+    data_len = size - data_start
     tensors: dict[str, TensorInfo] = {}
     for name, h in header.items():
-        try:
-            dtype, shape, (begin, end) = h["dtype"], tuple(int(d) for d in h["shape"]), h["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise FP8VLError(f"{path}: corrupt header entry for tensor {name!r}; {fix}") from e
-        if dtype not in ITEMSIZE:
+        def bad(what: str) -> FP8VLError:
+            return FP8VLError(f"{path}: corrupt header entry for tensor {name!r} ({what}); {fix}")
+        if not isinstance(h, dict) or not {"dtype", "shape", "data_offsets"} <= set(h):
+            raise bad("needs dtype, shape and data_offsets")
+        dtype, shape, offsets = h["dtype"], h["shape"], h["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise bad(f"shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise bad(f"data_offsets {offsets!r} are not two non-negative integers")
+        begin, end = offsets
+        if end < begin:
+            raise bad(f"data_offsets {offsets} end before they begin")
+        if dtype not in DTYPES:
             raise FP8VLError(f"{path}: tensor {name!r} has dtype {dtype}, which fp8vl cannot read")
-        numel = 1
-        for d in shape:
-            numel *= d
-        info = TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)
-        if end - begin != numel * info.itemsize or begin < 0:
+        info = TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+        if end - begin != math.prod(shape) * info.itemsize:
             raise FP8VLError(f"{path}: tensor {name!r} size does not match its shape; {fix}")
         if end > data_len:
             raise FP8VLError(
                 f"{path}: truncated: tensor {name!r} ends at byte {data_start + end}, file has {size}; {fix}"
             )
         tensors[name] = info
-    return tensors, meta
+    pos = data_start
+    for t in sorted(tensors.values(), key=lambda t: (t.offset, t.nbytes, t.name)):
+        if t.offset != pos:
+            what = "overlaps the bytes of another tensor" if t.offset < pos else \
+                f"starts {t.offset - pos} bytes after the previous tensor ends (a gap)"
+            raise FP8VLError(f"{path}: corrupt header: tensor {t.name!r} {what}; {fix}")
+        pos += t.nbytes
+    if pos != size:
+        raise FP8VLError(f"{path}: corrupt header: {size - pos} bytes after the last tensor belong to no tensor; {fix}")
+    return tensors
 
 
 class Scratch:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .errors import FP8VLError
 from .shards import TensorInfo, read_header
@@ -15,6 +16,9 @@ FLOAT_SOURCES = {"BF16", "F16", "F32"}
 # Weight files in other formats: never copied next to the FP8 shards (a loader could pick them up).
 OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+SKIP_DIRS = {".git", ".cache", ".huggingface"}   # not part of the model: never read or copied
+JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+              bool: "a boolean", type(None): "null"}
 
 
 @dataclass(frozen=True)
@@ -48,13 +52,38 @@ def resolve(source: str | Path, revision: str | None = None) -> Path:
 
 
 def read_config(path: Path) -> dict:
+    """config.json as a dict whose ``text_config``, ``vision_config`` and ``quantization_config`` (where
+    present) are dicts too, so every later ``.get`` is safe; anything else is one FP8VLError line."""
     cfg = path / "config.json"
     if not cfg.is_file():
         raise FP8VLError(f"{path}: no config.json; SOURCE must be a Hugging Face model folder")
     try:
-        return json.loads(cfg.read_text())
+        config = json.loads(cfg.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise FP8VLError(f"{cfg}: not valid JSON ({e}); restore the file from the original model") from e
+    fix = "restore the file from the original model"
+    if not isinstance(config, dict):
+        raise FP8VLError(f"{cfg}: holds {JSON_TYPES.get(type(config), 'a value')}, not an object; {fix}")
+    text = config.get("text_config")
+    for where, d, key in [("", config, k) for k in ("text_config", "vision_config", "quantization_config")] + \
+            ([("text_config.", text, "quantization_config")] if isinstance(text, dict) else []):
+        if key in d and not isinstance(d[key], dict):
+            raise FP8VLError(f"{cfg}: {where}{key} is {JSON_TYPES.get(type(d[key]), 'a value')}, not an object; {fix}")
+    return config
+
+
+def check_tree(path: Path) -> None:
+    """Every file fp8vl may read or copy exists and is a regular file: a broken symlink (or a device,
+    a pipe) is named before anything is opened. Symlinks to files are fine: the hub cache is made of them."""
+    for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
+        for f in files:
+            p = Path(root) / f
+            if p.is_symlink() and not p.exists():
+                raise FP8VLError(f"{p}: broken symlink (points to {os.readlink(p)}, which does not exist); "
+                                 f"download the file again or delete the link")
+            if not p.is_file():
+                raise FP8VLError(f"{p}: not a regular file (a device, pipe or socket); remove it from SOURCE")
 
 
 def shard_files(path: Path) -> list[Path]:
@@ -64,7 +93,14 @@ def shard_files(path: Path) -> list[Path]:
             wmap = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError, TypeError) as e:
             raise FP8VLError(f"{index}: corrupt index ({e}); restore it or delete it") from e
+        if not isinstance(wmap, dict) or not all(isinstance(f, str) for f in wmap.values()):
+            raise FP8VLError(f"{index}: corrupt index (weight_map must map tensor names to file names); "
+                             f"restore it or delete it")
         files = list(dict.fromkeys(wmap.values()))
+        for f in files:   # checked as written, before anything is opened: a symlink inside SOURCE may point out
+            if os.path.isabs(f) or ".." in PurePosixPath(f).parts:
+                raise FP8VLError(f"{index} names shard {f}, a path outside {path}; an index may only name "
+                                 f"files inside SOURCE: restore it or delete it")
         for f in files:
             if not (path / f).is_file():
                 raise FP8VLError(f"{index} names shard {f}, which is missing from {path}; download it again")
@@ -79,6 +115,7 @@ def shard_files(path: Path) -> list[Path]:
 
 def open_checkpoint(path: Path, allow_quantized: bool = False) -> Checkpoint:
     """Read config and every shard header up front, so bad input fails before anything is written."""
+    check_tree(path)
     config = read_config(path)
     files = shard_files(path)
     tensors: dict[str, TensorInfo] = {}
@@ -92,11 +129,11 @@ def open_checkpoint(path: Path, allow_quantized: bool = False) -> Checkpoint:
     if index.is_file():
         wmap = json.loads(index.read_text())["weight_map"]
         for name, fname in wmap.items():
-            if name not in tensors or tensors[name].file.name != fname:
+            if name not in tensors or tensors[name].file != path / fname:
                 raise FP8VLError(f"{index}: says {name} is in {fname}, but it is not there; "
                                  f"the index and the shards disagree: download them again")
     if not allow_quantized:
-        qc = config.get("quantization_config") or config.get("text_config", {}).get("quantization_config")
+        qc = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
         if qc:
             raise FP8VLError(
                 f"{path / 'config.json'}: already quantized (quantization_config with quant_method "

@@ -18,7 +18,7 @@ import torch
 
 from .convert import source_matrix
 from .errors import FP8VLError
-from .kernel import BLOCK, cdiv, dequantize_weight, fp8_nan_count
+from .kernel import BLOCK, all_finite, cdiv, dequantize_weight, non_finite_count
 from .options import QuantizeOptions
 from .plan import LAYER, VISION_PARTS, make_plan
 from .shards import TensorInfo, read_bytes, read_rows
@@ -125,12 +125,16 @@ def _is_decoder_linear(name: str, shape: tuple[int, ...]) -> bool:
             and not (parts & VISION_PARTS) and "norm" not in name and not name.endswith("mlp.gate.weight"))
 
 
-def _scan_fp8(t: TensorInfo) -> int:
-    nan = 0
+def _non_finite(t: TensorInfo) -> int:
+    """NaN/Inf values in a tensor of any floating dtype (0 for integer tensors), 64 MB at a time."""
+    if not t.torch_dtype.is_floating_point:
+        return 0
+    bad = 0
     for at in range(0, t.nbytes, SCAN_BYTES):
-        chunk = read_bytes(t.file, t.offset + at, min(SCAN_BYTES, t.nbytes - at))
-        nan += fp8_nan_count(chunk.view(torch.float8_e4m3fn))
-    return nan
+        chunk = read_bytes(t.file, t.offset + at, min(SCAN_BYTES, t.nbytes - at)).view(t.torch_dtype)
+        if not all_finite(chunk):
+            bad += non_finite_count(chunk)
+    return bad
 
 
 def check_structure(ckpt: Checkpoint, r: Report) -> dict[str, tuple[TensorInfo, TensorInfo]]:
@@ -174,12 +178,16 @@ def check_structure(ckpt: Checkpoint, r: Report) -> dict[str, tuple[TensorInfo, 
         module = name.rsplit(".", 1)[0]
         if info.dtype.startswith("F8") and not any(f"{module}.{s}" in t for s in SCALE_NAMES):
             r.add("error", "tensors", f"{name}: {info.dtype} tensor without a weight scale")
-    nan = {n: _scan_fp8(w) for n, (w, _) in pairs.items()}
-    for n, k in nan.items():
+    # Every tensor, kept or quantized: a kept lm_head or vision tensor with NaN is as broken as an FP8 one.
+    for n, info in t.items():
+        if n.endswith(SCALE_NAMES):
+            continue                  # checked above: finite and > 0
+        k = _non_finite(info)
         if k:
-            r.add("error", "tensors", f"{n}: {k} NaN value(s) in the FP8 weight")
+            r.add("error", "tensors", f"{n}: {k} NaN/Inf value(s) ({info.dtype}, {info.file.name})")
     if pairs and not any(c.name == "tensors" and c.level == "error" for c in r.checks):
-        r.add("ok", "tensors", f"{len(pairs)} FP8 weights with scales of the right shape; no NaN, no zero scale")
+        r.add("ok", "tensors", f"{len(pairs)} FP8 weights with scales of the right shape; no NaN or Inf in any "
+                               f"tensor, no zero scale")
 
     # modules_to_not_convert: every listed name exists, every BF16 linear is listed.
     modules = {n.rsplit(".", 1)[0] for n in t}
@@ -267,8 +275,9 @@ def compare_source(ckpt: Checkpoint, src: Checkpoint, pairs: dict[str, tuple[Ten
         step = 8 * BLOCK
         for r0 in range(0, w.shape[0], step):
             r1 = min(r0 + step, w.shape[0])
-            dq = dequantize_weight(read_rows(w, r0, r1), scale[r0 // BLOCK: cdiv(r1, BLOCK)], torch.float32)
-            x = ref[r0:r1].float()
+            # float64: squares of float32 values below ~1e-19 underflow to 0 in float32 (SQNR "inf")
+            dq = dequantize_weight(read_rows(w, r0, r1), scale[r0 // BLOCK: cdiv(r1, BLOCK)], torch.float64)
+            x = ref[r0:r1].double()
             err2 += float(((x - dq) ** 2).sum())
             sig2 += float((x ** 2).sum())
         rel = math.sqrt(err2 / sig2) if sig2 else 0.0

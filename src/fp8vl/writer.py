@@ -4,71 +4,198 @@ the index, the non-weight files, and the check after writing. Shared by quantize
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
+from filelock import FileLock, Timeout
 
 from .errors import FP8VLError
+from .kernel import all_finite, non_finite_count
 from .shards import Scratch, ShardWriter, Slot, TensorInfo, read_bytes
-from .source import INDEX, OTHER_WEIGHTS
+from .source import INDEX, OTHER_WEIGHTS, SKIP_DIRS
 
-SKIP_DIRS = {".git", ".cache", ".huggingface"}
+log = logging.getLogger("fp8vl")
 COPY_BYTES = 16 << 20     # bytes per job when copying a tensor unchanged (x 2 x workers in flight)
 Job = tuple[int, Callable[[Scratch], None]]   # (source bytes it covers, the work given a read buffer)
 
 
-def copy_jobs(name: str, t: TensorInfo, writer: ShardWriter) -> list[Job]:
-    """Copy tensor ``t`` byte for byte into ``writer`` as ``name``, 64 MB at a time."""
+def copy_jobs(name: str, t: TensorInfo, writer: ShardWriter, finite: bool = False) -> list[Job]:
+    """Copy tensor ``t`` byte for byte into ``writer`` as ``name``, 16 MB at a time; with ``finite``,
+    a floating-point tensor holding NaN or Inf is refused (one min/max pass per chunk)."""
+    check = finite and t.dtype in ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
+
     def job(at: int, n: int) -> Callable[[Scratch], None]:
-        return lambda scratch: writer.write(name, at, read_bytes(t.file, t.offset + at, n, scratch))
+        def run(scratch: Scratch) -> None:
+            data = read_bytes(t.file, t.offset + at, n, scratch)
+            if check and not all_finite(data.view(t.torch_dtype)):
+                bad = non_finite_count(data.view(t.torch_dtype))
+                raise FP8VLError(f"{t.file}: tensor {t.name} holds {bad} NaN/Inf value(s) (it is kept as "
+                                 f"{t.dtype}, not quantized); fix the source")
+            writer.write(name, at, data)
+        return run
     spans = [(at, min(COPY_BYTES, t.nbytes - at)) for at in range(0, t.nbytes, COPY_BYTES)] or [(0, 0)]
     return [(n, job(at, n)) for at, n in spans]
 
 
 def check_paths(source: Path, output: Path, overwrite: bool) -> None:
+    """OUTPUT outside SOURCE; absent or empty, or (with ``overwrite``) a checkpoint folder."""
     if output == source or source in output.parents:
         raise FP8VLError(f"{output}: OUTPUT must not be SOURCE or inside it; choose a folder outside {source}")
     if output in source.parents:
         raise FP8VLError(f"{output}: OUTPUT contains SOURCE; choose another folder")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise FP8VLError(f"{output}: is a file, not a folder (--overwrite replaces only checkpoint folders); "
+                         f"move it away or choose another OUTPUT")
+    entries = sorted(p.name for p in output.iterdir())
+    if entries and not overwrite:
         raise FP8VLError(f"{output}: exists and is not empty; pass --overwrite to replace it")
+    if entries and not ("config.json" in entries or any(e.endswith(".safetensors") for e in entries)):
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise FP8VLError(f"{output}: --overwrite replaces only a checkpoint folder (with config.json or "
+                         f".safetensors files), and this one holds {shown}; choose another OUTPUT")
 
 
-@contextmanager
-def staging(out: Path) -> Iterator[Path]:
-    """A hidden folder beside ``out``, renamed to ``out`` only if the block completes.
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
-    An old ``out`` (with --overwrite) is moved aside first and deleted last; on any failure or
-    interrupt the staging folder is removed, so nothing half-written looks complete.
-    """
-    tmp = out.parent / f".{out.name}.fp8vl-partial-{os.getpid()}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+
+def _alive(pid: int) -> bool:
     try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.fp8vl-old-{os.getpid()}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
-def copy_other_files(src: Path, dst: Path, weight_files: tuple[Path, ...],
-                     rewritten: tuple[str, ...] = ("config.json", "README.md")) -> tuple[list[str], list[str]]:
-    """Copy every non-weight file byte for byte; returns (copied, skipped weights in other formats)."""
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+class Staging:
+    """One writer per OUTPUT, and nothing half-written that looks complete.
+
+    ``with Staging(source, out, overwrite) as st`` takes the lock ``.NAME.fp8vl-lock`` beside OUTPUT
+    (an flock: the kernel releases it when the process ends, SIGKILL included; a second run is
+    refused), checks OUTPUT under the lock, and removes a staging folder left by a run that no
+    longer holds the lock (saying so). ``st.begin(need)`` checks the free space and returns the
+    folder to write into, ``.NAME.fp8vl-partial/output``; ``st.commit()`` renames it to OUTPUT.
+    Leaving the block removes the staging folder (after commit it holds only the replaced OUTPUT)
+    and the lock file; a full disk becomes one FP8VLError line.
+
+    The staging folder is named after OUTPUT, not after a process, and records its owner in
+    ``owner.json``: whoever holds the lock owns it, so a later run can tell a dead run's folder
+    from a live one's (and could resume from it instead of removing it).
+    """
+
+    def __init__(self, source: Path, out: Path, overwrite: bool):
+        self.source, self.out, self.overwrite = source, out, overwrite
+        self.dir = out.parent / f".{out.name}.fp8vl-partial"
+        self.lock_file = out.parent / f".{out.name}.fp8vl-lock"
+        self.lock = FileLock(self.lock_file, timeout=0)
+
+    def __enter__(self) -> "Staging":
+        made_parent = not self.out.parent.exists()
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+            held = self.lock_file.exists()
+            if not held:                  # we locked a file the previous owner had just unlinked
+                self.lock.release()
+        except Timeout:                   # (an OSError too: caught first)
+            held = False
+        except OSError as e:
+            raise FP8VLError(f"{self.out.parent}: cannot write there ({e.strerror}); choose another OUTPUT") from e
+        if not held:
+            if made_parent:
+                try:
+                    self.out.parent.rmdir()
+                except OSError:
+                    pass
+            raise FP8VLError(f"{self.out}: another fp8vl run is writing it (it holds {self.lock_file}); "
+                             f"wait for it to finish or choose another OUTPUT")
+        try:
+            check_paths(self.source, self.out, self.overwrite)   # again, now that no other run can change it
+            self._remove_stale()
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def _remove_stale(self) -> None:
+        """We hold the lock, so a staging folder here belongs to a run that ended without cleaning up
+        (killed, or the machine went down); earlier versions named theirs after their PID."""
+        if self.dir.exists() or self.dir.is_symlink():
+            try:
+                o = json.loads((self.dir / "owner.json").read_text())
+                owner = f"pid {o['pid']} on {o['host']}, started {o['started']}"
+            except (OSError, ValueError, KeyError, TypeError):
+                owner = "owner unknown"
+            _remove(self.dir)
+            log.warning(f"removed {self.dir}: left by an fp8vl run that did not finish ({owner})")
+        for p in self.out.parent.glob(f".{glob.escape(self.out.name)}.fp8vl-*-*"):
+            m = re.fullmatch(r"\.(.+)\.fp8vl-(?:partial|old)-(\d+)", p.name)
+            if m and m.group(1) == self.out.name and not _alive(int(m.group(2))):
+                _remove(p)
+                log.warning(f"removed {p}: left by an fp8vl run that did not finish (pid {m.group(2)})")
+
+    def begin(self, need: int) -> Path:
+        """Check that ``need`` bytes fit beside OUTPUT; create the staging folder; return where to write."""
+        free = shutil.disk_usage(self.out.parent).free
+        if need > free:
+            raise FP8VLError(f"{self.out}: needs {_size(need)} but {self.out.parent} has {_size(free)} free; "
+                             f"free some space or choose an OUTPUT on another disk")
+        self.dir.mkdir()
+        owner = {"pid": os.getpid(), "host": socket.gethostname(),
+                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "output": self.out.name}
+        (self.dir / "owner.json").write_text(json.dumps(owner) + "\n")
+        (self.dir / "output").mkdir()
+        return self.dir / "output"
+
+    def commit(self) -> None:
+        """Rename the finished output into place; a replaced OUTPUT moves into the staging folder first
+        and is deleted with it."""
+        if self.out.exists():
+            self.out.rename(self.dir / "replaced")
+        (self.dir / "output").rename(self.out)
+
+    def _release(self) -> None:
+        # Unlinked while still held: a run that opened the old file sees it gone and is refused,
+        # so two runs never hold two different lock files for one OUTPUT.
+        self.lock_file.unlink(missing_ok=True)
+        self.lock.release()
+
+    def __exit__(self, kind, exc, tb) -> None:
+        try:
+            _remove(self.dir)
+        finally:
+            self._release()
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise FP8VLError(f"{self.out}: no space left on the disk of {self.out.parent} while writing; "
+                             f"the partial output was removed; free some space and run again") from exc
+
+
+def other_files(src: Path, weight_files: tuple[Path, ...],
+                rewritten: tuple[str, ...] = ("config.json", "README.md")) -> tuple[list[str], list[str]]:
+    """The non-weight files to copy byte for byte, and the weights in other formats left out."""
     copied, skipped = [], []
     weights = {p.resolve() for p in weight_files}
     for root, dirs, files in os.walk(src):
@@ -78,13 +205,20 @@ def copy_other_files(src: Path, dst: Path, weight_files: tuple[Path, ...],
             rel = p.relative_to(src)
             if p.resolve() in weights or str(rel) in rewritten:
                 continue
-            if p.suffix in OTHER_WEIGHTS or p.suffix == ".safetensors":
-                skipped.append(str(rel))
-                continue
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(p, dst / rel)
-            copied.append(str(rel))
+            (skipped if p.suffix in OTHER_WEIGHTS or p.suffix == ".safetensors" else copied).append(str(rel))
     return copied, skipped
+
+
+def copy_files(src: Path, dst: Path, files: list[str]) -> None:
+    for rel in files:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, dst / rel)
+
+
+def bytes_to_write(src: Path, files: list[str], tensor_bytes: int, n_tensors: int) -> int:
+    """What the output takes on disk: tensors, copied files, and headers, index, config and card
+    (generously: 512 bytes per tensor and 1 MiB)."""
+    return tensor_bytes + sum((src / f).stat().st_size for f in files) + 512 * n_tensors + (1 << 20)
 
 
 def assign_shards(units: list[list[Slot]], max_bytes: int) -> list[list[Slot]]:
