@@ -68,12 +68,13 @@ def decode_config(m: int, n: int, k: int, sm_count: int) -> LaunchConfig:
     return LaunchConfig({"BLOCK_N": block_n, "SPLIT_K": split, "UNROLL": 4}, num_warps=4, num_stages=3)
 
 
-def prefill_config(m: int, n: int, k: int, sm_count: int) -> LaunchConfig:
-    """Default block-GEMM config: 128x128 tiles (64-row for short M), 3 stages fit 100 KB of
-    shared memory (Ada's per-SM limit) with FP8 operands."""
+def prefill_config(m: int, n: int, k: int, sm_count: int, a_fp8: bool = True) -> LaunchConfig:
+    """Default block-GEMM config: 128x128 tiles (64-row for short M); 3 stages of FP8 operands
+    (2 with a bf16 activation tile) fit 100 KB of shared memory, Ada's per-SM limit."""
+    stages = 3 if a_fp8 else 2
     if m <= 64:
-        return LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=3)
-    return LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=3)
+        return LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=stages)
+    return LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=stages)
 
 
 def _bench(fn, quantiles):
@@ -268,7 +269,7 @@ def _block_gemm(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig
                 stride_xsk=xs.stride(1) if a_fp8 else 0, stride_wsn=ws.stride(0),
                 A_FP8=a_fp8, HAS_BIAS=bias is not None, ON_CPU=x.device.type == "cpu")
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    cfg = config or _pick(_BLOCK_GEMM_TUNED, prefill_config(m, n, k, _sm_count(x.device)), args)
+    cfg = config or _pick(_BLOCK_GEMM_TUNED, prefill_config(m, n, k, _sm_count(x.device), a_fp8), args)
     if cfg is None:
         _BLOCK_GEMM_TUNED[grid](**args)
     else:
