@@ -125,7 +125,7 @@ def _check_entries(path: Path, header: dict, data_start: int, size: int) -> dict
         begin, end = offsets
         if end < begin:
             raise bad(f"data_offsets {offsets} end before they begin")
-        if dtype not in DTYPES:
+        if dtype not in ITEMSIZE:
             raise FP8VLError(f"{path}: tensor {name!r} has dtype {dtype}, which fp8vl cannot read")
         info = TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
         if end - begin != math.prod(shape) * info.itemsize:
