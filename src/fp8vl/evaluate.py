@@ -260,11 +260,13 @@ def _free(loaded: Loaded) -> None:
 
 def evaluate(source: str | Path, quantized: str | Path, prompts: list[Prompt], device: str = "cpu",
              mode: str = "auto", max_new_tokens: int = 32,
-             tick: Callable[[], None] = lambda: None) -> EvalReport:
+             tick: Callable[[], None] = lambda: None, gpu_memory: int | None = None) -> EvalReport:
     """Run source then FP8 on the same prompts; ``tick`` is called after each prompt of each side."""
+    from .engine import limit_gpu_memory
     from .source import resolve
 
     src, q = resolve(source), Path(quantized)
+    limit_gpu_memory(device, gpu_memory)
     for folder in (src, q):  # both, before the source side runs for minutes
         check_processor(folder)
     with out_of_memory(device, f"use a smaller --max-new-tokens (now {max_new_tokens}), a GPU with more memory, "

@@ -11,8 +11,11 @@ path, so FP8 and BF16 are compared in one engine.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -66,36 +69,40 @@ def load_model(path: str | Path, device: str = "cpu", mode: str = "auto",
     model = _empty_model(path, ckpt.config, dtype)
     names = {n for n, _ in model.named_modules()}
 
-    scales = {m["module"]: t for n, t in ckpt.tensors.items() if (m := SCALE.match(n))}
+    scales = {m["module"]: t.name for n, t in ckpt.tensors.items() if (m := SCALE.match(n))}
+    weights = {module + ".weight": module for module in scales}
     experts: dict[str, dict[int, dict[str, FP8Linear]]] = defaultdict(lambda: defaultdict(dict))
-    done: set[str] = set()
+    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)   # FP8 module -> weight/scale on device
 
-    def fp8(module_name: str) -> FP8Linear:
-        w, s = ckpt.tensors[module_name + ".weight"], scales[module_name]
-        done.update({w.name, s.name})
-        return FP8Linear(read_tensor(w).to(device), read_tensor(s).float().to(device), None, mode)
-
-    for module_name in scales:
-        m = EXPERT.match(module_name)
-        if m:
-            experts[m["base"]][int(m["e"])][m["proj"]] = fp8(module_name)
-            continue
+    def place(module_name: str) -> None:
+        p = parts.pop(module_name)
+        lin = FP8Linear(p["weight"], p["scale"].float(), None, mode)
+        if m := EXPERT.match(module_name):
+            experts[m["base"]][int(m["e"])][m["proj"]] = lin
+            return
         target = model_module_name(names, module_name, path)
         parent, _, child = target.rpartition(".")
-        model.get_submodule(parent).register_module(child, fp8(module_name))
+        model.get_submodule(parent).register_module(child, lin)
+
+    for info, t in _read_ahead(list(ckpt.tensors.values())):
+        name = info.name
+        if name in weights or (m := SCALE.match(name)) and m["module"] in scales:
+            module_name = weights.get(name) or m["module"]
+            parts[module_name]["weight" if name in weights else "scale"] = t.to(device)
+            if len(parts[module_name]) == 2:
+                place(module_name)
+            continue
+        module_name, _, attr = name.rpartition(".")
+        target = model_module_name(names, module_name, path) if module_name else ""
+        module = model.get_submodule(target)
+        _assign(module, attr, _tensor_for(module, attr, info, t, device, dtype))
+    if parts:
+        raise FP8VLError(f"{path}: FP8 weight or scale without its partner: {', '.join(sorted(parts)[:5])}")
     for base, per_expert in experts.items():
         target = model_module_name(names, base, path)
         parent, _, child = target.rpartition(".")
         act = model.get_submodule(target).act_fn
         model.get_submodule(parent).register_module(child, FP8Experts(per_expert, act))
-
-    for name, info in ckpt.tensors.items():
-        if name in done:
-            continue
-        module_name, _, attr = name.rpartition(".")
-        target = model_module_name(names, module_name, path) if module_name else ""
-        module = model.get_submodule(target)
-        _assign(module, attr, _tensor_for(module, attr, info, device, dtype))
 
     _tie_or_fail(model, path)
     model.to(device)   # the real buffers (rotary frequencies); parameters are there already
@@ -103,11 +110,24 @@ def load_model(path: str | Path, device: str = "cpu", mode: str = "auto",
     return model
 
 
-def _tensor_for(module: torch.nn.Module, attr: str, info: TensorInfo, device: str,
+def _read_ahead(infos: list[TensorInfo], depth: int = 4) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
+    """(info, tensor) in order, read by a few threads ahead of the caller (pread releases the GIL),
+    at most ``depth`` tensors in memory: reads overlap the host-to-device copies."""
+    with ThreadPoolExecutor(depth, thread_name_prefix="fp8vl-load") as pool:
+        todo = iter(infos)
+        queue = deque((i, pool.submit(read_tensor, i)) for i in islice(todo, depth))
+        while queue:
+            info, fut = queue.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                queue.append((nxt, pool.submit(read_tensor, nxt)))
+            yield info, fut.result()
+
+
+def _tensor_for(module: torch.nn.Module, attr: str, info: TensorInfo, t: torch.Tensor, device: str,
                 dtype: torch.dtype) -> torch.Tensor:
     """The checkpoint tensor as the module holds it: float cast to ``dtype``, 3-D fused experts in the
     module's own axis order (Transformers versions store [E, 2I, H] or [E, H, 2I])."""
-    t = read_tensor(info)
     want = getattr(module, attr, None)
     if isinstance(want, torch.Tensor) and want.shape != t.shape:
         if t.ndim == 3 and want.shape == t.transpose(1, 2).shape:
