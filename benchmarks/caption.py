@@ -161,18 +161,21 @@ cap = {cap!r}
 opts = CaptionOptions(model={str(fp8)!r}, device="cuda", max_tokens={new_tokens}, txt=False,
                       jsonl={str(folder / 'out.jsonl')!r}, overwrite=True,
                       gpu_memory=parse_size(cap) if cap else None)
-t = time.perf_counter(); s = caption([{str(folder)!r}], opts)
+ticks = []
+s = caption([{str(folder)!r}], opts, progress=lambda n, total: ticks.append(time.perf_counter()))
+# steady rate: from the first finished image to the last (model load and graph capture excluded)
+steady = (len(ticks) - 1) / (ticks[-1] - ticks[0]) if len(ticks) > 1 else 0.0
 print("RESULT", json.dumps(dict(done=s.done, failed=len(s.failed), seconds=s.seconds, tokens=s.tokens,
-      peak_gib=torch.cuda.max_memory_allocated() / 2**30)))
+      peak_gib=torch.cuda.max_memory_allocated() / 2**30, steady=steady)))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT")), None)
     if line is None:
         return dict(what=f"fp8: fp8vl caption{' under ' + cap if cap else ''}", error=r.stderr[-800:])
     d = json.loads(line[7:])
-    return dict(what=f"fp8: fp8vl caption (load included){' under ' + cap if cap else ''}", images=d["done"],
-                failed=d["failed"], seconds=d["seconds"], images_per_s=d["done"] / d["seconds"],
-                tokens_per_s=d["tokens"] / d["seconds"], peak_gib=d["peak_gib"])
+    return dict(what=f"fp8: fp8vl caption{' under ' + cap if cap else ''} (steady; {d['done'] / d['seconds']:.2f}"
+                     f" images/s with load)", images=d["done"], failed=d["failed"], seconds=d["seconds"],
+                images_per_s=d["steady"], tokens_per_s=d["tokens"] / d["seconds"], peak_gib=d["peak_gib"])
 
 
 def eval_row(bf16: Path, fp8: Path) -> dict:
