@@ -64,7 +64,7 @@ def build(work: Path, layers: int) -> tuple[Path, Path]:
 def engine_rows(label: str, path: Path, pics: list[Path], new_tokens: int, batches: list[int]) -> list[dict]:
     from fp8vl.caption import load_image
     from fp8vl.engine import Engine, EngineOptions, Request, round_up
-    from fp8vl.evaluate import encode, load_any
+    from fp8vl.loader import encode, load_any
     from fp8vl.prompts import CAPTION
 
     torch.cuda.empty_cache()
@@ -98,7 +98,7 @@ def step_rows(label: str, loaded, pics: list[Path], batches: list[int]) -> list[
     """Where the time goes: one prefill (vision tower + prompt), one decode step at each batch size."""
     from fp8vl.caption import load_image
     from fp8vl.engine import Engine, EngineOptions
-    from fp8vl.evaluate import encode
+    from fp8vl.loader import encode
     from fp8vl.prompts import CAPTION
 
     inputs = encode(loaded, CAPTION, load_image(pics[0], 512), device="cpu")
@@ -133,7 +133,7 @@ def step_rows(label: str, loaded, pics: list[Path], batches: list[int]) -> list[
 def old_path_row(label: str, loaded, pics: list[Path], new_tokens: int) -> dict:
     """Transformers' generate, one image at a time: what caption --model did before the engine."""
     from fp8vl.caption import load_image
-    from fp8vl.evaluate import encode
+    from fp8vl.loader import encode
     from fp8vl.prompts import CAPTION
 
     batch = encode(loaded, CAPTION, load_image(pics[0], 512))

@@ -19,7 +19,8 @@ from PIL import Image
 
 from fp8vl.engine import Engine, EngineOptions, Request
 from fp8vl.errors import FP8VLError
-from fp8vl.evaluate import Loaded, _eos_ids, _processor, encode, kl_stats
+from fp8vl.evaluate import kl_stats
+from fp8vl.loader import Loaded, encode, eos_ids, load_processor
 from fp8vl.loader import load_model
 from fp8vl.runtime import FP8Linear
 
@@ -29,7 +30,7 @@ def _image(seed: int, h: int, w: int) -> Image.Image:
 
 
 def _loaded(path, dtype=torch.bfloat16, mode="w8a8") -> Loaded:
-    return Loaded(load_model(path, "cpu", mode, dtype), _processor(path, True), True, path)
+    return Loaded(load_model(path, "cpu", mode, dtype), load_processor(path, True), True, path)
 
 
 def _requests(L: Loaded) -> list[Request]:
@@ -86,7 +87,7 @@ def test_batch_1_and_batch_n_give_the_same_greedy_answers(which, dense_src, dens
     """Continuous batching with 3 slots over 7 prompts (slots refill) against one slot at a time."""
     L = _loaded(dense_src if which == "src" else dense_fp8.out)
     reqs = _requests(L)
-    eos = _eos_ids(L)
+    eos = eos_ids(L)
     many = Engine(L.model, eos, EngineOptions(max_len=256, max_new_tokens=12, max_batch=3))
     one = Engine(L.model, eos, EngineOptions(max_len=256, max_new_tokens=12, max_batch=1))
     got_many = {r.tag: ids for r, ids in many.generate(reqs)}
@@ -199,7 +200,7 @@ def test_loader_never_holds_a_widened_copy_of_an_fp8_weight(tmp_path):
 def test_gpu_memory_cap_is_respected_and_graphs_match_eager(dense_fp8):
     from fp8vl.engine import limit_gpu_memory
 
-    L = Loaded(load_model(dense_fp8.out, "cuda"), _processor(dense_fp8.out, True), True, dense_fp8.out)
+    L = Loaded(load_model(dense_fp8.out, "cuda"), load_processor(dense_fp8.out, True), True, dense_fp8.out)
     reqs = [Request({k: v.cpu() for k, v in r.inputs.items()}, r.tag) for r in _requests(L)]
     graphs = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=12, max_batch=4))
     eager = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=12, max_batch=4, cuda_graphs=False))

@@ -416,7 +416,7 @@ def _local(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Resu
     """In-process: fp8vl's engine, continuous batching; images are read and encoded by two threads
     ahead of the GPU (the processor's CPU work overlaps the model's)."""
     from .engine import Engine, EngineOptions, Request, limit_gpu_memory, round_up
-    from .evaluate import _eos_ids, encode, load_any
+    from .loader import encode, eos_ids, load_any
 
     limit_gpu_memory(opts.device, opts.gpu_memory)
     fix = ("use a smaller --batch-size, a lower --max-tokens or --max-side, or --gpu-memory below what other "
@@ -432,7 +432,7 @@ def _local(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Resu
         eopts = EngineOptions(max_len=round_up(longest["input_ids"].shape[1] + opts.max_tokens + 1),
                               max_batch=opts.batch_size, max_new_tokens=opts.max_tokens,
                               temperature=opts.temperature)
-        engine = Engine(loaded.model, _eos_ids(loaded), eopts)
+        engine = Engine(loaded.model, eos_ids(loaded), eopts)
         failed: list[_Result] = []
 
         def prepare(path: Path) -> tuple[Path, float, dict | None]:
