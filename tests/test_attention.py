@@ -218,7 +218,8 @@ def test_bad_shapes_get_one_clear_error():
                                      torch.zeros(2, 64, dtype=BF), torch.zeros(2, 64, dtype=BF), kc, kc.clone(),
                                      torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="H a multiple of KV"):
-        attention.decode_attention(torch.zeros(2, 3, 64, dtype=BF), kc, kc.clone(), torch.zeros(2, dtype=torch.long), 1.0)
+        attention.decode_attention(torch.zeros(2, 3, 64, dtype=BF), kc, kc.clone(), torch.zeros(2, dtype=torch.long),
+                                   1.0)
     with pytest.raises(ValueError, match="quantize needs"):
         attention.decode_attention(torch.zeros(2, 2, 256, dtype=BF), torch.zeros(2, 2, 8, 256, dtype=BF),
                                    torch.zeros(2, 2, 8, 256, dtype=BF), torch.zeros(2, dtype=torch.long), 1.0, True)

@@ -139,14 +139,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         l_ = torch.empty((b, h, s), dtype=torch.float32, device=dev)
         acc = torch.empty((b, h, s, d), dtype=torch.float32, device=dev)
     ak.decode_attention_kernel[(b, kv, s)](
-        q, k_cache, v_cache, lens, out, out_s, m, l_, acc, scale * math.log2(math.e),
+        q, k_cache, v_cache, lens, out, out_s, m, l_, acc, scale * math.log2(math.e), s,
         *k_cache.stride()[:3], *v_cache.stride()[:3], *(out_s.stride() if quantize else (0, 0)),
-        H=h, D=d, G=group, G_PAD=max(16, triton.next_power_of_2(group)), SPLITS=s, BLOCK_N=BLOCK_N,
+        H=h, D=d, G=group, G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
         FINAL=final, QUANT=quantize, ON_CPU=dev.type == "cpu", num_warps=4, num_stages=2)
     if not final:
         hpg = BLOCK // d if quantize else 1
         ak.combine_kernel[(b, h // hpg)](
-            m, l_, acc, out, out_s, *(out_s.stride() if quantize else (0, 0)), H=h, D=d, HPG=hpg, SPLITS=s,
+            m, l_, acc, out, out_s, s, *(out_s.stride() if quantize else (0, 0)), H=h, D=d, HPG=hpg,
             S_PAD=triton.next_power_of_2(s), QUANT=quantize, num_warps=1 if d * hpg <= 128 else 2)
     return (out, out_s) if quantize else out
 

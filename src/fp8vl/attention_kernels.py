@@ -54,13 +54,14 @@ def qk_norm_rope_cache_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, kc_ptr,
 
 @triton.jit
 def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, lens_ptr, out_ptr, os_ptr, m_ptr, l_ptr, acc_ptr, qk_scale,
-                            stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_sm, stride_sk,
+                            SPLITS, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_sm, stride_sk,
                             H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-                            SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, FINAL: tl.constexpr,
+                            BLOCK_N: tl.constexpr, FINAL: tl.constexpr,
                             QUANT: tl.constexpr, ON_CPU: tl.constexpr):
     """Grid (b, KV, SPLITS): the G query heads of one KV head (padded to G_PAD >= 16 rows for
     tl.dot) against split s of positions 0..lens[r]; the split's chunk is cut from lens[r] on the
     device, so the loop bound depends on data but the launch does not (graph capturable).
+    SPLITS is a plain argument (one compiled kernel for every split count), FINAL a constexpr.
     Online softmax in base 2 (qk_scale = scale * log2 e), float32 state; p is rounded to bf16
     for the p @ v product and the denominator sums the same rounded p, so the output is an exact
     convex combination of the rows of v with weights off by at most 2^-9 relative.
@@ -121,9 +122,8 @@ def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, lens_ptr, out_ptr, os_ptr, m_
 
 
 @triton.jit
-def combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, os_ptr, stride_sm, stride_sk,
-                   H: tl.constexpr, D: tl.constexpr, HPG: tl.constexpr, SPLITS: tl.constexpr,
-                   S_PAD: tl.constexpr, QUANT: tl.constexpr):
+def combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, os_ptr, SPLITS, stride_sm, stride_sk,
+                   H: tl.constexpr, D: tl.constexpr, HPG: tl.constexpr, S_PAD: tl.constexpr, QUANT: tl.constexpr):
     """Grid (b, H / HPG): merges the SPLITS partials of HPG heads (HPG * D = 128 channels = one
     quantization group when QUANT; HPG = 1 otherwise), splits summed in a fixed order."""
     r = tl.program_id(0).to(tl.int64)
