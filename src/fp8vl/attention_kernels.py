@@ -54,7 +54,8 @@ def qk_norm_rope_cache_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, kc_ptr,
 
 @triton.jit
 def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, lens_ptr, out_ptr, os_ptr, m_ptr, l_ptr, acc_ptr, qk_scale,
-                            SPLITS, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_sm, stride_sk,
+                            SPLITS, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+                            stride_sm, stride_sk,
                             H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                             BLOCK_N: tl.constexpr, FINAL: tl.constexpr,
                             QUANT: tl.constexpr, ON_CPU: tl.constexpr):
