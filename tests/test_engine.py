@@ -218,16 +218,28 @@ def test_gpu_memory_cap_is_respected_and_graphs_match_eager(dense_fp8):
 @pytest.mark.parametrize("which", ["src", "fp8"])
 def test_gpu_decode_kernels_match_the_torch_decode_step(which, dense_src, dense_fp8):
     """The Triton decode path (fused norm/rope/cache write, flash-decoding attention, fused residual
-    + RMSNorm + quantization) against the engine's plain-torch decode step on the same model."""
-    path = dense_src if which == "src" else dense_fp8.out
-    L = Loaded(load_model(path, "cuda"), load_processor(path, True), True, path)
+    + RMSNorm + quantization) against the engine's plain-torch decode step on the same model. BF16:
+    within bf16 rounding. FP8: activation quantization turns those roundings into whole e4m3 steps
+    on ~1% of the values, so the bound is relative to FP8's own drift from the BF16 source (less
+    than half of it, the tolerance the runtime's real kernels are held to against the simulation)."""
+    def engines(path):
+        L = Loaded(load_model(path, "cuda"), load_processor(path, True), True, path)
+        fast = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=12, max_batch=2))
+        plain = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=12, max_batch=2,
+                                                  decode_kernels=False))
+        assert fast._kernels_ok()
+        return L, fast, plain
+
+    L, fast, plain = engines(dense_src if which == "src" else dense_fp8.out)
     req = _requests(L)[0]
-    fast = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=12, max_batch=2))
-    plain = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=12, max_batch=2, decode_kernels=False))
-    assert fast._kernels_ok()
     answer = next(fast.generate([req]))[1]
     st = kl_stats(plain.forced_logits(req.inputs, answer), fast.forced_logits(req.inputs, answer))
-    assert st["kl_mean"] < 2e-3 and st["top1"] >= 0.9, st
+    if which == "src":
+        assert st["kl_mean"] < 2e-3 and st["top1"] >= 0.9, st
+        return
+    _, _, src_plain = engines(dense_src)
+    drift = kl_stats(src_plain.forced_logits(req.inputs, answer), plain.forced_logits(req.inputs, answer))
+    assert st["kl_mean"] < 0.5 * drift["kl_mean"], (st["kl_mean"], drift["kl_mean"])
 
 
 @pytest.mark.gpu
