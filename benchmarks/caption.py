@@ -161,20 +161,17 @@ cap = {cap!r}
 opts = CaptionOptions(model={str(fp8)!r}, device="cuda", max_tokens={new_tokens}, txt=False,
                       jsonl={str(folder / 'out.jsonl')!r}, overwrite=True,
                       gpu_memory=parse_size(cap) if cap else None)
-ticks = []
-s = caption([{str(folder)!r}], opts, progress=lambda n, total: ticks.append(time.perf_counter()))
-# steady rate: from the first finished image to the last (model load and graph capture excluded)
-steady = (len(ticks) - 1) / (ticks[-1] - ticks[0]) if len(ticks) > 1 else 0.0
+s = caption([{str(folder)!r}], opts)
 print("RESULT", json.dumps(dict(done=s.done, failed=len(s.failed), seconds=s.seconds, tokens=s.tokens,
-      peak_gib=torch.cuda.max_memory_allocated() / 2**30, steady=steady)))
+      peak_gib=torch.cuda.max_memory_allocated() / 2**30, steady=s.captioning_images_per_s)))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT")), None)
     if line is None:
         return dict(what=f"fp8: fp8vl caption{' under ' + cap if cap else ''}", error=r.stderr[-800:])
     d = json.loads(line[7:])
-    return dict(what=f"fp8: fp8vl caption{' under ' + cap if cap else ''} (steady; {d['done'] / d['seconds']:.2f}"
-                     f" images/s with load)", images=d["done"], failed=d["failed"], seconds=d["seconds"],
+    return dict(what=f"fp8: fp8vl caption{' under ' + cap if cap else ''} (after the load; {d['done'] / d['seconds']:.2f}"
+                     f" images/s with it)", images=d["done"], failed=d["failed"], seconds=d["seconds"],
                 images_per_s=d["steady"], tokens_per_s=d["tokens"] / d["seconds"], peak_gib=d["peak_gib"])
 
 

@@ -317,6 +317,7 @@ def test_local_backend_captions_in_process(fp8_dir, tmp_path):
         s = caption([tmp_path], opts, progress=tick)
     assert (s.done, s.skipped, s.failed) == (2, 0, []) and 2 <= s.tokens <= 16
     assert "fp8" in s.model
+    assert 0 < s.load_seconds < s.seconds and s.captioning_images_per_s > s.images_per_s
     for n in ["astronaut", "coffee"]:
         text = (tmp_path / f"{n}.txt").read_text()
         assert text.startswith("ohwx, ") and len(text) > len("ohwx, ")
