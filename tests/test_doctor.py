@@ -67,7 +67,8 @@ def test_gpu_finding_matches_what_torch_sees(tmp_path):
 
 
 def test_ram_finding_reports_total_memory(tmp_path):
-    psutil = pytest.importorskip("psutil")
+    import psutil
+
     f = by_name(diagnose(tmp_path))["RAM"]
     total = psutil.virtual_memory().total
     assert f"{total / GIB:.1f} GiB total" in f.detail

@@ -101,25 +101,30 @@ def dense_report(dense_fp8):
 
 
 def summarize(prompts: list[dict]) -> dict:
-    """The per-kind summary, recomputed from the per-prompt figures."""
-    out = {}
-    for kind in ("text", "image"):
-        rs = [p for p in prompts if p["kind"] == kind]
-        if not rs:
-            continue
-        div = [p["first_divergence"] for p in rs if p["first_divergence"] is not None]
-        ppl = [(p["ppl_source"], p["ppl_fp8"]) for p in rs if p["ppl_source"] is not None]
-        out[kind] = {
-            "prompts": len(rs),
-            "kl_mean": sum(p["kl_mean"] for p in rs) / len(rs),
-            "kl_max": max(p["kl_max"] for p in rs),
-            "top1": sum(p["top1"] for p in rs) / len(rs),
-            "greedy_exact_match": sum(bool(p["exact_match"]) for p in rs) / len(rs),
-            "mean_first_divergence": sum(div) / len(div) if div else None,
-            "ppl_source": math.exp(sum(math.log(a) for a, _ in ppl) / len(ppl)) if ppl else None,
-            "ppl_fp8": math.exp(sum(math.log(b) for _, b in ppl) / len(ppl)) if ppl else None,
-        }
-    return out
+    """The summary of the report these per-prompt figures belong to (EvalReport.summary itself is
+    checked on figures with known answers in test_summary_of_known_figures)."""
+    from fp8vl.evaluate import EvalReport, PromptResult
+
+    r = EvalReport("s", "q", "runtime", "cpu", NEW_TOKENS, [PromptResult(**p) for p in prompts])
+    return r.summary()
+
+
+def test_summary_of_known_figures():
+    """Means, maxima, the share of exact answers, the mean first divergence over diverging prompts,
+    and geometric-mean perplexities, on figures whose answers are known: (2*2)^0.5 = 2 ... """
+    from fp8vl.evaluate import EvalReport, PromptResult
+
+    r = EvalReport("s", "q", "runtime", "cpu", 8, [
+        PromptResult("a", "text", 0.1, 0.5, 1.0, True, None, "x", "x", 2.0, 1.0),
+        PromptResult("b", "text", 0.3, 0.9, 0.5, False, 3, "x", "y", 8.0, 16.0),
+        PromptResult("c", "image", 0.25, 0.25, 0.75, False, 1, "x", "y"),
+    ])
+    s = r.summary()
+    assert s["text"] == pytest.approx({"prompts": 2, "kl_mean": 0.2, "kl_max": 0.9, "top1": 0.75,
+                                       "greedy_exact_match": 0.5, "mean_first_divergence": 3.0,
+                                       "ppl_source": 4.0, "ppl_fp8": 4.0})
+    assert s["image"] == {"prompts": 1, "kl_mean": 0.25, "kl_max": 0.25, "top1": 0.75, "greedy_exact_match": 0.0,
+                          "mean_first_divergence": 1.0, "ppl_source": None, "ppl_fp8": None}
 
 
 def assert_summary(got: dict, want: dict) -> None:

@@ -9,9 +9,13 @@ from rich.console import Console
 from rich.table import Table
 
 from .convert import quantize
+from .errors import FP8VLError
 from .options import QuantizeOptions
 from .report import print_plan, print_summary, print_verify
 from .tiny import build_tiny_qwen3_vl
+
+
+STAMP = ".fp8vl-demo"   # marks a work folder the demo made (and may replace)
 
 
 def run_demo(workdir: Path, console: Console, limit: int = 6, max_new_tokens: int = 16) -> dict:
@@ -24,7 +28,13 @@ def run_demo(workdir: Path, console: Console, limit: int = 6, max_new_tokens: in
 
     workdir = Path(workdir)
     src, out = workdir / "tiny-qwen3-vl-bf16", workdir / "tiny-qwen3-vl-fp8"
+    stamp = workdir / STAMP
+    if workdir.exists() and any(workdir.iterdir()) and not stamp.exists():
+        raise FP8VLError(f"{workdir}: not empty and not made by `fp8vl demo`; the demo replaces its work folder, "
+                         f"so give it a new or empty one (--workdir DIR)")
     shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    stamp.write_text("made by fp8vl demo; the next demo run replaces this folder\n")
     console.rule("1. build a tiny Qwen3-VL (real architecture, random weights, offline tokenizer)")
     build_tiny_qwen3_vl(src)
     console.print(f"source: {src}")

@@ -26,7 +26,7 @@ def serve_command(model_dir: str | Path, engine: str = "vllm", plan: VramPlan | 
             raise FP8VLError("vllm serve needs a plan (GPU memory); give --gpu NAME or --vram SIZE")
         cmd = ["vllm", "serve", model_dir, "--host", host, "--port", str(port), *vllm_args(plan, enforce_eager)]
     else:
-        # Transformers' server loads the model on demand; FORCE_MODEL preloads this one.
+        # `transformers serve DIR` loads DIR at start-up instead of on the first request
         cmd = ["transformers", "serve", model_dir, "--host", host, "--port", str(port)]
     return cmd + list(extra or [])
 
