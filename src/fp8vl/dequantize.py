@@ -38,7 +38,7 @@ def dequantize(source: str | Path, output: str | Path, dtype: str = "bfloat16", 
     if not ckpt.config.get("quantization_config"):
         raise FP8VLError(f"{src / 'config.json'}: no quantization_config; this checkpoint is not quantized")
     units, plan = [], {}
-    item = torch.empty((), dtype=out_dtype).element_size()
+    item = out_dtype.itemsize
     for name, t in ckpt.tensors.items():
         if name.endswith(SCALES):
             continue

@@ -1,6 +1,6 @@
 """Which tensors become FP8 and which stay as they are, from names, shapes and the config alone.
 
-The rule (see docs/plan.md): quantize the 2-D linear weights inside the language model's decoder
+The rule (docs/decisions.md, "Format and numerics"): quantize the 2-D linear weights inside the language model's decoder
 layers; keep the vision tower, embeddings, ``lm_head``, norms, biases, MoE routers and anything
 that is not a 2-D linear weight. Fused 3-D MoE experts are split into one 2-D linear per expert
 and projection, the layout of Qwen's FP8 MoE releases.
@@ -74,11 +74,6 @@ class Plan:
 
 def text_config(config: dict) -> dict:
     return config.get("text_config") or config
-
-
-def is_tied(config: dict) -> bool:
-    tc = text_config(config)
-    return bool(config.get("tie_word_embeddings", tc.get("tie_word_embeddings", False)))
 
 
 def _matches(module: str, patterns: tuple[str, ...]) -> bool:

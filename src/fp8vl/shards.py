@@ -5,7 +5,7 @@ every tensor of a shard in memory at once, and ``safe_open`` maps the whole file
 pages then count as resident memory. Here a tensor (or a range of its rows) is read with
 ``pread`` into a buffer of exactly its size, and an output shard is written tensor by tensor at
 precomputed offsets. The ``safetensors`` library still judges every file fp8vl writes (see
-``convert.check_output``). Layout: 8-byte little-endian header length, JSON header padded with
+``writer.check_output``). Layout: 8-byte little-endian header length, JSON header padded with
 spaces to a multiple of 8, then the tensors' bytes back to back.
 """
 
