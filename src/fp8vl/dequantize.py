@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from .errors import FP8VLError
-from .kernel import BLOCK, dequantize_weight
+from .kernel import BLOCK, cdiv, dequantize_weight
 from .shards import NAMES, Scratch, ShardWriter, Slot, TensorInfo, read_rows
 from .source import open_checkpoint
 from .writer import (Job, Staging, assign_shards, bytes_to_write, check_output, check_paths, copy_files, copy_jobs,
@@ -58,7 +58,7 @@ def dequantize(source: str | Path, output: str | Path, dtype: str = "bfloat16", 
 
         def job(r0: int, r1: int) -> Callable[[Scratch], None]:
             def run(scratch: Scratch) -> None:
-                s = read_rows(scale, r0 // BLOCK, -(-r1 // BLOCK))
+                s = read_rows(scale, r0 // BLOCK, cdiv(r1, BLOCK))
                 q = read_rows(t, r0, r1, scratch)
                 writer.write(slot.name, r0 * k * item, dequantize_weight(q, s, out_dtype))
             return run
