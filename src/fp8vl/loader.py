@@ -10,12 +10,12 @@ path, so FP8 and BF16 are compared in one engine.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
-import json
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
@@ -229,8 +229,6 @@ def load_hf_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = to
 
 def load_any(path: str | Path, device: str = "cpu", mode: str = "auto") -> Loaded:
     """Any checkpoint through fp8vl's loader: FP8 weights as FP8 linears, everything else as is."""
-    from .loader import load_model
-
     path = Path(path)
     vlm = "vision_config" in _config(path)
     processor = load_processor(path, vlm)   # first: a missing file is reported before a long model load
