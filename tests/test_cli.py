@@ -246,3 +246,11 @@ def test_overlapping_data_offsets_are_refused_in_one_line(dense_src, dense_fp8, 
     line = assert_one_line_error(run_cli(*args, cwd=tmp_path))
     assert str(shard) in line and (f"'{a}'" in line or f"'{b}'" in line), line
     assert not (tmp_path / "out").exists()
+
+
+def test_debug_shows_the_traceback_and_only_when_asked(tmp_path):
+    missing = tmp_path / "nope"
+    plain = run_cli("quantize", missing, tmp_path / "out")
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr and str(missing) in plain.stderr
+    debug = run_cli("--debug", "quantize", missing, tmp_path / "out")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "FP8VLError" in debug.stderr

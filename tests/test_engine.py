@@ -22,7 +22,7 @@ from fp8vl.errors import FP8VLError
 from fp8vl.evaluate import kl_stats
 from fp8vl.loader import Loaded, encode, eos_ids, load_processor
 from fp8vl.loader import load_model
-from fp8vl.runtime import FP8Linear
+from fp8vl.runtime import FP8Linear, fp8_mode
 
 
 def _image(seed: int, h: int, w: int) -> Image.Image:
@@ -141,7 +141,7 @@ def test_loader_equals_transformers_load_and_keeps_fp8_bytes(dense_src, dense_fp
     assert set(ours) == set(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     fp8 = load_model(dense_fp8.out, "cpu", "w8a8")
-    assert fp8.fp8_mode == "w8a8" and not any(p.is_meta for p in fp8.parameters())
+    assert fp8_mode(fp8) == "w8a8" and not any(p.is_meta for p in fp8.parameters())
 
 
 def test_loader_never_holds_a_widened_copy_of_an_fp8_weight(tmp_path):

@@ -179,7 +179,7 @@ def digest(t: torch.Tensor) -> str:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fp8vl_runtime_loads_each_family_with_its_fp8_bytes(families, source_logits, arch):
     from fp8vl.loader import load_fp8_model
-    from fp8vl.runtime import fp8_modules
+    from fp8vl.runtime import fp8_mode, fp8_modules
 
     f = families[arch]
     ids, ref, _ = source_logits(arch)
@@ -194,7 +194,7 @@ def test_fp8vl_runtime_loads_each_family_with_its_fp8_bytes(families, source_log
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0]
     mean, top1 = kl(ref, logits)
-    print(f"{arch}: runtime ({model.fp8_mode}) KL {mean:.4f} top-1 {top1:.2f}")
+    print(f"{arch}: runtime ({fp8_mode(model)}) KL {mean:.4f} top-1 {top1:.2f}")
     assert 1e-4 < mean < RUNTIME_KL_BOUND
 
 

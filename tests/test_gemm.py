@@ -199,6 +199,7 @@ def test_runtime_on_gpu_matches_simulation(tmp_path, mode):
     from fp8vl import quantize
     from fp8vl.evaluate import kl_stats, logits_for
     from fp8vl.loader import encode, load_any
+    from fp8vl.runtime import fp8_mode
     from fp8vl.prompts import open_image
     from fp8vl.tiny import build_tiny_qwen3_vl
 
@@ -207,7 +208,7 @@ def test_runtime_on_gpu_matches_simulation(tmp_path, mode):
     ref = load_any(src, "cuda")
     real = load_any(tmp_path / "fp8", "cuda", mode)
     sim = load_any(tmp_path / "fp8", "cuda", "w8a8")
-    assert real.model.fp8_mode == mode and sim.model.fp8_mode == "w8a8"
+    assert fp8_mode(real.model) == mode and fp8_mode(sim.model) == "w8a8"
     for image in (None, open_image("skimage:astronaut")):
         batch = encode(real, "Describe this image concisely.", image)
         sim_logits = logits_for(sim, batch)

@@ -13,7 +13,7 @@ import torch
 
 from fp8vl.errors import FP8VLError
 from fp8vl.loader import load_fp8_model
-from fp8vl.runtime import FP8Experts, FP8Linear, fp8_modules, resolve_mode
+from fp8vl.runtime import FP8Experts, FP8Linear, fp8_mode, fp8_modules, resolve_mode
 from helpers import (FP8, TILE, expand_scales, expert_slices, load_tensors, read_config, ref_activation_quantize,
                      ref_block_quantize, ref_dequantize, text_config, within_e4m3_bound)
 
@@ -114,7 +114,7 @@ def test_load_fp8_model_swaps_in_every_fp8_weight_with_its_own_bytes(dense_fp8, 
             QuantizeOptions(scale_dtype="bfloat16", workers=1)
         quantize(dense_fp8.src, out, opts)
     model = load_fp8_model(out, "cpu", "w8a8")
-    assert model.fp8_mode == "w8a8"
+    assert fp8_mode(model) == "w8a8"
     ckpt, src = load_tensors(out), load_tensors(dense_fp8.src)
     fp8_names = {n.removesuffix(".weight") for n, t in ckpt.items() if t.dtype == FP8}
     mods = fp8_modules(model)

@@ -25,13 +25,21 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # Piped output (logs, CI) gets 120 columns instead of rich's 80, so the tables stay readable.
 console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
-DEBUG = {"on": os.environ.get("FP8VL_DEBUG") == "1"}
 
 
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
-    if debug:
-        DEBUG["on"] = True
+    """(--debug is read by main() before the command runs: see wants_debug.)"""
+
+
+def wants_debug(argv: list[str]) -> bool:
+    """--debug given before the command (``fp8vl --debug quantize ...``), or FP8VL_DEBUG=1."""
+    lead = []
+    for a in argv:
+        if not a.startswith("-"):
+            break
+        lead.append(a)
+    return "--debug" in lead or os.environ.get("FP8VL_DEBUG") == "1"
 
 
 @app.command("quantize")
@@ -370,7 +378,7 @@ def main() -> None:
     try:
         rc = app(standalone_mode=False)   # exceptions come here, not to click's own handler
     except FP8VLError as e:
-        if DEBUG["on"]:
+        if wants_debug(sys.argv[1:]):
             raise
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)

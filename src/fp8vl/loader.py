@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 
 from .errors import FP8VLError
-from .runtime import EXPERT, FP8Experts, FP8Linear, model_module_name, resolve_mode
+from .runtime import EXPERT, FP8Experts, FP8Linear, fp8_mode, model_module_name, resolve_mode
 from .shards import TensorInfo, read_tensor
 from .source import open_checkpoint
 
@@ -61,8 +61,8 @@ def load_model(path: str | Path, device: str = "cpu", mode: str = "auto",
     """Any fp8vl / Qwen / compressed-tensors FP8 checkpoint, or a plain BF16/FP16/FP32 one, on ``device``.
 
     FP8 linears become ``FP8Linear`` (``mode`` as in runtime.py; set on every module), split MoE
-    experts ``FP8Experts``; every other tensor is cast to ``dtype``. ``model.fp8_mode`` says the mode
-    (None for a checkpoint without FP8 weights).
+    experts ``FP8Experts``; every other tensor is cast to ``dtype``. ``runtime.fp8_mode(model)`` says
+    the mode (None for a checkpoint without FP8 weights).
     """
     path = Path(path)
     ckpt = open_checkpoint(path, allow_quantized=True)
@@ -108,7 +108,6 @@ def load_model(path: str | Path, device: str = "cpu", mode: str = "auto",
 
     _tie_or_fail(model, path)
     model.to(device)   # the real buffers (rotary frequencies); parameters are there already
-    model.fp8_mode = mode
     return model
 
 
@@ -233,7 +232,7 @@ def load_any(path: str | Path, device: str = "cpu", mode: str = "auto") -> Loade
     vlm = "vision_config" in _config(path)
     processor = load_processor(path, vlm)   # first: a missing file is reported before a long model load
     model = load_model(path, device, mode)
-    return Loaded(model, processor, vlm, path, f"fp8 {model.fp8_mode}" if model.fp8_mode else "bf16")
+    return Loaded(model, processor, vlm, path, f"fp8 {mode}" if (mode := fp8_mode(model)) else "bf16")
 
 
 def model_device(loaded: Loaded) -> torch.device:

@@ -163,5 +163,10 @@ class FP8Experts(torch.nn.Module):
         return out
 
 
+def fp8_mode(model: torch.nn.Module) -> str | None:
+    """How the model's FP8 linears compute (scaled_mm, triton, w8a8, dequant), or None without any."""
+    return next((m.mode for m in model.modules() if isinstance(m, FP8Linear)), None)
+
+
 def fp8_modules(model: torch.nn.Module) -> dict[str, FP8Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, FP8Linear)}
