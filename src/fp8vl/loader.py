@@ -22,7 +22,8 @@ from typing import Iterator
 import torch
 
 from .errors import FP8VLError
-from .runtime import EXPERT, FP8Experts, FP8Linear, fp8_mode, model_module_name, resolve_mode
+from .plan import VISION_PARTS
+from .runtime import EXPERT, FP8Experts, FP8Linear, fp8_mode, resolve_mode
 from .shards import TensorInfo, read_tensor
 from .source import open_checkpoint
 
@@ -47,6 +48,33 @@ def _empty_model(path: Path, config_dict: dict, dtype: torch.dtype) -> torch.nn.
     with init_empty_weights(include_buffers=False):
         model = _model_class(config_dict).from_config(config, dtype=dtype)
     return model.eval()
+
+
+def model_module_name(names: set[str], ckpt_name: str, path: Path) -> str:
+    """The model's module for a checkpoint module name.
+
+    Checkpoints and module trees can name the same module differently (Transformers 5 keeps
+    Qwen2.5-VL's legacy ``model.layers.`` names on disk, ``model.language_model.layers.`` in the
+    model): take the longest trailing part of the name that modules end with; among several
+    (Gemma 3's text and vision layers end alike), keep those sharing the checkpoint name's other
+    parts (``language_model``), then those outside the vision tower.
+    """
+    if ckpt_name in names:
+        return ckpt_name
+    parts = ckpt_name.split(".")
+    for i in range(len(parts)):
+        tail = "." + ".".join(parts[i:])
+        hits = [n for n in names if n.endswith(tail)]
+        if len(hits) > 1:
+            lead = set(parts[:i])
+            hits = [n for n in hits if lead <= set(n.split("."))] or \
+                [n for n in hits if not VISION_PARTS & set(n.split("."))]
+        if len(hits) == 1:
+            return hits[0]
+        if hits:
+            break
+    raise FP8VLError(f"{path}: checkpoint module {ckpt_name} matches no single module of the model; "
+                     f"the weights do not belong to the architecture its config.json names")
 
 
 def _assign(module: torch.nn.Module, attr: str, value: torch.Tensor) -> None:

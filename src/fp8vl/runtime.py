@@ -14,14 +14,12 @@ kernels from the hub); engine.py runs them.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .errors import FP8VLError
 from .kernel import FP8, dequantize_weight, fake_quantize_activations
-from .plan import VISION_PARTS
 
 MODES = ("auto", "scaled_mm", "triton", "w8a8", "dequant")
 EXPERT = re.compile(r"^(?P<base>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
@@ -70,33 +68,6 @@ def resolve_mode(mode: str, device: str) -> str:
         raise FP8VLError(f"{mode} needs a CUDA GPU with compute capability >= 8.9 (Ada, Hopper, Blackwell); "
                          "use mode w8a8 or dequant")
     return mode
-
-
-def model_module_name(names: set[str], ckpt_name: str, path: Path) -> str:
-    """The model's module for a checkpoint module name.
-
-    Checkpoints and module trees can name the same module differently (Transformers 5 keeps
-    Qwen2.5-VL's legacy ``model.layers.`` names on disk, ``model.language_model.layers.`` in the
-    model): take the longest trailing part of the name that modules end with; among several
-    (Gemma 3's text and vision layers end alike), keep those sharing the checkpoint name's other
-    parts (``language_model``), then those outside the vision tower.
-    """
-    if ckpt_name in names:
-        return ckpt_name
-    parts = ckpt_name.split(".")
-    for i in range(len(parts)):
-        tail = "." + ".".join(parts[i:])
-        hits = [n for n in names if n.endswith(tail)]
-        if len(hits) > 1:
-            lead = set(parts[:i])
-            hits = [n for n in hits if lead <= set(n.split("."))] or \
-                [n for n in hits if not VISION_PARTS & set(n.split("."))]
-        if len(hits) == 1:
-            return hits[0]
-        if hits:
-            break
-    raise FP8VLError(f"{path}: checkpoint module {ckpt_name} matches no single module of the model; "
-                     f"the weights do not belong to the architecture its config.json names")
 
 
 class FP8Experts(torch.nn.Module):
