@@ -31,11 +31,11 @@ def _shard(tensors: dict[str, torch.Tensor], dst: Path, n: int, others: Path | N
     """Save ``tensors`` as ``n`` shards with a Hugging Face index (weight_map sorted by name)."""
     dst.mkdir(parents=True)
     names = list(tensors)
-    per = -(-len(names) // n)
+    cut = [round(i * len(names) / n) for i in range(n + 1)]
     wmap = {}
     for i in range(n):
         f = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        part = {k: tensors[k] for k in names[i * per:(i + 1) * per]}
+        part = {k: tensors[k] for k in names[cut[i]:cut[i + 1]]}
         save_file(part, dst / f, metadata={"format": "pt"})
         wmap.update({k: f for k in part})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -70,19 +70,31 @@ def big_repo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def local_fp8(tmp_path_factory, tiny_repo, big_repo):
+def wide_repo(tmp_path_factory) -> Path:
+    """2 shards of 24 MB: larger than huggingface_hub's 10 MB write piece."""
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"model.layers.{i}.mlp.down_proj.weight": (torch.randn(3072, 4096, generator=g) * 0.02).bfloat16()
+               for i in range(2)}
+    src = _shard(tensors, tmp_path_factory.mktemp("hub") / "wide", 2)
+    (src / "config.json").write_text(json.dumps({"model_type": "qwen3", "hidden_size": 4096}))
+    return src
+
+
+@pytest.fixture(scope="session")
+def local_fp8(tmp_path_factory, tiny_repo, big_repo, wide_repo):
     """The local conversion of each repo folder: what the hub runs must equal."""
     root = tmp_path_factory.mktemp("local")
     return {"tiny": quantize(tiny_repo, root / "tiny", QuantizeOptions(max_shard_size=SHARD, workers=2)).output,
-            "big": quantize(big_repo, root / "big", QuantizeOptions(max_shard_size=12 << 20, workers=2)).output}
+            "big": quantize(big_repo, root / "big", QuantizeOptions(max_shard_size=12 << 20, workers=2)).output,
+            "wide": quantize(wide_repo, root / "wide", QuantizeOptions(workers=2)).output}
 
 
 @pytest.fixture
-def hub(tiny_repo, big_repo, tmp_path, monkeypatch):
+def hub(tiny_repo, big_repo, wide_repo, tmp_path, monkeypatch):
     """The local hub, with this process's huggingface_hub pointed at it and online."""
     import huggingface_hub.constants as C
 
-    server = HubServer({"org/tiny": tiny_repo, "org/big": big_repo})
+    server = HubServer({"org/tiny": tiny_repo, "org/big": big_repo, "org/wide": wide_repo})
     for k, v in hub_env(server, tmp_path / "hf-home").items():
         monkeypatch.setenv(k, v)
     for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -126,7 +138,7 @@ def test_disk_peak_is_output_plus_two_shards_and_shards_go_in_reading_order(hub,
 
     def watch():
         while not stop.is_set():
-            used, shards = 0, 0
+            used, shards = 0, set()
             for root in (staging, out):
                 for dirpath, _, files in os.walk(root):
                     for f in files:
@@ -134,35 +146,43 @@ def test_disk_peak_is_output_plus_two_shards_and_shards_go_in_reading_order(hub,
                             used += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
                         except OSError:
                             pass
-                        shards += f.endswith((".safetensors", ".incomplete")) and "source" in dirpath
-            peak[0], most[0] = max(peak[0], used), max(most[0], shards)
+                        if "source" in Path(dirpath).relative_to(root).parts and \
+                                f.endswith((".safetensors", ".incomplete")):
+                            shards.add(f.split(".safetensors")[0])   # a download, complete or not
+            peak[0], most[0] = max(peak[0], used), max(most[0], len(shards))
             time.sleep(0.005)
     w = threading.Thread(target=watch)
     w.start()
-    with caplog.at_level(logging.DEBUG, logger="fp8vl.hub"):
-        quantize("org/big", out, QuantizeOptions(max_shard_size=12 << 20, workers=2))
+    with caplog.at_level(logging.DEBUG, logger="fp8vl.hub"):   # one worker: tensors finish in reading order
+        quantize("org/big", out, QuantizeOptions(max_shard_size=12 << 20, workers=1))
     stop.set()
     w.join()
     _same_as_local(out, local_fp8["big"])
     order = list(dict.fromkeys(json.loads((big_repo / INDEX).read_text())["weight_map"].values()))
-    deleted = [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("deleted ")]
-    assert deleted == order
+    events = [r.getMessage().split()[:2] for r in caplog.records if r.name == "fp8vl.hub"]
+    deleted = [f for what, f in events if what == "deleted"]
+    assert deleted == order                                   # the order the index gives, which is not 1..8
+    assert order != sorted(order)
+    for f in order:                                           # each written, then deleted, once
+        assert events.count(["downloaded", f]) == 1
+        assert events.index(["downloaded", f]) < events.index(["deleted", f])
     shard = max(p.stat().st_size for p in big_repo.glob("*.safetensors"))
     output = sum(p.stat().st_size for p in out.iterdir())
     assert 0 < most[0] <= 2
     assert output < peak[0] <= output + 2 * shard + (1 << 20), (peak[0], output, shard)
 
 
-def test_a_dropped_connection_is_resumed_with_a_range_request(hub, big_repo, local_fp8, tmp_path):
-    name = "model-00003-of-00008.safetensors"
-    size = (big_repo / name).stat().st_size
-    hub.drop[name] = 3 << 20
-    out = tmp_path / "big-fp8"
-    quantize("org/big", out, QuantizeOptions(max_shard_size=12 << 20, workers=2))
-    _same_as_local(out, local_fp8["big"])
+def test_a_dropped_connection_is_resumed_with_a_range_request(hub, wide_repo, local_fp8, tmp_path):
+    name = "model-00002-of-00002.safetensors"
+    size = (wide_repo / name).stat().st_size
+    hub.drop[name] = 15 << 20
+    out = tmp_path / "wide-fp8"
+    quantize("org/wide", out, QuantizeOptions(workers=2))
+    _same_as_local(out, local_fp8["wide"])
     gets = [(start, n) for f, start, n in hub.sent if f == name and n > 100_001]   # not the header reads
-    assert gets[0] == (0, 3 << 20)                   # cut off after 3 MB ...
-    assert gets[1] == (3 << 20, size - (3 << 20))    # ... and continued from there, not from byte 0
+    # Cut off after 15 MB; huggingface_hub had written 10 MB of it (it writes 10 MB pieces) and asks for
+    # the rest from there with a Range request, not from byte 0.
+    assert gets == [(0, 15 << 20), (10 << 20, size - (10 << 20))]
 
 
 def test_killed_run_resumes_without_downloading_finished_shards(hub, big_repo, local_fp8, tmp_path):
