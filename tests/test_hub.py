@@ -22,7 +22,7 @@ from fp8vl import FP8VLError, QuantizeOptions, quantize
 from fp8vl.drift import FILE as ERRORS
 from fp8vl.verify import verify
 from helpers import INDEX, file_hashes
-from hub_server import HubServer, hub_env
+from hub_server import HubServer, _sha256, hub_env
 
 SHARD = 1 << 20   # output shard size for the tiny model: several output shards
 
@@ -135,21 +135,28 @@ def test_disk_peak_is_output_plus_two_shards_and_shards_go_in_reading_order(hub,
     out = tmp_path / "big-fp8"
     staging = tmp_path / ".big-fp8.fp8vl-partial"
     peak, most, stop = [0], [0], threading.Event()
+    sha = {p.name: _sha256(p) for p in big_repo.glob("*.safetensors")}   # a shard's etag on the hub
 
     def watch():
+        # Downloads in progress are listed before the shards, and files counted once by inode: a shard
+        # renamed into place, or deleted just as the next download starts, is never counted twice.
         while not stop.is_set():
-            used, shards = 0, set()
-            for root in (staging, out):
+            seen, shards = {}, set()
+            for root in (staging / "source" / ".cache", staging, out):
                 for dirpath, _, files in os.walk(root):
                     for f in files:
                         try:
-                            used += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+                            st = os.lstat(os.path.join(dirpath, f))
                         except OSError:
-                            pass
-                        if "source" in Path(dirpath).relative_to(root).parts and \
-                                f.endswith((".safetensors", ".incomplete")):
-                            shards.add(f.split(".safetensors")[0])   # a download, complete or not
-            peak[0], most[0] = max(peak[0], used), max(most[0], len(shards))
+                            continue
+                        seen[st.st_ino] = st.st_blocks * 512
+                        if "source" not in Path(dirpath).relative_to(tmp_path).parts:
+                            continue
+                        if f.endswith(".safetensors"):
+                            shards.add(sha[f])
+                        elif f.endswith(".incomplete") and any(p in sha.values() for p in f.split(".")):
+                            shards.add(next(p for p in f.split(".") if p in sha.values()))   # named by etag
+            peak[0], most[0] = max(peak[0], sum(seen.values())), max(most[0], len(shards))
             time.sleep(0.005)
     w = threading.Thread(target=watch)
     w.start()
