@@ -5,7 +5,8 @@ from the local hub of the tests (tests/hub_server.py: huggingface_hub's own prot
 throttled to ``--rate`` for all connections together, like one link. Then, side by side in one run,
 each a subprocess with the real huggingface_hub client:
 
-1. download alone: ``snapshot_download(repo, local_dir=...)``;
+1. download alone: ``hf_hub_download`` of every file, 8 at once (what ``snapshot_download`` does; the
+   local hub has no ``tree`` listing, so the file list comes from ``model_info``);
 2. download, then ``fp8vl quantize LOCAL OUTPUT`` (what a user does today);
 3. ``fp8vl quantize ORG/NAME OUTPUT`` (streaming: converts each shard as it lands, deletes it once written).
 
@@ -34,6 +35,11 @@ from hub_server import HubServer, hub_env  # noqa: E402
 from fp8vl.options import parse_size  # noqa: E402
 
 REPO = "bench/qwen3-vl-synthetic"
+DOWNLOAD = ("import sys; from concurrent.futures import ThreadPoolExecutor; "
+            "from huggingface_hub import HfApi, hf_hub_download; "
+            "info = HfApi().model_info(sys.argv[1], files_metadata=True); "
+            "list(ThreadPoolExecutor(8).map(lambda s: hf_hub_download(sys.argv[1], s.rfilename, revision=info.sha, "
+            "local_dir=sys.argv[2]), info.siblings))")
 
 
 def du(root: Path) -> int:
@@ -94,12 +100,10 @@ def main() -> None:
     rows = []
     try:
         for name, make in [
-            ("download alone (snapshot_download)", lambda d: [[py, "-c", "import sys; from huggingface_hub import "
-                                                               "snapshot_download; snapshot_download(sys.argv[1], "
-                                                               "local_dir=sys.argv[2])", REPO, str(d / "src")]]),
+            ("download alone (hf_hub_download, 8 files at once)",
+             lambda d: [[py, "-c", DOWNLOAD, REPO, str(d / "src")]]),
             ("download, then fp8vl quantize LOCAL", lambda d: [
-                [py, "-c", "import sys; from huggingface_hub import snapshot_download; "
-                 "snapshot_download(sys.argv[1], local_dir=sys.argv[2])", REPO, str(d / "src")],
+                [py, "-c", DOWNLOAD, REPO, str(d / "src")],
                 [*fp8vl, str(d / "src"), str(d / "out"), *common]]),
             ("fp8vl quantize ORG/NAME (--stream)", lambda d: [[*fp8vl, REPO, str(d / "out"), *common]]),
         ]:

@@ -4,8 +4,8 @@ Order of work: ``model_info`` resolves the revision to a commit and lists the fi
 sizes; the small files (config, index, tokenizer, ...) come first, then every shard's header is read
 with a ranged request (huggingface_hub's ``parse_safetensors_file_metadata``), so the plan, the
 output layout and the free-space check exist before any weight byte arrives. Shards then download
-(``hf_hub_download``, one thread each) in the order the conversion reads them, at most
-``in_flight`` of them on disk or downloading at once. The writer waits for a tensor's shard; once
+(``hf_hub_download``, in a background thread) one after the other in the order the conversion
+reads them, at most ``in_flight`` of them on disk or downloading at once. The writer waits for a tensor's shard; once
 every tensor of a shard is written, its output bytes are synced, a line goes to the journal and,
 with ``stream``, the shard is deleted, which lets the next download start.
 
@@ -171,12 +171,15 @@ class Journal:
 
 
 class Fetcher:
-    """Downloads ``order`` (shard names) in that order, at most ``in_flight`` on disk or downloading.
+    """Downloads ``order`` (shard names) in that order, one shard at a time, at most ``in_flight``
+    on disk or downloading.
 
-    A slot is freed when ``release(name)`` deletes a consumed shard (``stream``) or, keeping the
-    source, as soon as a download completes. Threads are daemons: Ctrl-C does not wait for a
-    download in progress (huggingface_hub writes to a temporary name, so nothing half-done looks
-    complete).
+    One at a time: on one link, two shards downloading side by side each take twice as long, so the
+    first one the writer needs arrives later and the link then idles while both are converted; in
+    order, the writer converts a shard while the next one downloads. A slot is freed when
+    ``release(name)`` deletes a consumed shard (``stream``) or, keeping the source, as soon as a
+    download completes. Threads are daemons: Ctrl-C does not wait for a download in progress
+    (huggingface_hub writes to a temporary name, so nothing half-done looks complete).
     """
 
     def __init__(self, remote: Remote, dest: Path | None, order: list[str], in_flight: int, stream: bool):
@@ -200,7 +203,7 @@ class Fetcher:
                 if self.closed or self.failed:
                     return
                 self.busy += 1
-            threading.Thread(target=self._fetch, args=(name,), name=f"fp8vl-fetch-{name}", daemon=True).start()
+            self._fetch(name)
 
     def _fetch(self, name: str) -> None:
         had = self.dest is not None and (self.dest / name).is_file()
@@ -358,7 +361,7 @@ def quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions,
                 (dest / f).unlink(missing_ok=True)
         copied, res.skipped = other_files(src, ckpt.weight_files)
         res.skipped += [f for f in remote.shards() if src / f not in ckpt.weight_files]
-        res.skipped += [f for f in remote.sizes if f.endswith(OTHER_WEIGHTS)]
+        res.skipped = list(dict.fromkeys(res.skipped + [f for f in remote.sizes if f.endswith(OTHER_WEIGHTS)]))
         need = bytes_to_write(src, copied, res.bytes_out, len(units) + 1)
         if stream:
             need += sum(sorted((remote.sizes[f] for f in files), reverse=True)[:opts.in_flight])
