@@ -64,7 +64,7 @@ def build(work: Path, layers: int) -> tuple[Path, Path]:
 def engine_rows(label: str, path: Path, pics: list[Path], new_tokens: int, batches: list[int]) -> list[dict]:
     from fp8vl.caption import load_image
     from fp8vl.engine import Engine, EngineOptions, Request, round_up
-    from fp8vl.evaluate import encode, load_any
+    from fp8vl.loader import encode, load_any
     from fp8vl.prompts import CAPTION
 
     torch.cuda.empty_cache()
@@ -98,7 +98,7 @@ def step_rows(label: str, loaded, pics: list[Path], batches: list[int]) -> list[
     """Where the time goes: one prefill (vision tower + prompt), one decode step at each batch size."""
     from fp8vl.caption import load_image
     from fp8vl.engine import Engine, EngineOptions
-    from fp8vl.evaluate import encode
+    from fp8vl.loader import encode
     from fp8vl.prompts import CAPTION
 
     inputs = encode(loaded, CAPTION, load_image(pics[0], 512), device="cpu")
@@ -133,7 +133,7 @@ def step_rows(label: str, loaded, pics: list[Path], batches: list[int]) -> list[
 def old_path_row(label: str, loaded, pics: list[Path], new_tokens: int) -> dict:
     """Transformers' generate, one image at a time: what caption --model did before the engine."""
     from fp8vl.caption import load_image
-    from fp8vl.evaluate import encode
+    from fp8vl.loader import encode
     from fp8vl.prompts import CAPTION
 
     batch = encode(loaded, CAPTION, load_image(pics[0], 512))
@@ -161,18 +161,18 @@ cap = {cap!r}
 opts = CaptionOptions(model={str(fp8)!r}, device="cuda", max_tokens={new_tokens}, txt=False,
                       jsonl={str(folder / 'out.jsonl')!r}, overwrite=True,
                       gpu_memory=parse_size(cap) if cap else None)
-t = time.perf_counter(); s = caption([{str(folder)!r}], opts)
+s = caption([{str(folder)!r}], opts)
 print("RESULT", json.dumps(dict(done=s.done, failed=len(s.failed), seconds=s.seconds, tokens=s.tokens,
-      peak_gib=torch.cuda.max_memory_allocated() / 2**30)))
+      peak_gib=torch.cuda.max_memory_allocated() / 2**30, steady=s.captioning_images_per_s)))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT")), None)
     if line is None:
         return dict(what=f"fp8: fp8vl caption{' under ' + cap if cap else ''}", error=r.stderr[-800:])
     d = json.loads(line[7:])
-    return dict(what=f"fp8: fp8vl caption (load included){' under ' + cap if cap else ''}", images=d["done"],
-                failed=d["failed"], seconds=d["seconds"], images_per_s=d["done"] / d["seconds"],
-                tokens_per_s=d["tokens"] / d["seconds"], peak_gib=d["peak_gib"])
+    return dict(what=f"fp8: fp8vl caption{' under ' + cap if cap else ''} (after the load; {d['done'] / d['seconds']:.2f}"
+                     f" images/s with it)", images=d["done"], failed=d["failed"], seconds=d["seconds"],
+                images_per_s=d["steady"], tokens_per_s=d["tokens"] / d["seconds"], peak_gib=d["peak_gib"])
 
 
 def eval_row(bf16: Path, fp8: Path) -> dict:

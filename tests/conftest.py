@@ -80,7 +80,7 @@ def converted(dense_fp8, tied_fp8):
 @pytest.fixture(scope="session")
 def hf_models(dense_fp8, tied_fp8):
     """Source and FP8 output of dense and tied, loaded by Transformers on CPU (lazily, once)."""
-    from fp8vl.evaluate import load_hf_model
+    from fp8vl.loader import load_hf_model
 
     cache: dict[tuple[str, str], object] = {}
     paths = {("dense", "src"): dense_fp8.src, ("dense", "fp8"): dense_fp8.out,

@@ -317,6 +317,7 @@ def test_local_backend_captions_in_process(fp8_dir, tmp_path):
         s = caption([tmp_path], opts, progress=tick)
     assert (s.done, s.skipped, s.failed) == (2, 0, []) and 2 <= s.tokens <= 16
     assert "fp8" in s.model
+    assert 0 < s.load_seconds < s.seconds and s.captioning_images_per_s > s.images_per_s
     for n in ["astronaut", "coffee"]:
         text = (tmp_path / f"{n}.txt").read_text()
         assert text.startswith("ohwx, ") and len(text) > len("ohwx, ")
@@ -545,3 +546,18 @@ def test_out_of_memory_mid_batch_is_one_line_and_keeps_the_captions(fp8_dir, tmp
     assert "Tried to allocate 20.00 GiB" in _oom_line(e.value) and "--batch-size" in str(e.value)
     assert sidecar(tmp_path / "astronaut.jpg").read_text().strip()      # the first caption is kept
     assert not sidecar(tmp_path / "coffee.jpg").exists()
+
+
+def test_local_backend_batch_1_and_batch_n_write_the_same_captions(fp8_dir, tmp_path):
+    """The engine's continuous batching (3 slots over 5 images of different sizes, slots refilled)
+    writes exactly the captions that one image at a time writes."""
+    names = ["astronaut", "coffee", "chelsea", "rocket", "astronaut"]
+    for i, n in enumerate(names):
+        img = _photo(n)
+        img.resize((64 + 32 * i, 96)).save(tmp_path / f"{i}-{n}.png")
+    texts = {}
+    for bs in (1, 3):
+        s = caption([tmp_path], CaptionOptions(model=str(fp8_dir), max_tokens=10, batch_size=bs, overwrite=True))
+        assert (s.done, s.failed) == (5, [])
+        texts[bs] = {p.name: p.read_text() for p in sorted(tmp_path.glob("*.txt"))}
+    assert len(texts[1]) == 5 and texts[1] == texts[3]

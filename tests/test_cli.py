@@ -11,8 +11,6 @@ import sys
 import time
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from helpers import BAD_CASES, cli_env, file_hashes, language_linears, load_tensors, popen_cli, read_config, run_cli
 

@@ -212,7 +212,8 @@ def test_small_max_shard_size_gives_several_consistent_shards(dense_sharded, den
 
 
 def test_transformers_loads_sharded_output_like_the_single_shard_one(dense_sharded, hf_models):
-    from fp8vl.evaluate import encode, load_hf_model, logits_for
+    from fp8vl.evaluate import logits_for
+    from fp8vl.loader import encode, load_hf_model
 
     one, many = hf_models("dense", "fp8"), load_hf_model(dense_sharded)
     batch = encode(one, PROMPT, astronaut())

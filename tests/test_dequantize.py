@@ -112,7 +112,8 @@ def test_moe_experts_stay_split_per_expert(round_trips):
 
 
 def test_transformers_loads_the_dequantized_model_like_the_fp8_one(round_trips, hf_models):
-    from fp8vl.evaluate import encode, load_hf_model, logits_for
+    from fp8vl.evaluate import logits_for
+    from fp8vl.loader import encode, load_hf_model
     from helpers import astronaut
 
     _, bf16, _ = round_trips["dense"]

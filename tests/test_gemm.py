@@ -197,7 +197,8 @@ def test_fp8_linear_bias_and_batch_dims():
 @pytest.mark.parametrize("mode", ["scaled_mm", "triton"])
 def test_runtime_on_gpu_matches_simulation(tmp_path, mode):
     from fp8vl import quantize
-    from fp8vl.evaluate import encode, load_any, logits_for, kl_stats
+    from fp8vl.evaluate import kl_stats, logits_for
+    from fp8vl.loader import encode, load_any
     from fp8vl.prompts import open_image
     from fp8vl.tiny import build_tiny_qwen3_vl
 

@@ -81,6 +81,7 @@ class CaptionSummary:
     tokens: int = 0                  # generated tokens
     seconds: float = 0.0             # wall time of the run, model loading included
     model: str = ""
+    load_seconds: float = 0.0        # in-process: loading the model and sizing the engine (part of seconds)
 
     @property
     def images_per_s(self) -> float:
@@ -89,6 +90,12 @@ class CaptionSummary:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def captioning_images_per_s(self) -> float:
+        """images/s once the model is loaded (the rate a long run converges to)."""
+        busy = self.seconds - self.load_seconds
+        return self.done / busy if busy > 0 else 0.0
 
 
 @dataclass
@@ -416,12 +423,13 @@ def _local(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Resu
     """In-process: fp8vl's engine, continuous batching; images are read and encoded by two threads
     ahead of the GPU (the processor's CPU work overlaps the model's)."""
     from .engine import Engine, EngineOptions, Request, limit_gpu_memory, round_up
-    from .evaluate import _eos_ids, encode, load_any
+    from .loader import encode, eos_ids, load_any
 
     limit_gpu_memory(opts.device, opts.gpu_memory)
     fix = ("use a smaller --batch-size, a lower --max-tokens or --max-side, or --gpu-memory below what other "
            "programs leave free; the captions written so far are kept")
     with out_of_memory(opts.device, fix):
+        t0 = time.perf_counter()
         loaded = load_any(opts.model, opts.device, opts.mode)
         info["model"] = f"{opts.model} ({loaded.label})"
         tok = getattr(loaded.processor, "tokenizer", loaded.processor)
@@ -432,7 +440,8 @@ def _local(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Resu
         eopts = EngineOptions(max_len=round_up(longest["input_ids"].shape[1] + opts.max_tokens + 1),
                               max_batch=opts.batch_size, max_new_tokens=opts.max_tokens,
                               temperature=opts.temperature)
-        engine = Engine(loaded.model, _eos_ids(loaded), eopts)
+        engine = Engine(loaded.model, eos_ids(loaded), eopts)
+        info["load_seconds"] = time.perf_counter() - t0
         failed: list[_Result] = []
 
         def prepare(path: Path) -> tuple[Path, float, dict | None]:
@@ -505,7 +514,7 @@ def caption(paths: str | Path | Iterable[str | Path], opts: CaptionOptions = Cap
                     progress(n, len(todo))
     if opts.csv:
         _final_csv(images, opts)
-    s.seconds, s.model = time.perf_counter() - t0, info["model"]
+    s.seconds, s.model, s.load_seconds = time.perf_counter() - t0, info["model"], info.get("load_seconds", 0.0)
     return s
 
 
@@ -529,6 +538,8 @@ def print_summary(s: CaptionSummary, console) -> None:
 
     console.print(f"[bold green]captioned[/] {s.done}, skipped {s.skipped} (already captioned), "
                   f"[{'bold red' if s.failed else 'green'}]failed {len(s.failed)}[/] in {s.seconds:.1f} s: "
-                  f"{s.images_per_s:.2f} images/s, {s.tokens_per_s:.1f} tokens/s ({escape(s.model)})")
+                  f"{s.images_per_s:.2f} images/s, {s.tokens_per_s:.1f} tokens/s ({escape(s.model)})"
+                  + (f"; model loaded in {s.load_seconds:.1f} s, then {s.captioning_images_per_s:.2f} images/s"
+                     if s.load_seconds else ""))
     for path, reason in s.failed:
         console.print(f"  [red]failed[/] {escape(str(path))}: {escape(reason)}", highlight=False)

@@ -137,6 +137,7 @@ def eval_cmd(
     quantized: Path = typer.Argument(..., help="its FP8 copy (or any model to compare with)"),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSONL: {\"text\", \"image\"?, \"id\"?} a line"),
     limit: Optional[int] = typer.Option(None, "--limit", help="use only the first N built-in prompts of each kind"),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="GPU memory the run may use, e.g. 15.5GiB"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     mode: str = typer.Option("auto", "--mode", help="FP8 runtime: auto, scaled_mm, triton, w8a8 (simulated) or dequant"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="greedy answer length"),
@@ -150,13 +151,15 @@ def eval_cmd(
     from . import prompts as P
     from .eval_report import card_section, print_eval, write_report
     from .evaluate import evaluate
+    from .options import parse_size
     from .card import update_card as write_section
 
     _quiet_transformers()
     items = P.load_jsonl(prompts) if prompts else P.builtin(limit)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("source, then FP8", total=2 * len(items))
-        r = evaluate(source, quantized, items, device, mode, max_new_tokens, tick=lambda: bar.advance(task))
+        r = evaluate(source, quantized, items, device, mode, max_new_tokens, tick=lambda: bar.advance(task),
+                     gpu_memory=parse_size(gpu_memory) if gpu_memory else None)
     print_eval(r, console, per_prompt=prompts is not None)
     if json_out is not None:
         json_out.write_text(r.to_json())
@@ -284,9 +287,14 @@ def caption_cmd(
     api_key: Optional[str] = typer.Option(None, "--api-key", help="default: $OPENAI_API_KEY or EMPTY"),
     device: str = typer.Option("cpu", "--device", help="in-process: cpu or cuda"),
     mode: str = typer.Option("auto", "--mode", help="in-process FP8 runtime: auto, scaled_mm, triton, w8a8, dequant"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="in-process: sequences decoded together "
+                                             "(default: as many as fit)"),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="in-process: GPU memory the run may use, "
+                                             "e.g. 15.5GiB for a 16 GB card (default: the card's)"),
 ) -> None:
     """Caption images in batch through a server or in-process; resumable, never overwrites by default."""
     from .caption import CaptionOptions, caption, print_summary, progress_bar
+    from .options import parse_size
     from .prompts import CAPTION, read_utf8
 
     if prompt and prompt_file:
@@ -299,7 +307,8 @@ def caption_cmd(
     opts = CaptionOptions(endpoint=endpoint, model=model, prompt=text, trigger=trigger, max_side=max_side,
                           concurrency=concurrency, max_tokens=max_tokens, temperature=temperature, txt=txt,
                           jsonl=jsonl, csv=csv, overwrite=overwrite, retries=retries, backoff=backoff,
-                          timeout=timeout, api_key=api_key, device=device, mode=mode)
+                          timeout=timeout, api_key=api_key, device=device, mode=mode, batch_size=batch_size,
+                          gpu_memory=parse_size(gpu_memory) if gpu_memory else None)
     with progress_bar(console) as tick:
         summary = caption(paths, opts, progress=tick)
     print_summary(summary, console)

@@ -17,7 +17,8 @@ from .tiny import build_tiny_qwen3_vl
 def run_demo(workdir: Path, console: Console, limit: int = 6, max_new_tokens: int = 16) -> dict:
     """Build, quantize, verify, load both with Transformers, and evaluate drift; returns the figures."""
     from .eval_report import print_eval, write_report
-    from .evaluate import compare_models, evaluate, load_hf_model
+    from .evaluate import compare_models, evaluate
+    from .loader import load_hf_model
     from .prompts import builtin, open_image
     from .verify import layer_sqnr_plot, verify
 

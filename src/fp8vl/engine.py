@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import FP8VLError
-from .runtime import FP8Linear
+from .runtime import FP8Experts, FP8Linear
 
 GiB = 1024**3
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -40,6 +40,7 @@ class EngineOptions:
     cuda_graphs: bool = True             # on CUDA devices
     reserve: int = int(3 * GiB)          # device memory kept free for prefill activations (CUDA)
     prefill_batch: int = 8               # prompts of one length prefilled in one forward
+    decode_kernels: bool = True          # fp8vl's Triton decode kernels where they apply (CUDA, bf16)
 
 
 @dataclass
@@ -238,14 +239,65 @@ class Engine:
         return [(out.logits[j, -1], n, int(deltas[j])) for j in range(len(group))]
 
     # ------------------------------------------------------------ decode
-    def _decode(self, b: int) -> torch.Tensor:
-        """One token for slots [0, b): reads self.tok/pos/len, writes the cache; logits [b, vocab]."""
-        tok, pos, ln, rows = self.tok[:b], self.pos[:b], self.len[:b], self.rows[:b]
-        x = self.embed(tok)[:, None]                                        # [b, 1, H]
+    def _rope(self, x: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [b, 1, hd] of each slot's rotary position, from the model's own rotary module."""
+        pos = self.pos[:b]
         pid = pos[None, :, None].expand(3, b, 1) if self.mrope else pos[:, None]
         cos, sin = self.rotary(x, pid)
         if cos.dim() == 4:            # Qwen2.5-VL returns per-axis tables; text positions are equal
             cos, sin = cos[0], sin[0]
+        return cos, sin
+
+    def _kernels_ok(self) -> bool:
+        """fp8vl's Triton decode kernels (attention.py) apply: CUDA, bf16, dense layers, head_dim 64/128."""
+        return self.device.type == "cuda" and self.dtype == torch.bfloat16 and self.head_dim in (64, 128)
+
+    def _decode_kernels(self, b: int) -> torch.Tensor:
+        """``_decode`` in few launches: q/k norm + rotary + cache write in one kernel, flash-decoding
+        attention (its output quantized in the same kernel for an FP8 o_proj), the residual add fused
+        into the next RMSNorm (+ quantization) on FP8 models. Same numerics as ``_decode`` up to the
+        order of float32 sums."""
+        from .attention import add_rmsnorm_quant, decode_attention, qk_norm_rope_cache
+
+        ln = self.len[:b]
+        x = self.embed(self.tok[:b])                                        # [b, H]
+        cos, sin = self._rope(x[:, None], b)
+        cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()           # [b, hd]
+        if self.fused:
+            from .gemm import fp8_gemm, rmsnorm_quant, silu_mul_quant
+
+            def lin(m: FP8Linear, xq_xs) -> torch.Tensor:
+                return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, self.dtype, m.bias, self.fused)
+            h = rmsnorm_quant(x, self.layers[0].ln1, self.layers[0].eps)
+        for i, L in enumerate(self.layers):
+            kc, vc = self.k[i][:b], self.v[i][:b]
+            qkv = lin(L.qkv, h) if self.fused else L.qkv(rms_norm(x, L.ln1, L.eps))
+            q = qk_norm_rope_cache(qkv, L.q_norm, L.k_norm, L.eps, cos, sin, kc, vc, ln)
+            if self.fused:
+                x, *h = add_rmsnorm_quant(x, lin(L.o, decode_attention(q, kc, vc, ln, L.scaling, True)), L.ln2, L.eps)
+                delta = lin(L.down, silu_mul_quant(lin(L.gate_up, h)))
+                if i + 1 < len(self.layers):
+                    nxt = self.layers[i + 1]
+                    x, *h = add_rmsnorm_quant(x, delta, nxt.ln1, nxt.eps)
+                else:
+                    x = x + delta
+                continue
+            x = x + L.o(decode_attention(q, kc, vc, ln, L.scaling))
+            h = rms_norm(x, L.ln2, L.eps)
+            if L.mlp is not None:          # MoE block: router + experts, as the model defines them
+                x = x + L.mlp(h[:, None])[:, 0]
+                continue
+            g, u = L.gate_up(h).chunk(2, -1)
+            x = x + L.down(L.act(g) * u)
+        return self.lm_head(rms_norm(x, self.norm.weight, self.norm.variance_epsilon))
+
+    def _decode(self, b: int) -> torch.Tensor:
+        """One token for slots [0, b): reads self.tok/pos/len, writes the cache; logits [b, vocab]."""
+        if self.opts.decode_kernels and self._kernels_ok():
+            return self._decode_kernels(b)
+        tok, ln, rows = self.tok[:b], self.len[:b], self.rows[:b]
+        x = self.embed(tok)[:, None]                                        # [b, 1, H]
+        cos, sin = self._rope(x, b)
         cos, sin = cos[:, None], sin[:, None]                               # [b, 1, 1, hd]
         mask = (self.span[None, :] <= ln[:, None])[:, None, None, :]        # [b, 1, 1, L]
         nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
@@ -290,8 +342,13 @@ class Engine:
         return next((b for b in BUCKETS if b >= n and b <= self.batch), self.batch)
 
     def _use_graphs(self) -> bool:
-        # MoE blocks pick experts on the host (data-dependent); they run eagerly
-        return self.device.type == "cuda" and self.opts.cuda_graphs and all(L.mlp is None for L in self.layers)
+        # MoE blocks are captured only where their experts run on the device alone (FP8 experts through
+        # the grouped GEMV); Transformers' own expert loop picks experts on the host
+        def capturable(L: _Layer) -> bool:
+            ex = getattr(L.mlp, "experts", None)
+            return L.mlp is None or (isinstance(ex, FP8Experts) and ex.stacked is not None
+                                     and ex.gate_proj[0].mode in ("scaled_mm", "triton"))
+        return self.device.type == "cuda" and self.opts.cuda_graphs and all(capturable(L) for L in self.layers)
 
     @torch.no_grad()
     def _step(self, b: int) -> torch.Tensor:

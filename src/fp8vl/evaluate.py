@@ -18,98 +18,9 @@ from typing import Callable
 
 import torch
 
-from .errors import FP8VLError, out_of_memory
+from .errors import out_of_memory
+from .loader import Loaded, check_processor, encode, eos_ids, load_any, model_device
 from .prompts import Prompt, open_image
-
-
-@dataclass
-class Loaded:
-    model: torch.nn.Module
-    processor: object      # a multimodal processor, or a tokenizer for text-only models
-    is_vlm: bool
-    path: Path
-    label: str = ""        # how it runs: "bf16", "fp8 w8a8", ...
-
-
-def _config(path: Path) -> dict:
-    if not (path / "config.json").is_file():
-        raise FP8VLError(f"{path}: no config.json; pass a model folder")
-    return json.loads((path / "config.json").read_text())
-
-
-# Files one of which each part needs. Without a vocabulary Transformers builds an empty tokenizer
-# that turns every text into no tokens, silently; so their presence is checked before loading.
-VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
-IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-
-
-PROCESSOR_FIX = "copy the processor and tokenizer files from the model it was made from"
-
-
-def check_processor(path: Path) -> None:
-    """Before any model is loaded: the folder has a tokenizer (and, for a VLM, an image processor)."""
-    missing = [f"a tokenizer ({' or '.join(VOCAB_FILES)})"] * (not any((path / f).is_file() for f in VOCAB_FILES))
-    if "vision_config" in _config(path) and not any((path / f).is_file() for f in IMAGE_PROCESSOR_FILES):
-        missing.append(f"an image processor ({' or '.join(IMAGE_PROCESSOR_FILES)})")
-    if missing:
-        raise FP8VLError(f"{path}: no {' and no '.join(missing)}; {PROCESSOR_FIX}")
-
-
-def _processor(path: Path, vlm: bool):
-    """The model's processor (or tokenizer); one FP8VLError naming the folder and what is missing."""
-    from transformers import AutoProcessor, AutoTokenizer
-
-    check_processor(path)
-    fix = PROCESSOR_FIX
-    try:
-        return AutoProcessor.from_pretrained(path) if vlm else AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FP8VLError(f"{path}: cannot load its processor ({first}); {fix}") from e
-
-
-def load_hf_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> Loaded:
-    """Load with Transformers as a user would (FP8 checkpoints are dequantized on load without a GPU)."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    path = Path(path)
-    vlm = "vision_config" in _config(path)
-    cls = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
-    processor = _processor(path, vlm)   # first: a missing file is reported before a long model load
-    model = cls.from_pretrained(path, dtype=dtype, device_map=device).eval()
-    return Loaded(model, processor, vlm, path, "transformers")
-
-
-def load_any(path: str | Path, device: str = "cpu", mode: str = "auto") -> Loaded:
-    """Any checkpoint through fp8vl's loader: FP8 weights as FP8 linears, everything else as is."""
-    from .loader import load_model
-
-    path = Path(path)
-    vlm = "vision_config" in _config(path)
-    processor = _processor(path, vlm)   # first: a missing file is reported before a long model load
-    model = load_model(path, device, mode)
-    return Loaded(model, processor, vlm, path, f"fp8 {model.fp8_mode}" if model.fp8_mode else "bf16")
-
-
-def _device(loaded: Loaded) -> torch.device:
-    return next(loaded.model.parameters()).device
-
-
-def encode(loaded: Loaded, text: str, image=None, chat: bool = True, device=None) -> dict[str, torch.Tensor]:
-    """Model inputs for one prompt, through the chat template (image first, as Qwen's guides do),
-    on ``device`` (default: the model's)."""
-    proc = loaded.processor
-    if image is not None and not loaded.is_vlm:
-        raise FP8VLError(f"{loaded.path}: text-only model, cannot take an image prompt")
-    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": text}]
-    if chat and getattr(proc, "chat_template", None):
-        msgs = [{"role": "user", "content": content if loaded.is_vlm else text}]
-        text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    if loaded.is_vlm:
-        batch = proc(text=[text], images=[image] if image is not None else None, return_tensors="pt")
-    else:
-        batch = proc([text], return_tensors="pt")
-    return {k: v.to(device or _device(loaded)) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -130,14 +41,7 @@ def kl_stats(ref_logits: torch.Tensor, q_logits: torch.Tensor) -> dict:
 def compare_models(ref: Loaded, q: Loaded, text: str, image=None) -> dict:
     """Next-token KL and top-1 of two loaded models over one prompt's positions."""
     batch = encode(ref, text, image)
-    return kl_stats(logits_for(ref, batch), logits_for(q, {k: v.to(_device(q)) for k, v in batch.items()}))
-
-
-def _eos_ids(loaded: Loaded) -> list[int]:
-    tok = getattr(loaded.processor, "tokenizer", loaded.processor)
-    gen = getattr(loaded.model, "generation_config", None)
-    ids = getattr(gen, "eos_token_id", None) or tok.eos_token_id
-    return list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    return kl_stats(logits_for(ref, batch), logits_for(q, {k: v.to(model_device(q)) for k, v in batch.items()}))
 
 
 def answers(loaded: Loaded, batches: list[dict[str, torch.Tensor]], max_new_tokens: int) -> list[list[int]]:
@@ -147,7 +51,7 @@ def answers(loaded: Loaded, batches: list[dict[str, torch.Tensor]], max_new_toke
     longest = max(b["input_ids"].shape[1] for b in batches)
     opts = EngineOptions(max_len=round_up(longest + max_new_tokens + 1), max_batch=min(len(batches), 32),
                          max_new_tokens=max_new_tokens)
-    engine = Engine(loaded.model, _eos_ids(loaded), opts)
+    engine = Engine(loaded.model, eos_ids(loaded), opts)
     out = {req.tag: ids for req, ids in engine.generate(Request(b, i) for i, b in enumerate(batches))}
     return [out[i] for i in range(len(batches))]
 
@@ -260,11 +164,13 @@ def _free(loaded: Loaded) -> None:
 
 def evaluate(source: str | Path, quantized: str | Path, prompts: list[Prompt], device: str = "cpu",
              mode: str = "auto", max_new_tokens: int = 32,
-             tick: Callable[[], None] = lambda: None) -> EvalReport:
+             tick: Callable[[], None] = lambda: None, gpu_memory: int | None = None) -> EvalReport:
     """Run source then FP8 on the same prompts; ``tick`` is called after each prompt of each side."""
+    from .engine import limit_gpu_memory
     from .source import resolve
 
     src, q = resolve(source), Path(quantized)
+    limit_gpu_memory(device, gpu_memory)
     for folder in (src, q):  # both, before the source side runs for minutes
         check_processor(folder)
     with out_of_memory(device, f"use a smaller --max-new-tokens (now {max_new_tokens}), a GPU with more memory, "

@@ -175,15 +175,17 @@ def _col_major_scales(m: int, groups: int, device) -> torch.Tensor:
     return torch.empty((groups, m), dtype=torch.float32, device=device).t()
 
 
-def quantize_activations_gpu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations_gpu(x: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (K % 128 == 0) -> (q [M, K] e4m3, scale [M, K/128] float32, column-major as cuBLAS
-    reads it); bit-identical to ``kernel.quantize_activations``."""
+    reads it); bit-identical to ``kernel.quantize_activations``. With ``rows`` > M the outputs have
+    ``rows`` rows, the ones past M left unwritten: cuBLAS' row padding without a copy (a GEMM's output
+    rows depend on their own input row only, and the caller drops them)."""
     m, k = x.shape
     if k % BLOCK:
         raise ValueError(f"activation width {k} is not a multiple of {BLOCK}")
     x = x if x.stride(1) == 1 else x.contiguous()
-    q = torch.empty((m, k), dtype=FP8, device=x.device)
-    s = _col_major_scales(m, k // BLOCK, x.device)
+    q = torch.empty((rows or m, k), dtype=FP8, device=x.device)
+    s = _col_major_scales(rows or m, k // BLOCK, x.device)
     gk.act_quant_kernel[(triton.cdiv(m, 32), k // BLOCK)](x, q, s, m, k, x.stride(0), s.stride(0), s.stride(1),
                                                           BLOCK_M=32)
     return q, s
@@ -333,7 +335,13 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: to
     """x [..., K] (bf16/fp16) @ dequant(w [N, K] e4m3, w_scale [N/128, K/128] f32)^T + bias, W8A8:
     a standalone activation quantization, then ``fp8_gemm``."""
     *lead, k = x.shape
-    xq, xs = quantize_activations_gpu(x.reshape(-1, k))
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m > DECODE_MAX_M and m % 4 and _use_cublas(x.device, w.shape[0], backend):
+        # prefill: quantize into cuBLAS' 4-row padding directly (one launch fewer, no copy)
+        xq, xs = quantize_activations_gpu(x2, m + (-m % 4))
+        return _cublas_block_gemm(xq, xs, w, w_scale, x.dtype, bias)[:m].reshape(*lead, w.shape[0])
+    xq, xs = quantize_activations_gpu(x2)
     return fp8_gemm(xq, xs, w, w_scale, x.dtype, bias, backend).reshape(*lead, w.shape[0])
 
 

@@ -11,8 +11,13 @@ path, so FP8 and BF16 are compared in one engine.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -66,36 +71,40 @@ def load_model(path: str | Path, device: str = "cpu", mode: str = "auto",
     model = _empty_model(path, ckpt.config, dtype)
     names = {n for n, _ in model.named_modules()}
 
-    scales = {m["module"]: t for n, t in ckpt.tensors.items() if (m := SCALE.match(n))}
+    scales = {m["module"]: t.name for n, t in ckpt.tensors.items() if (m := SCALE.match(n))}
+    weights = {module + ".weight": module for module in scales}
     experts: dict[str, dict[int, dict[str, FP8Linear]]] = defaultdict(lambda: defaultdict(dict))
-    done: set[str] = set()
+    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)   # FP8 module -> weight/scale on device
 
-    def fp8(module_name: str) -> FP8Linear:
-        w, s = ckpt.tensors[module_name + ".weight"], scales[module_name]
-        done.update({w.name, s.name})
-        return FP8Linear(read_tensor(w).to(device), read_tensor(s).float().to(device), None, mode)
-
-    for module_name in scales:
-        m = EXPERT.match(module_name)
-        if m:
-            experts[m["base"]][int(m["e"])][m["proj"]] = fp8(module_name)
-            continue
+    def place(module_name: str) -> None:
+        p = parts.pop(module_name)
+        lin = FP8Linear(p["weight"], p["scale"].float(), None, mode)
+        if m := EXPERT.match(module_name):
+            experts[m["base"]][int(m["e"])][m["proj"]] = lin
+            return
         target = model_module_name(names, module_name, path)
         parent, _, child = target.rpartition(".")
-        model.get_submodule(parent).register_module(child, fp8(module_name))
+        model.get_submodule(parent).register_module(child, lin)
+
+    for info, t in _read_ahead(list(ckpt.tensors.values())):
+        name = info.name
+        if name in weights or (m := SCALE.match(name)) and m["module"] in scales:
+            module_name = weights.get(name) or m["module"]
+            parts[module_name]["weight" if name in weights else "scale"] = t.to(device)
+            if len(parts[module_name]) == 2:
+                place(module_name)
+            continue
+        module_name, _, attr = name.rpartition(".")
+        target = model_module_name(names, module_name, path) if module_name else ""
+        module = model.get_submodule(target)
+        _assign(module, attr, _tensor_for(module, attr, info, t, device, dtype))
+    if parts:
+        raise FP8VLError(f"{path}: FP8 weight or scale without its partner: {', '.join(sorted(parts)[:5])}")
     for base, per_expert in experts.items():
         target = model_module_name(names, base, path)
         parent, _, child = target.rpartition(".")
         act = model.get_submodule(target).act_fn
         model.get_submodule(parent).register_module(child, FP8Experts(per_expert, act))
-
-    for name, info in ckpt.tensors.items():
-        if name in done:
-            continue
-        module_name, _, attr = name.rpartition(".")
-        target = model_module_name(names, module_name, path) if module_name else ""
-        module = model.get_submodule(target)
-        _assign(module, attr, _tensor_for(module, attr, info, device, dtype))
 
     _tie_or_fail(model, path)
     model.to(device)   # the real buffers (rotary frequencies); parameters are there already
@@ -103,11 +112,24 @@ def load_model(path: str | Path, device: str = "cpu", mode: str = "auto",
     return model
 
 
-def _tensor_for(module: torch.nn.Module, attr: str, info: TensorInfo, device: str,
+def _read_ahead(infos: list[TensorInfo], depth: int = 4) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
+    """(info, tensor) in order, read by a few threads ahead of the caller (pread releases the GIL),
+    at most ``depth`` tensors in memory: reads overlap the host-to-device copies."""
+    with ThreadPoolExecutor(depth, thread_name_prefix="fp8vl-load") as pool:
+        todo = iter(infos)
+        queue = deque((i, pool.submit(read_tensor, i)) for i in islice(todo, depth))
+        while queue:
+            info, fut = queue.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                queue.append((nxt, pool.submit(read_tensor, nxt)))
+            yield info, fut.result()
+
+
+def _tensor_for(module: torch.nn.Module, attr: str, info: TensorInfo, t: torch.Tensor, device: str,
                 dtype: torch.dtype) -> torch.Tensor:
     """The checkpoint tensor as the module holds it: float cast to ``dtype``, 3-D fused experts in the
     module's own axis order (Transformers versions store [E, 2I, H] or [E, H, 2I])."""
-    t = read_tensor(info)
     want = getattr(module, attr, None)
     if isinstance(want, torch.Tensor) and want.shape != t.shape:
         if t.ndim == 3 and want.shape == t.transpose(1, 2).shape:
@@ -143,3 +165,102 @@ def load_fp8_model(path: str | Path, device: str = "cpu", mode: str = "auto",
     if not config.get("quantization_config"):
         raise FP8VLError(f"{path}: no quantization_config in config.json; load it as a normal model")
     return load_model(path, device, mode, dtype)
+
+
+# ---------------------------------------------------------------- model + processor, and prompts as inputs
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    processor: object      # a multimodal processor, or a tokenizer for text-only models
+    is_vlm: bool
+    path: Path
+    label: str = ""        # how it runs: "bf16", "fp8 w8a8", ...
+
+
+def _config(path: Path) -> dict:
+    if not (path / "config.json").is_file():
+        raise FP8VLError(f"{path}: no config.json; pass a model folder")
+    return json.loads((path / "config.json").read_text())
+
+
+# Files one of which each part needs. Without a vocabulary Transformers builds an empty tokenizer
+# that turns every text into no tokens, silently; so their presence is checked before loading.
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+PROCESSOR_FIX = "copy the processor and tokenizer files from the model it was made from"
+
+
+def check_processor(path: Path) -> None:
+    """Before any model is loaded: the folder has a tokenizer (and, for a VLM, an image processor)."""
+    missing = [f"a tokenizer ({' or '.join(VOCAB_FILES)})"] * (not any((path / f).is_file() for f in VOCAB_FILES))
+    if "vision_config" in _config(path) and not any((path / f).is_file() for f in IMAGE_PROCESSOR_FILES):
+        missing.append(f"an image processor ({' or '.join(IMAGE_PROCESSOR_FILES)})")
+    if missing:
+        raise FP8VLError(f"{path}: no {' and no '.join(missing)}; {PROCESSOR_FIX}")
+
+
+def load_processor(path: Path, vlm: bool):
+    """The model's processor (or tokenizer); one FP8VLError naming the folder and what is missing."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    check_processor(path)
+    fix = PROCESSOR_FIX
+    try:
+        return AutoProcessor.from_pretrained(path) if vlm else AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FP8VLError(f"{path}: cannot load its processor ({first}); {fix}") from e
+
+
+def load_hf_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> Loaded:
+    """Load with Transformers as a user would (FP8 checkpoints are dequantized on load without a GPU)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    path = Path(path)
+    vlm = "vision_config" in _config(path)
+    cls = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
+    processor = load_processor(path, vlm)   # first: a missing file is reported before a long model load
+    model = cls.from_pretrained(path, dtype=dtype, device_map=device).eval()
+    return Loaded(model, processor, vlm, path, "transformers")
+
+
+def load_any(path: str | Path, device: str = "cpu", mode: str = "auto") -> Loaded:
+    """Any checkpoint through fp8vl's loader: FP8 weights as FP8 linears, everything else as is."""
+    from .loader import load_model
+
+    path = Path(path)
+    vlm = "vision_config" in _config(path)
+    processor = load_processor(path, vlm)   # first: a missing file is reported before a long model load
+    model = load_model(path, device, mode)
+    return Loaded(model, processor, vlm, path, f"fp8 {model.fp8_mode}" if model.fp8_mode else "bf16")
+
+
+def model_device(loaded: Loaded) -> torch.device:
+    return next(loaded.model.parameters()).device
+
+
+def encode(loaded: Loaded, text: str, image=None, chat: bool = True, device=None) -> dict[str, torch.Tensor]:
+    """Model inputs for one prompt, through the chat template (image first, as Qwen's guides do),
+    on ``device`` (default: the model's)."""
+    proc = loaded.processor
+    if image is not None and not loaded.is_vlm:
+        raise FP8VLError(f"{loaded.path}: text-only model, cannot take an image prompt")
+    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": text}]
+    if chat and getattr(proc, "chat_template", None):
+        msgs = [{"role": "user", "content": content if loaded.is_vlm else text}]
+        text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    if loaded.is_vlm:
+        batch = proc(text=[text], images=[image] if image is not None else None, return_tensors="pt")
+    else:
+        batch = proc([text], return_tensors="pt")
+    return {k: v.to(device or model_device(loaded)) for k, v in batch.items()}
+
+
+def eos_ids(loaded: Loaded) -> list[int]:
+    tok = getattr(loaded.processor, "tokenizer", loaded.processor)
+    gen = getattr(loaded.model, "generation_config", None)
+    ids = getattr(gen, "eos_token_id", None) or tok.eos_token_id
+    return list(ids) if isinstance(ids, (list, tuple)) else [ids]

@@ -111,9 +111,46 @@ class FP8Experts(torch.nn.Module):
         self.up_proj = torch.nn.ModuleList(per_expert[e]["up_proj"] for e in range(n))
         self.down_proj = torch.nn.ModuleList(per_expert[e]["down_proj"] for e in range(n))
         self.act_fn = act_fn
+        self.stacked = self._stack()
+
+    def _stack(self) -> tuple[torch.Tensor, ...] | None:
+        """The experts as two stacked FP8 tensors, gate_up [E, 2I, H] and down [E, H, I] with their
+        scales, for the grouped GEMV (one launch for all experts, no host sync: CUDA-graph safe); the
+        per-expert modules become views of them (no extra memory). None where rows are not whole
+        128-row scale blocks or the activation is not SiLU."""
+        g0 = self.gate_proj[0]
+        if g0.out_features % 128 or "silu" not in type(self.act_fn).__name__.lower():
+            return None
+        gu = torch.stack([torch.cat([g.weight, u.weight]) for g, u in zip(self.gate_proj, self.up_proj)])
+        gus = torch.stack([torch.cat([g.weight_scale_inv, u.weight_scale_inv])
+                           for g, u in zip(self.gate_proj, self.up_proj)])
+        dn = torch.stack([d.weight for d in self.down_proj])
+        dns = torch.stack([d.weight_scale_inv for d in self.down_proj])
+        i, si = g0.out_features, g0.out_features // 128
+        for e, (g, u, d) in enumerate(zip(self.gate_proj, self.up_proj, self.down_proj)):
+            g.weight, u.weight, d.weight = gu[e, :i], gu[e, i:], dn[e]
+            g.weight_scale_inv, u.weight_scale_inv, d.weight_scale_inv = gus[e, :si], gus[e, si:], dns[e]
+        return gu, gus, dn, dns
+
+    def _grouped(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """W8A8 on the GPU in four launches: x [T, H] quantized once, each (token, expert) pair a row of
+        the grouped GEMV for gate_up, SiLU-and-mul quantized in one kernel, grouped down, weighted sum."""
+        from .gemm import fp8_grouped_gemm, quantize_activations_gpu, silu_mul_quant
+
+        gu, gus, dn, dns = self.stacked
+        t, k = top_k_index.shape
+        xq, xs = quantize_activations_gpu(x)
+        ids = top_k_index.reshape(-1).to(torch.int32)
+        rows = torch.arange(t, device=x.device).repeat_interleave(k)     # [T*k] token of each pair
+        h = fp8_grouped_gemm(xq[rows], xs[rows], gu, gus, ids, x.dtype)    # [T*k, 2I]
+        y = fp8_grouped_gemm(*silu_mul_quant(h), dn, dns, ids, torch.float32)  # [T*k, H]
+        return (y.view(t, k, -1) * top_k_weights[..., None].float()).sum(1).to(x.dtype)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.stacked is not None and hidden_states.is_cuda and self.gate_proj[0].mode in ("scaled_mm", "triton") \
+                and top_k_index.numel() <= 256:
+            return self._grouped(hidden_states, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden_states)
         for e in top_k_index.unique().tolist():
             if e >= len(self.gate_proj):
