@@ -54,3 +54,18 @@ def test_quantize_writes_one_figure_per_fp8_tensor(dense_fp8):
     fp8 = [e.name for e in dense_fp8.result.plan.entries if e.quantize]
     assert list(doc["tensors"]) == fp8
     assert all(25 < t["sqnr_db"] < 40 for t in doc["tensors"].values())
+
+
+def test_the_figures_do_not_depend_on_torch_s_thread_count():
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(640, 4096, generator=g) * 0.02).bfloat16()
+    q, s = ref_block_quantize(w)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = chunk_error(w, q, s)
+        torch.set_num_threads(max(2, threads))
+        many = chunk_error(w, q, s)
+    finally:
+        torch.set_num_threads(threads)
+    assert one == many

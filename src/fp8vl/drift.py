@@ -42,8 +42,8 @@ def chunk_error(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block: in
 
     Runs next to the quantizer on every chunk, so it is written for speed: the codes become floats
     through a 256-entry table (torch converts float8 element by element on CPUs, 5x slower), in
-    place, with three temporaries. Sums of squares are float32 dot products; a chunk whose largest
-    weight is so small (or large) that its squares would underflow (overflow) is rescaled first.
+    place. A chunk whose largest weight is so small (or large) that its float32 squares would
+    underflow (overflow) is rescaled first.
     """
     n, k = w.shape
     kb = cdiv(k, block)
@@ -60,8 +60,15 @@ def chunk_error(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block: in
     f = 1.0 if 1e-15 < amax < 1e15 else 1.0 / amax
     if f != 1.0:
         e, wf = e * f, wf * f
-    ev, wv = e.reshape(-1), wf.reshape(-1)
-    return float(torch.dot(ev, ev)) / f / f, float(torch.dot(wv, wv)) / f / f, max_err, amax
+    return _sum_squares(e, block) / f / f, _sum_squares(wf, block) / f / f, max_err, amax
+
+
+def _sum_squares(x: torch.Tensor, block: int) -> float:
+    """sum(x^2), the same bits whatever torch's thread count: float32 sums of 128-element rows (one
+    thread each), then an exact sum of those (math.fsum). A whole-tensor reduction splits its work
+    by thread count, so ``--workers`` would change the last digits of the error file."""
+    rows = x.reshape(-1, block) if x.numel() % block == 0 else x.reshape(x.shape[0], -1)
+    return math.fsum((rows * rows).sum(dim=1).tolist())
 
 
 def _short(x: float) -> float:

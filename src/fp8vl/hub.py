@@ -175,8 +175,8 @@ class Fetcher:
     on disk or downloading.
 
     One at a time: on one link, two shards downloading side by side each take twice as long, so the
-    first one the writer needs arrives later and the link then idles while both are converted; in
-    order, the writer converts a shard while the next one downloads. A slot is freed when
+    first one the writer needs arrives later; in order, the writer converts a shard while the next
+    one downloads. A slot is freed when
     ``release(name)`` deletes a consumed shard (``stream``) or, keeping the source, as soon as a
     download completes. Threads are daemons: Ctrl-C does not wait for a download in progress
     (huggingface_hub writes to a temporary name, so nothing half-done looks complete).
