@@ -151,11 +151,17 @@ def test_good_output_passes_with_figures_recomputed_from_the_files(request, kind
     assert r.bytes_by_dtype == by_dtype
 
 
-def test_good_output_passes_without_a_source_and_reports_no_figures(tied_fp8):
+def test_good_output_passes_without_a_source_and_reports_the_figures_recorded_while_converting(tied_fp8, tmp_path):
     r = verify(tied_fp8.out)
     assert r.ok, errors(r)
-    assert r.tensors == [] and r.kept_identical is None
-    assert not any(c.name == "source" for c in r.checks)
+    assert r.kept_identical is None and not any(c.name == "source" for c in r.checks)
+    assert [t.name for t in r.tensors] == [e.name for e in tied_fp8.result.plan.entries if e.quantize]
+    assert any(c.name == "recorded error" and c.level == "ok" for c in r.checks)
+    bare = tmp_path / "bare"                       # an FP8 checkpoint without fp8vl's error file
+    shutil.copytree(tied_fp8.out, bare)
+    (bare / "fp8vl-errors.json").unlink()
+    r = verify(bare)
+    assert r.ok and r.tensors == [] and not any(c.name == "recorded error" for c in r.checks)
 
 
 def test_multi_shard_output_passes_and_failures_name_the_right_shard(dense_src, tmp_path):
@@ -368,12 +374,15 @@ def test_cli_json_chart_and_model_card_on_a_good_output(dense_fp8, tmp_path):
     r1 = run_cli("verify", out, "--json", "-", "--update-card", cwd=tmp_path)
     assert r1.returncode == 0, r1.stderr
     j1 = json.loads(r1.stdout)
-    assert j1["ok"] is True and j1["tensors"] == [] and j1["format"] == "fp8"
+    assert j1["ok"] is True and j1["format"] == "fp8"
+    fp8 = [e.name for e in dense_fp8.result.plan.entries if e.quantize]
+    assert [t["name"] for t in j1["tensors"]] == fp8                 # recorded while converting
+    assert all(t["max_rel_error"] > 0 for t in j1["tensors"])
     card1 = (out / "README.md").read_text()
     assert card1.startswith(card_before.rstrip("\n"))
     assert card1.count(VERIFY_BEGIN) == 1 and card1.count(VERIFY_END) == 1
     section1 = card1.split(VERIFY_BEGIN, 1)[1].split(VERIFY_END, 1)[0]
-    assert "Per-tensor SQNR" not in section1
+    assert "Per-tensor SQNR vs source, measured while converting" in section1
     for c in j1["checks"]:
         assert f"| {c['name']} | {c['level']}: {c['message']} |" in section1
 

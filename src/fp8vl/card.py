@@ -46,7 +46,7 @@ def base_model_id(source: Path, hub: str | None = None) -> str:
     return hub or hub_id(source) or source.name
 
 
-def quantize_command(source: str, output: str, opts: QuantizeOptions) -> str:
+def quantize_command(source: str, output: str, opts: QuantizeOptions, commit: str | None = None) -> str:
     """The command that makes this output again, with the options that shape it (not --workers or
     --device: the output is byte-identical either way) and no local paths."""
     args = ["fp8vl", "quantize", source, output]
@@ -60,8 +60,8 @@ def quantize_command(source: str, output: str, opts: QuantizeOptions) -> str:
         args.append("--quantize-vision")
     if opts.max_shard_size != QuantizeOptions().max_shard_size:
         args += ["--max-shard-size", str(opts.max_shard_size)]
-    if opts.revision:
-        args += ["--revision", opts.revision]
+    if commit or opts.revision:
+        args += ["--revision", commit or opts.revision]
     return " ".join(shlex.quote(a) for a in args)
 
 
@@ -73,7 +73,8 @@ def _yaml(meta: dict[str, object]) -> str:
 
 def render(res, opts: QuantizeOptions, hub: str | None = None) -> str:
     meta = source_front_matter(res.source)
-    hub = hub or hub_id(res.source)
+    hub = hub or getattr(res, "hub", None) or hub_id(res.source)
+    commit = getattr(res, "commit", None)
     base = base_model_id(res.source, hub)
     name = res.output.name if res.output is not None else f"{Path(base).name}-FP8"
     made_from = f"[{base}](https://huggingface.co/{base})" if hub else \
@@ -94,6 +95,7 @@ def render(res, opts: QuantizeOptions, hub: str | None = None) -> str:
         "quantized at run time per token and per 128 channels (W8A8, dynamic). No calibration data.",
         "",
         "| | |", "|---|---|",
+        *([f"| source revision | `{commit}` |"] if commit else []),
         f"| format | {fmt} |",
         f"| scale dtype | {res.scale_dtype} |",
         f"| weights before | {res.bytes_in / 1e9:.2f} GB |",
@@ -112,6 +114,7 @@ def render(res, opts: QuantizeOptions, hub: str | None = None) -> str:
            "layout): vLLM loads this layout; Transformers does not (it leaves the experts "
            "uninitialized); fp8vl's own runtime (`fp8vl eval`, `fp8vl caption --model`) does.", ""]
           if groups.get("moe experts") else []),
+        *error_lines(getattr(res, "errors", None) or {}),
         "## Tensor parallelism", "",
         summarize(res.tp) + ".", "",
         "## Serve it", "",
@@ -121,9 +124,26 @@ def render(res, opts: QuantizeOptions, hub: str | None = None) -> str:
         "`fp8vl plan` sizes `--max-model-len` for a given GPU.",
         "",
         "## How it was made", "",
-        "```bash", quantize_command(base, name, opts), "```", "",
+        "```bash", quantize_command(base, name, opts, commit), "```", "",
     ]
     return "\n".join(lines)
+
+
+def error_lines(errors: dict[str, dict]) -> list[str]:
+    """The error measured while converting (fp8vl-errors.json), in a few lines."""
+    from .drift import FILE, summary
+
+    s = summary(errors)
+    if s is None:
+        return []
+    mean, (worst, worst_db), (worst_max, max_rel) = s
+    return ["## Error against the source", "",
+            f"Measured on every FP8 tensor while converting (per tensor in `{FILE}`; `fp8vl verify` reports it):",
+            "", "| | |", "|---|---|",
+            f"| FP8 tensors | {len(errors)} |",
+            f"| mean SQNR | {mean:.1f} dB |",
+            f"| worst SQNR | {worst_db:.1f} dB (`{worst}`) |",
+            f"| worst max relative error | {max_rel:.3g} of the tensor's largest weight (`{worst_max}`) |", ""]
 
 
 def write_card(out: Path, res, opts: QuantizeOptions) -> None:

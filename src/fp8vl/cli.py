@@ -55,9 +55,17 @@ def quantize_cmd(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="e.g. 5GB, 2GiB"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty OUTPUT"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan, write nothing"),
-    revision: Optional[str] = typer.Option(None, "--revision", help="hub revision"),
+    revision: Optional[str] = typer.Option(None, "--revision", help="hub revision (branch, tag or commit)"),
+    stream: Optional[bool] = typer.Option(
+        None, "--stream/--keep-source",
+        help="hub ids: download into OUTPUT's staging folder and delete each source shard once written "
+             "(default unless the repo is already in the local cache) / keep the source in the hub cache"),
+    in_flight: int = typer.Option(2, "--in-flight", help="hub ids: source shards on disk or downloading at once"),
 ) -> None:
-    """Quantize SOURCE to FP8 E4M3 with 128x128 block scales into OUTPUT."""
+    """Quantize SOURCE to FP8 E4M3 with 128x128 block scales into OUTPUT.
+
+    SOURCE may be a hub id (ORG/NAME): its shards are converted as they download, and a run that
+    stops resumes where it was when run again."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     from .convert import quantize
@@ -67,7 +75,8 @@ def quantize_cmd(
     opts = QuantizeOptions(format=format, scale_dtype=scale_dtype, ignore=tuple(ignore),
                            quantize_vision=quantize_vision, device=device, workers=workers,
                            max_shard_size=parse_size(max_shard_size), overwrite=overwrite,
-                           dry_run=dry_run or output is None, revision=revision)
+                           dry_run=dry_run or output is None, revision=revision, stream=stream,
+                           in_flight=in_flight)
     if output is None and not dry_run:
         raise FP8VLError("OUTPUT is missing (or pass --dry-run to only print the plan)")
     if opts.dry_run:

@@ -4,28 +4,34 @@ Shape of the job (after llm-compressor's model-free path): check every source sh
 first; plan; then write each output shard as a set of small independent chunk jobs (read rows
 -> quantize -> write at a precomputed offset) run on a thread pool with a bounded number in
 flight, so memory stays a few chunks whatever the shard or tensor size. The index is written
-once, at the end; everything goes to a temporary folder that is renamed into place last.
+once, at the end; everything goes to a temporary folder that is renamed into place last. Each
+chunk's quantization error is measured as it is written (drift.py). A hub id goes through hub.py,
+which feeds the same writer shard by shard as the download goes.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
+from .drift import Drift, chunk_error, write_errors
 from .errors import FP8VLError
 from .formats import quantization_config, scale_suffix
 from .kernel import BLOCK, all_finite, fp8_nan_count, non_finite_count, quantize_weight
 from .options import QuantizeOptions
 from .plan import Entry, Plan, make_plan, scale_shape, text_config
 from .shards import NAMES, Scratch, ShardWriter, Slot, TensorInfo, read_bytes, read_rows
-from .source import Checkpoint, check_dtypes, open_checkpoint, resolve
+from .source import Checkpoint, check_dtypes, is_hub_id, open_checkpoint, resolve
 from .tp import tp_report
 from .writer import (Job, Staging, assign_shards, bytes_to_write, check_output, check_paths, copy_files, copy_jobs,
                      other_files, write_config, write_index, write_shards)
+
+Units = list[list[Slot]]   # per plan entry: its output slots (a weight, or an FP8 weight and its scale)
 
 CHUNK_BYTES = 4 << 20     # source bytes per quantize job: fits in L2/L3 next to its float32 copy
 
@@ -45,6 +51,10 @@ class Result:
     tp: dict = field(default_factory=dict)                 # tensor-parallel report (tp.tp_report)
     copied: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    hub: str | None = None                                 # source repo id, when downloaded from the hub
+    commit: str | None = None                              # the commit its revision resolved to
+    errors: dict[str, dict] = field(default_factory=dict)  # FP8 tensor -> error measured while converting
+    downloaded: int = 0                                    # source bytes downloaded by this run
 
 
 def _out_slots(e: Entry, src: TensorInfo, fmt: str, scale_dtype: torch.dtype) -> list[Slot]:
@@ -71,13 +81,15 @@ def source_matrix(t: TensorInfo, e: Entry, scratch: Scratch | None = None) -> to
     return sl.t()[r0:r1].contiguous()
 
 
-def _quantize_job(w: torch.Tensor, scale_dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    q, s = quantize_weight(w.to(device, non_blocking=False), scale_dtype)
-    return q.cpu(), s.cpu()
+def _quantize_job(w: torch.Tensor, scale_dtype: torch.dtype, device: str):
+    """(codes, scales, error part): the error is measured where the quantizer ran."""
+    wd = w.to(device, non_blocking=False)
+    q, s = quantize_weight(wd, scale_dtype)
+    return q.cpu(), s.cpu(), chunk_error(wd, q, s)
 
 
 def _jobs(e: Entry, t: TensorInfo, fmt: str, scale_dtype: torch.dtype, device: str,
-          writer: ShardWriter) -> list[Job]:
+          writer: ShardWriter, drift: Drift) -> list[Job]:
     """Jobs that together write entry ``e`` (and its scale) into ``writer``."""
     if not e.quantize:
         return copy_jobs(e.name, t, writer, finite=True)
@@ -87,7 +99,7 @@ def _jobs(e: Entry, t: TensorInfo, fmt: str, scale_dtype: torch.dtype, device: s
     s_cols = scale_shape(e)[1]
 
     def put(r0: int, w: torch.Tensor) -> None:
-        q, s = _quantize_job(w, scale_dtype, device)
+        q, s, err = _quantize_job(w, scale_dtype, device)
         if fp8_nan_count(q) or not all_finite(s) or (s.float() <= 0).any():
             # Either the source holds NaN/Inf, or finite weights too large for the scale dtype: say which.
             if not all_finite(w):
@@ -99,6 +111,7 @@ def _jobs(e: Entry, t: TensorInfo, fmt: str, scale_dtype: torch.dtype, device: s
                              f"or bfloat16")
         writer.write(e.name, r0 * k, q)
         writer.write(scale_name, (r0 // BLOCK) * s_cols * s_item, s)
+        drift.add(e.name, r0, err)
 
     if e.expert is not None:
         def expert_job(scratch: Scratch) -> None:
@@ -113,6 +126,36 @@ def _jobs(e: Entry, t: TensorInfo, fmt: str, scale_dtype: torch.dtype, device: s
             for r0 in range(0, n_out, rows)]
 
 
+class Feed(Protocol):
+    """Where the writer gets source tensors: a local checkpoint, or a hub download in progress."""
+
+    def tensor(self, name: str) -> TensorInfo:
+        """The source tensor ``name``, on disk (a hub feed waits until its shard is)."""
+
+    def entry_done(self, e: Entry, shard: Path) -> None:
+        """Every byte of ``e`` is written into output shard ``shard`` (called from a worker thread)."""
+
+
+def _tracked(jobs: list[Job], done: Callable[[], None]) -> list[Job]:
+    """``jobs`` with ``done()`` called once, after the last of them finishes."""
+    if not jobs:
+        done()
+        return jobs
+    left = [len(jobs)]
+    lock = threading.Lock()
+
+    def wrap(job: Callable[[Scratch], None]) -> Callable[[Scratch], None]:
+        def run(scratch: Scratch) -> None:
+            job(scratch)
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                done()
+        return run
+    return [(n, wrap(j)) for n, j in jobs]
+
+
 def quantize(source: str | Path, output: str | Path | None, opts: QuantizeOptions = QuantizeOptions(),
              progress: Callable[[int, int], None] | None = None, command: str | None = None,
              on_plan: Callable[[Result], None] | None = None) -> Result:
@@ -120,59 +163,86 @@ def quantize(source: str | Path, output: str | Path | None, opts: QuantizeOption
 
     ``on_plan(result)`` is called once the plan is made, before anything is written;
     ``progress(done_bytes, total_bytes)`` as jobs finish. ``command`` is accepted for older callers
-    and unused: the card rebuilds the command from ``opts``, without local paths.
+    and unused: the card rebuilds the command from ``opts``, without local paths. A hub id is
+    downloaded and converted shard by shard (hub.py); offline, it is taken from the local cache.
     """
     t0 = time.perf_counter()
+    if is_hub_id(source):
+        from .hub import quantize_hub
+
+        res = quantize_hub(str(source), output, opts, progress, on_plan)
+        if res is not None:
+            return res
     src = resolve(source, opts.revision)
     out = Path(output).expanduser().resolve() if output is not None else None
     if out is not None:
         check_paths(src, out, opts.overwrite)
     ckpt = open_checkpoint(src)
-    plan = make_plan(ckpt.config, {n: t.shape for n, t in ckpt.tensors.items()}, opts)
-    check_dtypes(ckpt, [e.source for e in plan.entries if e.quantize])
-    dtype_name = opts.scale_dtype or ("float32" if opts.format == "fp8" else _model_dtype(ckpt))
-    scale_dtype = getattr(torch, dtype_name)
-    units = [_out_slots(e, ckpt.tensors[e.source], opts.format, scale_dtype) for e in plan.entries]
-    res = Result(src, out, plan, dtype_name,
-                 bytes_in=sum(t.nbytes for t in ckpt.tensors.values()),
-                 bytes_out=sum(s.nbytes for u in units for s in u),
-                 before={e.name: _source_bytes(e, ckpt.tensors[e.source]) for e in plan.entries},
-                 after={e.name: sum(s.nbytes for s in u) for e, u in zip(plan.entries, units)},
-                 tp=tp_report(ckpt.config, {e.module: e.shape for e in plan.entries if e.quantize}))
+    res, units, scale_dtype = plan_conversion(ckpt, out, opts)
     if on_plan is not None:
         on_plan(res)
     if opts.dry_run or out is None:
         return res
-    if opts.device.startswith("cuda") and not torch.cuda.is_available():
-        raise FP8VLError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
-
-    by_name = {e.name: e for e in plan.entries}
-
-    def jobs_for(slot: Slot, writer: ShardWriter) -> list[Job]:
-        e = by_name.get(slot.name)   # None for a scale: its weight's jobs write it
-        return [] if e is None else _jobs(e, ckpt.tensors[e.source], opts.format, scale_dtype, opts.device,
-                                          writer)
-
     copied, res.skipped = other_files(src, ckpt.weight_files)
     need = bytes_to_write(src, copied, res.bytes_out, sum(len(u) for u in units))
     with Staging(src, out, opts.overwrite) as stage:
         tmp = stage.begin(need)
         copy_files(src, tmp, copied)
         res.copied = copied
-        shards = assign_shards(units, opts.max_shard_size)
-        weight_map = write_shards(tmp, shards, jobs_for, opts.workers, progress, res.bytes_in)
-        res.shards = sorted(set(weight_map.values()))
-        write_index(tmp, weight_map, res.bytes_out)
-        write_config(tmp, {**ckpt.config,
-                           "quantization_config": quantization_config(opts.format, list(plan.not_converted))})
-        check_output(tmp, {s.name: s for u in units for s in u}, scale_suffix(opts.format))
-        res.seconds = time.perf_counter() - t0
-        from .card import write_card
-
-        write_card(tmp, res, opts)
+        write_output(tmp, ckpt, res, units, scale_dtype, opts, progress, t0)
         stage.commit()
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def plan_conversion(ckpt: Checkpoint, out: Path | None, opts: QuantizeOptions) -> tuple[Result, Units, torch.dtype]:
+    """The plan, the output slots of each entry and the scale dtype; only headers are read."""
+    plan = make_plan(ckpt.config, {n: t.shape for n, t in ckpt.tensors.items()}, opts)
+    check_dtypes(ckpt, [e.source for e in plan.entries if e.quantize])
+    dtype_name = opts.scale_dtype or ("float32" if opts.format == "fp8" else _model_dtype(ckpt))
+    scale_dtype = getattr(torch, dtype_name)
+    units = [_out_slots(e, ckpt.tensors[e.source], opts.format, scale_dtype) for e in plan.entries]
+    res = Result(ckpt.path, out, plan, dtype_name,
+                 bytes_in=sum(t.nbytes for t in ckpt.tensors.values()),
+                 bytes_out=sum(s.nbytes for u in units for s in u),
+                 before={e.name: _source_bytes(e, ckpt.tensors[e.source]) for e in plan.entries},
+                 after={e.name: sum(s.nbytes for s in u) for e, u in zip(plan.entries, units)},
+                 tp=tp_report(ckpt.config, {e.module: e.shape for e in plan.entries if e.quantize}))
+    return res, units, scale_dtype
+
+
+def write_output(tmp: Path, ckpt: Checkpoint, res: Result, units: Units, scale_dtype: torch.dtype,
+                 opts: QuantizeOptions, progress: Callable[[int, int], None] | None, t0: float,
+                 feed: Feed | None = None, kept: set[str] = frozenset(), drift: Drift | None = None) -> None:
+    """Shards, index, config, the check after writing, the error file and the card, into ``tmp``.
+    ``kept``: slots already written by an interrupted run (see writer.kept_slots)."""
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise FP8VLError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+    plan = res.plan
+    by_name = {e.name: e for e in plan.entries}
+    drift = drift or Drift()
+
+    def jobs_for(slot: Slot, writer: ShardWriter) -> list[Job]:
+        e = by_name.get(slot.name)   # None for a scale: its weight's jobs write it
+        if e is None:
+            return []
+        t = ckpt.tensors[e.source] if feed is None else feed.tensor(e.source)
+        jobs = _jobs(e, t, opts.format, scale_dtype, opts.device, writer, drift)
+        return jobs if feed is None else _tracked(jobs, lambda: feed.entry_done(e, writer.path))
+
+    shards = assign_shards(units, opts.max_shard_size)
+    weight_map = write_shards(tmp, shards, jobs_for, opts.workers, progress, res.bytes_in, kept)
+    res.shards = sorted(set(weight_map.values()))
+    write_index(tmp, weight_map, res.bytes_out)
+    write_config(tmp, {**ckpt.config,
+                       "quantization_config": quantization_config(opts.format, list(plan.not_converted))})
+    check_output(tmp, {s.name: s for u in units for s in u}, scale_suffix(opts.format))
+    res.errors = drift.result([e.name for e in plan.entries if e.quantize])
+    write_errors(tmp, res.errors)
+    res.seconds = time.perf_counter() - t0
+    from .card import write_card
+
+    write_card(tmp, res, opts)
 
 
 def scale_dtype_name(d: torch.dtype) -> str:

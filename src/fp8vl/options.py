@@ -24,6 +24,9 @@ class QuantizeOptions:
     overwrite: bool = False
     dry_run: bool = False
     revision: str | None = None           # hub revision when SOURCE is a repo id
+    stream: bool | None = None            # hub ids: download into the staging folder and delete each shard once
+                                          # written (None: yes unless the repo is already in the local cache)
+    in_flight: int = 2                    # hub ids: source shards on disk or downloading at once
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -34,6 +37,8 @@ class QuantizeOptions:
             raise FP8VLError(f"unknown device {self.device!r}; use cpu or cuda")
         if self.workers < 1:
             raise FP8VLError("workers must be at least 1")
+        if self.in_flight < 1:
+            raise FP8VLError("--in-flight must be at least 1 (source shards on disk or downloading at once)")
         if self.max_shard_size < 1:
             raise FP8VLError("max shard size must be positive")
         for p in self.ignore:

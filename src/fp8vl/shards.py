@@ -239,17 +239,27 @@ class ShardWriter:
     """Writes one .safetensors file whose header is known up front; data arrives in any order.
 
     ``write(name, at, data)`` puts ``data`` at byte ``at`` of tensor ``name``; ``close()`` checks
-    that every byte of every tensor was written exactly once.
+    that every byte of every tensor was written exactly once. With ``kept`` (tensors an earlier,
+    interrupted run already wrote into this file, whose header it has checked), the file is reopened
+    as it is and those tensors count as written.
     """
 
-    def __init__(self, path: Path, entries: list[Slot], metadata: dict[str, str]):
+    def __init__(self, path: Path, entries: list[Slot], metadata: dict[str, str], kept: set[str] = frozenset()):
         head, placed = layout(entries, metadata)
         self.path = path
         self.slots = {s.name: s for s in placed}
         self.written: dict[str, list[tuple[int, int]]] = {s.name: [] for s in placed}  # byte ranges
         self._lock = threading.Lock()
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         total = len(head) + sum(s.nbytes for s in placed)
+        if kept:
+            self.fd = os.open(path, os.O_WRONLY)
+            if os.fstat(self.fd).st_size != total:
+                os.close(self.fd)
+                raise FP8VLError(f"{path}: internal error, resumed shard has the wrong size")
+            for name in kept:
+                self.written[name].append((0, self.slots[name].nbytes))
+            return
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self.fd, total)
         os.pwrite(self.fd, head, 0)
 

@@ -29,6 +29,11 @@ class Checkpoint:
     weight_files: tuple[Path, ...]   # the .safetensors shards and the index, if any
 
 
+def is_hub_id(source: str | Path) -> bool:
+    """``owner/name`` that is not a local path."""
+    return not Path(source).expanduser().exists() and bool(REPO_ID.match(str(source)))
+
+
 def resolve(source: str | Path, revision: str | None = None) -> Path:
     """A local folder as is; an ``owner/name`` that is not a folder is downloaded from the hub."""
     p = Path(source).expanduser()
@@ -86,7 +91,10 @@ def check_tree(path: Path) -> None:
                 raise FP8VLError(f"{p}: not a regular file (a device, pipe or socket); remove it from SOURCE")
 
 
-def shard_files(path: Path) -> list[Path]:
+def shard_files(path: Path, listed: set[str] | None = None) -> list[Path]:
+    """The shards in the order the index names them (else sorted); ``listed``: the files a hub repo
+    holds, for shards not downloaded yet (the index itself must be on disk)."""
+    present = (lambda p: p.is_file()) if listed is None else (lambda p: str(p.relative_to(path)) in listed)
     index = path / INDEX
     if index.is_file():
         try:
@@ -102,10 +110,11 @@ def shard_files(path: Path) -> list[Path]:
                 raise FP8VLError(f"{index} names shard {f}, a path outside {path}; an index may only name "
                                  f"files inside SOURCE: restore it or delete it")
         for f in files:
-            if not (path / f).is_file():
+            if not present(path / f):
                 raise FP8VLError(f"{index} names shard {f}, which is missing from {path}; download it again")
         return [path / f for f in files]
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(path.glob("*.safetensors")) if listed is None else \
+        sorted(path / f for f in listed if f.endswith(".safetensors") and "/" not in f)
     if not files:
         other = [f.name for f in path.iterdir() if f.suffix in OTHER_WEIGHTS]
         hint = f" (found {', '.join(other[:3])}: re-save the model with safetensors)" if other else ""
@@ -113,14 +122,18 @@ def shard_files(path: Path) -> list[Path]:
     return files
 
 
-def open_checkpoint(path: Path, allow_quantized: bool = False) -> Checkpoint:
-    """Read config and every shard header up front, so bad input fails before anything is written."""
+def open_checkpoint(path: Path, allow_quantized: bool = False,
+                    headers: dict[str, dict[str, TensorInfo]] | None = None) -> Checkpoint:
+    """Read config and every shard header up front, so bad input fails before anything is written.
+
+    ``headers`` (shard file name -> its tensors, read from the hub before the shards are downloaded)
+    stand in for the shards' own headers."""
     check_tree(path)
     config = read_config(path)
-    files = shard_files(path)
+    files = shard_files(path, None if headers is None else set(headers))
     tensors: dict[str, TensorInfo] = {}
     for f in files:
-        infos, _ = read_header(f)
+        infos = read_header(f)[0] if headers is None else headers[str(f.relative_to(path))]
         for name, info in sorted(infos.items(), key=lambda kv: kv[1].offset):
             if name in tensors:
                 raise FP8VLError(f"{f}: tensor {name} also appears in {tensors[name].file.name}")

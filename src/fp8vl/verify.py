@@ -45,6 +45,7 @@ class TensorError:
     name: str
     rel_error: float
     sqnr_db: float
+    max_rel_error: float | None = None      # recorded while converting (fp8vl-errors.json)
 
 
 @dataclass
@@ -328,7 +329,31 @@ def verify(output: str | Path, source: str | Path | None = None) -> Report:
     check_files(ckpt, r, src.path if src else None)
     if src is not None:
         compare_source(ckpt, src, pairs, r)
+    else:
+        recorded_errors(out, pairs, r)
     return r
+
+
+def recorded_errors(out: Path, pairs: dict, r: Report) -> None:
+    """Without a source: the per-tensor error ``quantize`` measured and kept in the output, if any."""
+    from .drift import FILE, read_errors
+
+    errors = read_errors(out)
+    if errors is None:
+        return
+    r.tensors = [TensorError(n, e.get("rel_error", 0.0), e["sqnr_db"] if e.get("sqnr_db") is not None
+                             else float("inf"), e.get("max_rel_error")) for n, e in errors.items()]
+    missing = sorted(set(pairs) - set(errors))
+    if missing:
+        r.add("warning", "recorded error", f"{FILE} has no figures for {len(missing)} FP8 tensor(s), e.g. "
+                                           f"{missing[0]}: written by another conversion?")
+    worst = min(r.tensors, key=lambda x: x.sqnr_db, default=None)
+    if worst is None:
+        return
+    level = "error" if worst.sqnr_db < 20 else "ok"
+    r.add(level, "recorded error", f"measured while converting ({FILE}): FP8 SQNR {worst.sqnr_db:.1f} dB at "
+                                   f"worst ({worst.name})" + (", far below FP8's ~30 dB: damaged" if level == "error"
+                                                              else ""))
 
 
 def _check_index(ckpt: Checkpoint, r: Report) -> None:
@@ -381,6 +406,7 @@ def card_section(r: Report) -> str:
               "", summarize(r.tp) + "." if r.tp else ""]
     if r.tensors:
         mean = sum(t.sqnr_db for t in r.tensors) / len(r.tensors)
-        lines += ["", f"Per-tensor SQNR vs source: mean {mean:.1f} dB, worst "
+        how = "vs source" if r.kept_identical is not None else "vs source, measured while converting"
+        lines += ["", f"Per-tensor SQNR {how}: mean {mean:.1f} dB, worst "
                       f"{min(t.sqnr_db for t in r.tensors):.1f} dB over {len(r.tensors)} FP8 tensors."]
     return "\n".join(lines + [CARD_END, ""])

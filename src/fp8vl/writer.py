@@ -23,11 +23,12 @@ from filelock import FileLock, Timeout
 
 from .errors import FP8VLError
 from .kernel import all_finite, non_finite_count
-from .shards import Scratch, ShardWriter, Slot, TensorInfo, read_bytes
+from .shards import Scratch, ShardWriter, Slot, TensorInfo, layout, read_bytes
 from .source import INDEX, OTHER_WEIGHTS, SKIP_DIRS
 
 log = logging.getLogger("fp8vl")
 COPY_BYTES = 16 << 20     # bytes per job when copying a tensor unchanged (x 2 x workers in flight)
+SHARD_METADATA = {"format": "pt"}
 Job = tuple[int, Callable[[Scratch], None]]   # (source bytes it covers, the work given a read buffer)
 
 
@@ -90,6 +91,23 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+class Resumable(FP8VLError):
+    """A failure that running the same command again gets past (a download that broke off): a
+    resumable Staging keeps its folder for it, as for Ctrl-C, SIGTERM or a full disk."""
+
+
+def _du(path: Path) -> int:
+    """Bytes on disk under ``path`` (allocated blocks: the output shards are sparse until written)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
 class Staging:
     """One writer per OUTPUT, and nothing half-written that looks complete.
 
@@ -103,14 +121,28 @@ class Staging:
 
     The staging folder is named after OUTPUT, not after a process, and records its owner in
     ``owner.json``: whoever holds the lock owns it, so a later run can tell a dead run's folder
-    from a live one's (and could resume from it instead of removing it).
+    from a live one's.
+
+    Resumable runs (a hub download) pass ``resume``, a JSON-able dict naming what the run makes
+    (source repo, resolved commit, output-shaping options, fp8vl version). It is written to
+    ``resume.json`` in the staging folder; a later run whose ``resume`` is equal keeps the folder
+    (``st.resumed``) instead of removing it, and a run that ends without committing, for any reason
+    but bad input (an FP8VLError that is not ``Resumable``), leaves it for the next run.
     """
 
-    def __init__(self, source: Path, out: Path, overwrite: bool):
+    def __init__(self, source: Path, out: Path, overwrite: bool, resume: dict | None = None):
         self.source, self.out, self.overwrite = source, out, overwrite
-        self.dir = out.parent / f".{out.name}.fp8vl-partial"
+        self.dir = self.folder_for(out)
         self.lock_file = out.parent / f".{out.name}.fp8vl-lock"
         self.lock = FileLock(self.lock_file, timeout=0)
+        self.resume = json.loads(json.dumps(resume)) if resume is not None else None   # as read back
+        self.resumed = False
+        self._owned = False
+        self._committed = False
+
+    @staticmethod
+    def folder_for(out: Path) -> Path:
+        return out.parent / f".{out.name}.fp8vl-partial"
 
     def __enter__(self) -> "Staging":
         made_parent = not self.out.parent.exists()
@@ -142,33 +174,55 @@ class Staging:
 
     def _remove_stale(self) -> None:
         """We hold the lock, so a staging folder here belongs to a run that ended without cleaning up
-        (killed, or the machine went down); earlier versions named theirs after their PID."""
+        (killed, or the machine went down); earlier versions named theirs after their PID. A resumable
+        run keeps one whose manifest is its own."""
         if self.dir.exists() or self.dir.is_symlink():
             try:
                 o = json.loads((self.dir / "owner.json").read_text())
                 owner = f"pid {o['pid']} on {o['host']}, started {o['started']}"
             except (OSError, ValueError, KeyError, TypeError):
                 owner = "owner unknown"
-            _remove(self.dir)
-            log.warning(f"removed {self.dir}: left by an fp8vl run that did not finish ({owner})")
+            try:
+                manifest = json.loads((self.dir / "resume.json").read_text())
+            except (OSError, ValueError):
+                manifest = None
+            if self.resume is not None and manifest == self.resume and self.dir.is_dir() and \
+                    not self.dir.is_symlink():
+                self.resumed = True
+                log.warning(f"resuming from {self.dir} ({_size(_du(self.dir))} kept): left by an fp8vl run of "
+                            f"the same source, commit and options that did not finish ({owner})")
+            else:
+                why = " (another source, commit or options)" if manifest is not None else ""
+                _remove(self.dir)
+                log.warning(f"removed {self.dir}: left by an fp8vl run that did not finish ({owner}){why}")
         for p in self.out.parent.glob(f".{glob.escape(self.out.name)}.fp8vl-*-*"):
             m = re.fullmatch(r"\.(.+)\.fp8vl-(?:partial|old)-(\d+)", p.name)
             if m and m.group(1) == self.out.name and not _alive(int(m.group(2))):
                 _remove(p)
                 log.warning(f"removed {p}: left by an fp8vl run that did not finish (pid {m.group(2)})")
 
+    def folder(self, name: str) -> Path:
+        """``name`` inside the staging folder, created (with owner.json and resume.json) on first use."""
+        if not self._owned:
+            self.dir.mkdir(exist_ok=self.resumed)
+            owner = {"pid": os.getpid(), "host": socket.gethostname(),
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "output": self.out.name}
+            (self.dir / "owner.json").write_text(json.dumps(owner) + "\n")
+            if self.resume is not None:
+                (self.dir / "resume.json").write_text(json.dumps(self.resume, indent=1) + "\n")
+            self._owned = True
+        (self.dir / name).mkdir(exist_ok=True)
+        return self.dir / name
+
     def begin(self, need: int) -> Path:
-        """Check that ``need`` bytes fit beside OUTPUT; create the staging folder; return where to write."""
+        """Check that ``need`` bytes fit beside OUTPUT (less what a resumed staging folder already holds);
+        create the staging folder; return where to write."""
         free = shutil.disk_usage(self.out.parent).free
-        if need > free:
-            raise FP8VLError(f"{self.out}: needs {_size(need)} but {self.out.parent} has {_size(free)} free; "
+        have = _du(self.dir) if self.dir.is_dir() else 0
+        if need - have > free:
+            raise FP8VLError(f"{self.out}: needs {_size(need - have)} but {self.out.parent} has {_size(free)} free; "
                              f"free some space or choose an OUTPUT on another disk")
-        self.dir.mkdir()
-        owner = {"pid": os.getpid(), "host": socket.gethostname(),
-                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "output": self.out.name}
-        (self.dir / "owner.json").write_text(json.dumps(owner) + "\n")
-        (self.dir / "output").mkdir()
-        return self.dir / "output"
+        return self.folder("output")
 
     def commit(self) -> None:
         """Rename the finished output into place; a replaced OUTPUT moves into the staging folder first
@@ -176,6 +230,7 @@ class Staging:
         if self.out.exists():
             self.out.rename(self.dir / "replaced")
         (self.dir / "output").rename(self.out)
+        self._committed = True
 
     def _release(self) -> None:
         # Unlinked while still held: a run that opened the old file sees it gone and is refused,
@@ -184,18 +239,27 @@ class Staging:
         self.lock.release()
 
     def __exit__(self, kind, exc, tb) -> None:
+        keep = (self.resume is not None and not self._committed and exc is not None and self.dir.is_dir()
+                and (not isinstance(exc, FP8VLError) or isinstance(exc, Resumable)))
         try:
-            _remove(self.dir)
+            if keep:
+                log.warning(f"kept {self.dir} ({_size(_du(self.dir))}: complete downloads and finished output "
+                            f"parts): run the same command again to resume, or delete it")
+            else:
+                _remove(self.dir)
         finally:
             self._release()
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            what = "kept what was finished, to resume" if keep else "the partial output was removed"
             raise FP8VLError(f"{self.out}: no space left on the disk of {self.out.parent} while writing; "
-                             f"the partial output was removed; free some space and run again") from exc
+                             f"{what}; free some space and run again") from exc
 
 
 def other_files(src: Path, weight_files: tuple[Path, ...],
-                rewritten: tuple[str, ...] = ("config.json", "README.md")) -> tuple[list[str], list[str]]:
-    """The non-weight files to copy byte for byte, and the weights in other formats left out."""
+                rewritten: tuple[str, ...] = ("config.json", "README.md", "fp8vl-errors.json")
+                ) -> tuple[list[str], list[str]]:
+    """The non-weight files to copy byte for byte, and the weights in other formats left out
+    (``rewritten``: written by fp8vl itself; an FP8 checkpoint's error file does not describe its copy)."""
     copied, skipped = [], []
     weights = {p.resolve() for p in weight_files}
     for root, dirs, files in os.walk(src):
@@ -239,9 +303,31 @@ def shard_names(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
+def kept_slots(tmp: Path, shards: list[list[Slot]], done: set[str]) -> set[str]:
+    """Of the slots an earlier run wrote (``done``, from its journal), those whose shard file in ``tmp``
+    has exactly this plan's header and size, so that their bytes are where this run puts them."""
+    kept: set[str] = set()
+    for shard, name in zip(shards, shard_names(len(shards))):
+        names = {s.name for s in shard} & done
+        if not names:
+            continue
+        head, placed = layout(shard, SHARD_METADATA)
+        try:
+            with open(tmp / name, "rb") as f:
+                ok = os.fstat(f.fileno()).st_size == len(head) + sum(s.nbytes for s in placed) and \
+                    f.read(len(head)) == head
+        except OSError:
+            ok = False
+        if ok:
+            kept |= names
+    return kept
+
+
 def write_shards(tmp: Path, shards: list[list[Slot]], jobs_for: Callable[[Slot, ShardWriter], list[Job]],
-                 workers: int, progress: Callable[[int, int], None] | None, total: int) -> dict[str, str]:
+                 workers: int, progress: Callable[[int, int], None] | None, total: int,
+                 kept: set[str] = frozenset()) -> dict[str, str]:
     """Write every shard with ``jobs_for(slot, writer)``'s jobs on a thread pool; returns the weight map.
+    Slots in ``kept`` (see ``kept_slots``) are already in their shard file and are not written again.
 
     At most 2 x workers jobs are in flight (this bounds memory). Results, failures and ``progress``
     are handled on the calling thread, so an exception there (Ctrl-C included) stops the run: jobs
@@ -276,8 +362,10 @@ def write_shards(tmp: Path, shards: list[list[Slot]], jobs_for: Callable[[Slot, 
             writer = None
             try:
                 for shard, name in zip(shards, names):
-                    writer = ShardWriter(tmp / name, shard, {"format": "pt"})
+                    writer = ShardWriter(tmp / name, shard, SHARD_METADATA, {s.name for s in shard} & kept)
                     for slot in shard:
+                        if slot.name in kept:
+                            continue
                         for nbytes, job in jobs_for(slot, writer):
                             while len(pending) >= 2 * workers:
                                 settle(block=True)

@@ -1,0 +1,401 @@
+"""``fp8vl quantize ORG/NAME OUTPUT``: download through huggingface_hub and convert while downloading.
+
+Order of work: ``model_info`` resolves the revision to a commit and lists the files with their
+sizes; the small files (config, index, tokenizer, ...) come first, then every shard's header is read
+with a ranged request (huggingface_hub's ``parse_safetensors_file_metadata``), so the plan, the
+output layout and the free-space check exist before any weight byte arrives. Shards then download
+(``hf_hub_download``, in a background thread) one after the other in the order the conversion
+reads them, at most ``in_flight`` of them on disk or downloading at once. The writer waits for a tensor's shard; once
+every tensor of a shard is written, its output bytes are synced, a line goes to the journal and,
+with ``stream``, the shard is deleted, which lets the next download start.
+
+Everything lives in OUTPUT's staging folder (writer.Staging): ``source/`` (the downloads, with
+``stream``), ``output/``, ``resume.json`` (repo, commit, options: what makes a later run's staging
+its own) and ``journal.jsonl`` (the shards fully written, with their tensors' errors), so a run
+that stops is resumed by running the same command again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .drift import Drift
+from .errors import FP8VLError
+from .options import QuantizeOptions
+from .plan import Entry
+from .shards import TensorInfo, read_header
+from .source import INDEX, OTHER_WEIGHTS, SKIP_DIRS, open_checkpoint
+from .writer import Resumable, Staging, assign_shards, bytes_to_write, copy_files, kept_slots, other_files
+
+log = logging.getLogger("fp8vl.hub")
+JOURNAL = "journal.jsonl"
+
+
+@dataclass(frozen=True)
+class Remote:
+    repo: str
+    commit: str
+    sizes: dict[str, int]        # every file of the repo at that commit -> bytes
+
+    def shards(self) -> list[str]:
+        return [f for f in self.sizes if f.endswith(".safetensors")]
+
+    def small_files(self) -> list[str]:
+        """Everything but weights: what a local conversion copies or reads (config, index, tokenizer...)."""
+        return [f for f in self.sizes if not f.endswith(".safetensors") and not f.endswith(OTHER_WEIGHTS)
+                and not set(f.split("/")[:-1]) & SKIP_DIRS]
+
+
+def _endpoint() -> str | None:
+    # Read at call time: huggingface_hub reads HF_ENDPOINT once, when it is imported.
+    return os.environ.get("HF_ENDPOINT") or None
+
+
+def remote_info(repo: str, revision: str | None) -> Remote | None:
+    """The repo at ``revision`` (resolved to its commit); None when the hub cannot be reached or
+    offline mode is on (the caller then looks in the local cache)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    try:
+        info = HfApi(endpoint=_endpoint()).model_info(repo, revision=revision, files_metadata=True)
+    except GatedRepoError as e:
+        raise FP8VLError(f"{repo}: gated on the Hugging Face Hub; accept its terms on the model page and log "
+                         f"in (hf auth login), or set HF_TOKEN") from e
+    except RevisionNotFoundError as e:
+        raise FP8VLError(f"{repo}: has no revision {revision!r}; pass a branch, tag or commit it has") from e
+    except RepositoryNotFoundError as e:
+        raise FP8VLError(f"{repo}: no such model on the Hugging Face Hub (or it is private: log in with "
+                         f"hf auth login, or set HF_TOKEN)") from e
+    except HfHubHTTPError as e:
+        if e.response is not None and e.response.status_code < 500:
+            raise FP8VLError(f"{repo}: the hub refused to list it ({e}); check the name and your token") from e
+        log.debug(f"hub unavailable: {e}")
+        return None
+    except Exception as e:            # offline mode, no network, DNS, proxy: use the local cache
+        log.debug(f"hub unreachable: {type(e).__name__}: {e}")
+        return None
+    sizes = {s.rfilename: (s.lfs.size if s.lfs else s.size) or 0 for s in info.siblings or []}
+    return Remote(repo, info.sha, sizes)
+
+
+def in_cache(remote: Remote, files: list[str]) -> bool:
+    """Every one of ``files`` is in the local hub cache at this commit."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return all(isinstance(try_to_load_from_cache(remote.repo, f, revision=remote.commit), str) for f in files)
+
+
+def download(remote: Remote, name: str, dest: Path | None) -> Path:
+    """One file at the resolved commit: into ``dest`` (a local dir: the staging folder), or into the
+    hub cache. huggingface_hub resumes a broken connection with a Range request and skips a file it
+    already has at this commit."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(remote.repo, name, revision=remote.commit, endpoint=_endpoint(),
+                                local_dir=dest, tqdm_class=_quiet()))
+
+
+@cache
+def _quiet():
+    from huggingface_hub.utils import tqdm
+
+    class Quiet(tqdm):
+        """No per-file bars: fp8vl shows one progress line for the whole run."""
+
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+    return Quiet
+
+
+def remote_headers(remote: Remote, shards: list[str], src: Path) -> dict[str, dict[str, TensorInfo]]:
+    """Each shard's tensors from its header alone (two ranged requests at most per shard, 8 at once).
+    ``file`` is where the shard will be; ``offset`` counts from the start of the data section (the
+    header's length is not known yet): the writer reads the downloaded file's own header."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=_endpoint())
+
+    def one(name: str) -> dict[str, TensorInfo]:
+        try:
+            meta = api.parse_safetensors_file_metadata(remote.repo, name, revision=remote.commit)
+        except Exception as e:
+            raise Resumable(f"{remote.repo}: cannot read the header of {name} ({type(e).__name__}: {e}); "
+                            f"check the connection and run again") from e
+        out = {}
+        for t, info in sorted(meta.tensors.items(), key=lambda kv: kv[1].data_offsets[0]):
+            b, e = info.data_offsets
+            out[t] = TensorInfo(t, info.dtype, tuple(info.shape), src / name, b, e - b)
+        return out
+    with ThreadPoolExecutor(8) as pool:
+        return dict(zip(shards, pool.map(one, shards)))
+
+
+class Journal:
+    """The source shards an earlier run fully wrote: one JSON line per shard (the output slots it
+    filled, the errors of its FP8 tensors), appended and synced; a torn last line is ignored."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.slots: set[str] = set()
+        self.errors: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    d = json.loads(line)
+                    slots, errors = set(d["slots"]), dict(d["errors"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                self.slots |= slots
+                self.errors.update(errors)
+
+    def add(self, shard: str, slots: list[str], errors: dict[str, dict]) -> None:
+        line = json.dumps({"shard": shard, "slots": slots, "errors": errors}) + "\n"
+        with self._lock, open(self.path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class Fetcher:
+    """Downloads ``order`` (shard names) in that order, one shard at a time, at most ``in_flight``
+    on disk or downloading.
+
+    One at a time: on one link, two shards downloading side by side each take twice as long, so the
+    first one the writer needs arrives later; in order, the writer converts a shard while the next
+    one downloads. A slot is freed when
+    ``release(name)`` deletes a consumed shard (``stream``) or, keeping the source, as soon as a
+    download completes. Threads are daemons: Ctrl-C does not wait for a download in progress
+    (huggingface_hub writes to a temporary name, so nothing half-done looks complete).
+    """
+
+    def __init__(self, remote: Remote, dest: Path | None, order: list[str], in_flight: int, stream: bool):
+        self.remote, self.dest, self.order, self.in_flight, self.stream = remote, dest, order, in_flight, stream
+        self.cond = threading.Condition()
+        self.ready: dict[str, Path] = {}
+        self.failed: tuple[str, BaseException] | None = None
+        self.busy = 0
+        self.closed = False
+        self.downloaded = 0
+
+    def start(self) -> "Fetcher":
+        threading.Thread(target=self._schedule, name="fp8vl-fetch", daemon=True).start()
+        return self
+
+    def _schedule(self) -> None:
+        for name in self.order:
+            with self.cond:
+                while self.busy >= self.in_flight and not self.closed:
+                    self.cond.wait()
+                if self.closed or self.failed:
+                    return
+                self.busy += 1
+            self._fetch(name)
+
+    def _fetch(self, name: str) -> None:
+        had = self.dest is not None and (self.dest / name).is_file()
+        try:
+            path = download(self.remote, name, self.dest)
+        except BaseException as e:         # noqa: BLE001 (reported on the main thread by wait())
+            with self.cond:
+                self.failed = self.failed or (name, e)
+                self.cond.notify_all()
+            return
+        log.debug(f"downloaded {name}")
+        with self.cond:
+            self.ready[name] = path
+            self.downloaded += 0 if had else self.remote.sizes.get(name, 0)
+            if not self.stream:
+                self.busy -= 1
+            self.cond.notify_all()
+
+    def wait(self, name: str) -> Path:
+        """``name`` once it is on disk; a failed download becomes a Resumable error."""
+        with self.cond:
+            while name not in self.ready:
+                if self.failed:
+                    which, e = self.failed
+                    raise Resumable(f"downloading {which} from {self.remote.repo} failed ({type(e).__name__}: "
+                                    f"{e}); run the same command again: complete downloads and finished "
+                                    f"output parts are kept") from e
+                self.cond.wait(0.5)
+            return self.ready[name]
+
+    def release(self, name: str) -> None:
+        """Every tensor of ``name`` is written: delete it (``stream``) and free its slot."""
+        if not self.stream:
+            return
+        with self.cond:
+            path = self.ready.pop(name)
+        path.unlink(missing_ok=True)
+        log.debug(f"deleted {name}")
+        with self.cond:
+            self.busy -= 1
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+class HubFeed:
+    """The writer's source (convert.Feed) during a download: waits for shards, reads their real
+    headers, and when the last entry of a shard is written, syncs, journals and releases it."""
+
+    def __init__(self, ckpt, entries: list[Entry], slots: dict[str, list[str]], fetcher: Fetcher,
+                 journal: Journal, drift: Drift):
+        self.ckpt, self.fetcher, self.journal, self.drift, self.slots = ckpt, fetcher, journal, drift, slots
+        self.local: dict[str, dict[str, TensorInfo]] = {}
+        self.entries: dict[str, list[Entry]] = {}      # shard -> the entries still to write from it
+        for e in entries:
+            self.entries.setdefault(self.shard(e.source), []).append(e)
+        self.left = {f: len(es) for f, es in self.entries.items()}
+        self.outputs: dict[str, set[Path]] = {}
+        self.lock = threading.Lock()
+
+    def shard(self, tensor: str) -> str:
+        return str(self.ckpt.tensors[tensor].file.relative_to(self.ckpt.path))
+
+    def tensor(self, name: str) -> TensorInfo:
+        shard = self.shard(name)
+        if shard not in self.local:
+            path = self.fetcher.wait(shard)
+            infos, _ = read_header(path)
+            file = self.ckpt.tensors[name].file
+            planned = {n: (t.dtype, t.shape, t.nbytes) for n, t in self.ckpt.tensors.items() if t.file == file}
+            if {n: (t.dtype, t.shape, t.nbytes) for n, t in infos.items()} != planned:
+                raise FP8VLError(f"{path}: its tensors differ from the header the hub sent before the download; "
+                                 f"delete {path} and run again")
+            self.local[shard] = infos
+        return self.local[shard][name]
+
+    def entry_done(self, e: Entry, out: Path) -> None:
+        shard = self.shard(e.source)
+        with self.lock:
+            self.outputs.setdefault(shard, set()).add(out)
+            self.left[shard] -= 1
+            if self.left[shard]:
+                return
+            outputs = self.outputs.pop(shard)
+        for p in outputs:      # the bytes reach the disk before the journal says they are there
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        done = self.entries[shard]
+        self.journal.add(shard, [s for e in done for s in self.slots[e.name]],
+                         {e.name: self.drift.finish(e.name) for e in done if e.quantize})
+        self.fetcher.release(shard)
+
+
+def quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions,
+                 progress: Callable[[int, int], None] | None = None,
+                 on_plan: Callable | None = None):
+    """``quantize`` for a hub id; None when the hub is unreachable (the caller falls back to the cache)."""
+    from .convert import plan_conversion, write_output
+
+    t0 = time.perf_counter()
+    remote = remote_info(repo, opts.revision)
+    if remote is None:
+        return None
+    out = Path(output).expanduser().resolve() if output is not None else None
+    index = INDEX in remote.sizes
+    small = remote.small_files()
+    if "config.json" not in remote.sizes:
+        raise FP8VLError(f"{repo}: no config.json at commit {remote.commit[:12]}; SOURCE must be a Hugging Face "
+                         f"model repo")
+    if opts.dry_run or out is None:       # small files into the cache, headers by ranged requests
+        with ThreadPoolExecutor(8) as pool:
+            paths = list(pool.map(lambda f: download(remote, f, None), small))
+        ckpt = _open(remote, _snapshot(paths, small), index)
+        res = plan_conversion(ckpt, None, opts)[0]
+        res.hub, res.commit = repo, remote.commit
+        if on_plan is not None:
+            on_plan(res)
+        return res
+
+    stream = opts.stream if opts.stream is not None else not in_cache(remote, remote.shards() + small)
+    key = {"source": repo, "commit": remote.commit, "fp8vl": __version__,
+           "options": {"format": opts.format, "scale_dtype": opts.scale_dtype, "ignore": list(opts.ignore),
+                       "quantize_vision": opts.quantize_vision, "max_shard_size": opts.max_shard_size}}
+    staging = Staging.folder_for(out)
+    with Staging(staging / "source", out, opts.overwrite, resume=key) as stage:
+        dest = stage.folder("source") if stream else None
+        if dest is not None:   # downloads a killed run left half-done: never resumed by huggingface_hub
+            for p in (dest / ".cache").rglob("*.incomplete"):
+                p.unlink(missing_ok=True)
+        with ThreadPoolExecutor(8) as pool:
+            paths = list(pool.map(lambda f: download(remote, f, dest), small))
+        src = dest if dest is not None else _snapshot(paths, small)
+        ckpt = _open(remote, src, index)
+        res, units, scale_dtype = plan_conversion(ckpt, out, opts)
+        res.hub, res.commit = repo, remote.commit
+        if on_plan is not None:
+            on_plan(res)
+
+        # What an earlier run of this command already wrote, and so which shards are still needed.
+        journal = Journal(stage.dir / JOURNAL)
+        shards = assign_shards(units, opts.max_shard_size)
+        kept = kept_slots(stage.dir / "output", shards, journal.slots) if stage.resumed else set()
+        entries = res.plan.entries
+        slots = {e.name: [s.name for s in u] for e, u in zip(entries, units)}
+        todo = [e for e in entries if e.name not in kept]
+        files = list(dict.fromkeys(str(ckpt.tensors[e.source].file.relative_to(src)) for e in todo))
+        for f in set(remote.shards()) - set(files):       # consumed by the earlier run, or unused
+            if dest is not None:
+                (dest / f).unlink(missing_ok=True)
+        copied, res.skipped = other_files(src, ckpt.weight_files)
+        res.skipped += [f for f in remote.shards() if src / f not in ckpt.weight_files]
+        res.skipped = list(dict.fromkeys(res.skipped + [f for f in remote.sizes if f.endswith(OTHER_WEIGHTS)]))
+        need = bytes_to_write(src, copied, res.bytes_out, len(units) + 1)
+        if stream:
+            need += sum(sorted((remote.sizes[f] for f in files), reverse=True)[:opts.in_flight])
+        tmp = stage.begin(need)
+        copy_files(src, tmp, copied)
+        res.copied = copied
+
+        drift = Drift({n: err for n, err in journal.errors.items() if n in kept})
+        fetcher = Fetcher(remote, dest, files, opts.in_flight, stream).start()
+        feed = HubFeed(ckpt, todo, slots, fetcher, journal, drift)
+        try:
+            write_output(tmp, ckpt, res, units, scale_dtype, opts, progress, t0, feed, kept, drift)
+        finally:
+            fetcher.close()
+        res.downloaded = fetcher.downloaded
+        stage.commit()
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _snapshot(paths: list[Path], names: list[str]) -> Path:
+    """The hub cache's snapshot folder of the commit: where hf_hub_download put ``names`` (config.json
+    among them) as ``paths``."""
+    p = paths[names.index("config.json")]
+    return p.parent
+
+
+def _open(remote: Remote, src: Path, index: bool):
+    """The checkpoint as the plan sees it: config and index from disk, shard headers from the hub."""
+    if index:
+        wmap = json.loads((src / INDEX).read_text()).get("weight_map") or {}
+        names = [f for f in dict.fromkeys(wmap.values()) if isinstance(f, str) and f in remote.sizes]
+    else:
+        names = [f for f in remote.shards() if "/" not in f]
+    if not names:
+        raise FP8VLError(f"{remote.repo}: no .safetensors weights at commit {remote.commit[:12]}")
+    return open_checkpoint(src, headers=remote_headers(remote, sorted(set(names), key=names.index), src))
