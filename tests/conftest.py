@@ -63,7 +63,7 @@ def dense_fp8(tmp_path_factory, dense_src) -> Converted:
 
 @pytest.fixture(scope="session")
 def tied_fp8(tmp_path_factory, tied_src) -> Converted:
-    return _convert(tmp_path_factory, tied_src, "tied")
+    return _convert(tmp_path_factory, tied_src, "tied", record_error=True)
 
 
 @pytest.fixture(scope="session")

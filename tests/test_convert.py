@@ -456,3 +456,20 @@ def test_finite_weights_too_large_for_a_float16_scale_say_so(tmp_path):
     msg = str(ei.value)
     assert name in msg and "float16" in msg and "overflow" in msg and "non-finite" not in msg, msg
     quantize(src, tmp_path / "out", QuantizeOptions(scale_dtype="bfloat16"))   # the fix the message gives
+
+
+def test_error_file_only_where_asked(dense_src, tmp_path):
+    """Measuring each tensor's error costs more than quantizing it, so a local conversion records it
+    only with record_error (hub conversions always do: their source is gone afterwards)."""
+    from fp8vl.verify import verify
+
+    plain = tmp_path / "plain"
+    res = quantize(dense_src, plain, QuantizeOptions(workers=1))
+    assert not (plain / "fp8vl-errors.json").exists() and not res.errors
+    assert not any(c.name == "recorded error" for c in verify(plain).checks)
+    rec = tmp_path / "rec"
+    res = quantize(dense_src, rec, QuantizeOptions(workers=1, record_error=True))
+    assert (rec / "fp8vl-errors.json").is_file() and res.errors
+    # the same FP8 bytes either way
+    assert {p.name: p.read_bytes() for p in plain.glob("*.safetensors")} == \
+        {p.name: p.read_bytes() for p in rec.glob("*.safetensors")}

@@ -49,9 +49,9 @@ def test_parts_combine_to_the_whole_tensor_and_the_figures_mean_what_they_say():
     assert summarize_parts([(0.0, 1.0, 0.0, 1.0)])["sqnr_db"] is None       # exact: no infinite float in JSON
 
 
-def test_quantize_writes_one_figure_per_fp8_tensor(dense_fp8):
-    doc = json.loads((dense_fp8.out / FILE).read_text())
-    fp8 = [e.name for e in dense_fp8.result.plan.entries if e.quantize]
+def test_quantize_writes_one_figure_per_fp8_tensor(tied_fp8):
+    doc = json.loads((tied_fp8.out / FILE).read_text())
+    fp8 = [e.name for e in tied_fp8.result.plan.entries if e.quantize]
     assert list(doc["tensors"]) == fp8
     assert all(25 < t["sqnr_db"] < 40 for t in doc["tensors"].values())
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -82,11 +83,13 @@ def wide_repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def local_fp8(tmp_path_factory, tiny_repo, big_repo, wide_repo):
-    """The local conversion of each repo folder: what the hub runs must equal."""
+    """The local conversion of each repo folder, with the error file a hub run always writes: what the
+    hub runs must equal."""
     root = tmp_path_factory.mktemp("local")
-    return {"tiny": quantize(tiny_repo, root / "tiny", QuantizeOptions(max_shard_size=SHARD, workers=2)).output,
-            "big": quantize(big_repo, root / "big", QuantizeOptions(max_shard_size=12 << 20, workers=2)).output,
-            "wide": quantize(wide_repo, root / "wide", QuantizeOptions(workers=2)).output}
+    opts = QuantizeOptions(workers=2, record_error=True)
+    return {"tiny": quantize(tiny_repo, root / "tiny", replace(opts, max_shard_size=SHARD)).output,
+            "big": quantize(big_repo, root / "big", replace(opts, max_shard_size=12 << 20)).output,
+            "wide": quantize(wide_repo, root / "wide", opts).output}
 
 
 @pytest.fixture

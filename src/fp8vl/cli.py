@@ -61,6 +61,8 @@ def quantize_cmd(
         help="hub ids: download into OUTPUT's staging folder and delete each source shard once written "
              "(default unless the repo is already in the local cache) / keep the source in the hub cache"),
     in_flight: int = typer.Option(2, "--in-flight", help="hub ids: source shards on disk or downloading at once"),
+    record_error: bool = typer.Option(False, "--record-error", help="keep each FP8 tensor's error in "
+                                      "fp8vl-errors.json (always for hub ids, whose source is not kept)"),
 ) -> None:
     """Quantize SOURCE to FP8 E4M3 with 128x128 block scales into OUTPUT.
 
@@ -76,7 +78,7 @@ def quantize_cmd(
                            quantize_vision=quantize_vision, device=device, workers=workers,
                            max_shard_size=parse_size(max_shard_size), overwrite=overwrite,
                            dry_run=dry_run or output is None, revision=revision, stream=stream,
-                           in_flight=in_flight)
+                           in_flight=in_flight, record_error=record_error)
     if output is None and not dry_run:
         raise FP8VLError("OUTPUT is missing (or pass --dry-run to only print the plan)")
     if opts.dry_run:

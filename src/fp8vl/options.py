@@ -27,6 +27,8 @@ class QuantizeOptions:
     stream: bool | None = None            # hub ids: download into the staging folder and delete each shard once
                                           # written (None: yes unless the repo is already in the local cache)
     in_flight: int = 2                    # hub ids: source shards on disk or downloading at once
+    record_error: bool = False            # keep each FP8 tensor's error in fp8vl-errors.json (always done for
+                                          # hub ids: their source is not kept; `verify --source` measures it too)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
