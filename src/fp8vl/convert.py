@@ -20,6 +20,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from .card import write_card
 from .drift import Drift, chunk_error, write_errors
 from .errors import FP8VLError
 from .formats import quantization_config, scale_suffix
@@ -62,7 +63,7 @@ def _out_slots(e: Entry, src: TensorInfo, fmt: str, scale_dtype: torch.dtype) ->
     if not e.quantize:
         return [Slot(e.name, src.dtype, src.shape, src.nbytes)]
     sr, sc = scale_shape(e)
-    item = torch.empty((), dtype=scale_dtype).element_size()
+    item = scale_dtype.itemsize
     return [Slot(e.name, "F8_E4M3", e.shape, e.shape[0] * e.shape[1]),
             Slot(f"{e.module}.{scale_suffix(fmt)}", NAMES[scale_dtype], (sr, sc), sr * sc * item)]
 
@@ -96,7 +97,7 @@ def _jobs(e: Entry, t: TensorInfo, fmt: str, scale_dtype: torch.dtype, device: s
         return copy_jobs(e.name, t, writer, finite=True)
     scale_name = f"{e.module}.{scale_suffix(fmt)}"
     n_out, k = e.shape
-    s_item = torch.empty((), dtype=scale_dtype).element_size()
+    s_item = scale_dtype.itemsize
     s_cols = scale_shape(e)[1]
 
     def put(r0: int, w: torch.Tensor) -> None:
@@ -245,8 +246,6 @@ def write_output(tmp: Path, ckpt: Checkpoint, res: Result, units: Units, scale_d
         res.errors = drift.result([e.name for e in plan.entries if e.quantize])
         write_errors(tmp, res.errors)
     res.seconds = time.perf_counter() - t0
-    from .card import write_card
-
     write_card(tmp, res, opts)
 
 
