@@ -194,7 +194,7 @@ def quantize(source: str | Path, output: str | Path | None, opts: QuantizeOption
         res.copied = copied
         write_output(tmp, ckpt, res, units, scale_dtype, opts, progress, t0)
         stage.commit()
-    res.seconds = time.perf_counter() - t0
+    res.seconds = time.perf_counter() - t0   # the final rename included (the card has the time before it)
     return res
 
 
