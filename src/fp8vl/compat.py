@@ -12,6 +12,9 @@ import re
 ENGINES = "vLLM 0.33.0 and SGLang 0.5.23"
 LLAMA_LIKE = {"llama", "mistral"}        # SGLang serves both with its Llama model class
 FUSED_VISION_QKV = re.compile(r"^(?P<parent>.*\.attn)\.qkv$")
+# SGLang builds these models' vision attention quant-eligible (measured: qwen2_5_vl; qwen2_vl shares
+# SGLang's VisionAttention and checkpoint names). Its Qwen3-VL builds the vision tower unquantized.
+SGLANG_FUSED_VISION = {"qwen2_5_vl", "qwen2_vl"}
 
 
 def config_fields(config: dict) -> dict[str, object]:
@@ -41,12 +44,14 @@ def with_fields(config: dict, fields: dict[str, object]) -> dict:
     return out
 
 
-def sglang_names(kept_modules: list[str]) -> list[str]:
+def sglang_names(config: dict, kept_modules: list[str]) -> list[str]:
     """Extra not-converted names SGLang needs for kept fused vision attention (Qwen2.5-VL's
     ``visual.blocks.N.attn.qkv``). SGLang builds that layer as ``...attn.qkv_proj`` and asks whether
     each of its shards ``...attn.q_proj``/``k_proj``/``v_proj`` is listed, never the fused name; it
     matches a listed name as a module-path prefix, so the parent ``...attn`` covers all three.
     vLLM matches names exactly (it builds ``...attn.qkv``, listed already) and ignores the parent."""
+    if config.get("model_type") not in SGLANG_FUSED_VISION:
+        return []
     return [m.group("parent") for m in map(FUSED_VISION_QKV.match, kept_modules) if m]
 
 

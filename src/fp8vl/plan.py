@@ -190,7 +190,7 @@ def make_plan(config: dict, shapes: dict[str, tuple[int, ...]], opts: QuantizeOp
                     and (e.name.endswith(".weight") or e.name.endswith(FUSED_EXPERTS))]
     if "lm_head" not in kept_modules:
         kept_modules.insert(0, "lm_head")  # Transformers 5 stops adding it once a list is given
-    kept_modules += compat.sglang_names(kept_modules)   # names SGLang checks for fused vision qkv
+    kept_modules += compat.sglang_names(config, kept_modules)   # names SGLang checks for fused vision qkv
     warnings += compat.layout_warnings(config, list(shapes), opts.format)
     return Plan(tuple(entries), tuple(dict.fromkeys(kept_modules)), tuple(warnings), model_type,
                 compat.config_fields(config))

@@ -1,0 +1,85 @@
+"""vLLM's own loader (vLLM's venv, on the CPU) on tiny outputs of every architecture and both formats:
+``fp8vl verify --vllm``. Run by ``make test-vllm``; skipped where vLLM is not installed."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine_outputs import FORMATS, build_outputs, checks, edited_copy, engine_python
+from fp8vl.tiny import ARCHS
+from fp8vl.tp import SIZES
+from fp8vl.verify import verify
+from helpers import run_cli
+
+FOUND = engine_python("vllm")
+pytestmark = pytest.mark.skipif(FOUND is None, reason="vLLM is not installed here: `make test-vllm` sets it up")
+PY = (FOUND[0],) if FOUND else ()
+# Measured with vLLM 0.33.0: every output loads as intended except Gemma 3, whose Transformers-5
+# layout vLLM cannot load (vision_tower.* instead of vision_tower.vision_model.*).
+REFUSED = {"gemma3"}
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    return build_outputs(tmp_path_factory.mktemp("engine-outputs"))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_vllm_builds_and_loads_every_output_as_intended(outputs, arch, fmt):
+    r = verify(outputs[arch, fmt], engines=("vllm",), engine_python=PY, engine_tp=SIZES)
+    found = checks(r, "vllm")
+    assert found["ok"][0].message.startswith(f"vllm {FOUND[1]} ran its own loader")
+    if arch in REFUSED:
+        assert any("vision_tower.embeddings" in c.message for c in found["error"]), found
+        assert any("vision_tower.vision_model" in c.message for c in checks(r, "engines")["warning"])
+        return
+    assert not found["error"], found["error"]
+    layers = [c for c in found["ok"] if c.name == "vllm layers"]
+    assert layers and "FP8 layers built quantized" in layers[0].message and "used all" in layers[0].message
+    # vLLM's measured TP sizes agree with fp8vl's TP report (a disagreement is a warning)
+    assert not found["warning"], found["warning"]
+    assert [c for c in found["ok"] if c.name == "vllm tp"]
+    assert r.ok, [c for c in r.checks if c.level == "error"]
+
+
+def test_tp_report_matches_vllm_on_the_tiny_moe(outputs):
+    """Tiny MoE (2 KV heads of 64, 2 vision heads): fp8 fails at load at TP 2 (v_proj scales), at build
+    at TP 4 (vision heads); compressed-tensors at build already at TP 2."""
+    for fmt, phase in (("fp8", "load"), ("compressed-tensors", "build")):
+        r = verify(outputs["qwen3_vl_moe", fmt], engines=("vllm",), engine_python=PY, engine_tp=(2, 4))
+        assert r.tp["phase"][2] == phase and r.tp["phase"][4] == "build"
+        tp = [c.message for c in checks(r, "vllm tp")["ok"]]
+        assert tp and f"TP 2 fails at {phase}" in tp[0], tp
+        assert not checks(r, "vllm tp")["warning"]
+    assert "weight_scale_inv" in tp[0] or "v_proj" in tp[0] or phase == "build"
+
+
+def test_cli_verify_vllm_passes_on_the_tiny_moe_and_names_the_version(outputs):
+    done = run_cli("verify", outputs["qwen3_vl_moe", "fp8"], "--vllm", "--engine-python", PY[0], timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert f"vllm {FOUND[1]} ran its own loader" in done.stdout.replace("\n", " ") or "ran its own" in done.stdout
+    assert "PASSED" in done.stdout
+
+
+def test_short_ignore_list_fails_in_vllm_naming_the_vision_linears(outputs, tmp_path):
+    def cut(cfg):
+        cfg["quantization_config"]["modules_to_not_convert"] = ["lm_head"]
+        cfg["quantization_config"]["ignored_layers"] = ["lm_head"]
+    short = edited_copy(outputs["qwen3_vl_moe", "fp8"], tmp_path / "short", cut)
+    r = verify(short, engines=("vllm",), engine_python=PY, engine_tp=())
+    layers = [c.message for c in checks(r, "vllm layers")["error"]]
+    assert layers and "BF16 linear(s) land in layers vllm builds as FP8" in layers[0]
+    assert "visual.blocks.0.attn.qkv" in layers[0] and "visual.merger" in layers[0]
+    unwritten = [c.message for c in checks(r, "vllm load")["error"]]
+    assert unwritten and "weight_scale_inv" in unwritten[0] and "visual." in unwritten[0]
+    done = run_cli("verify", short, "--vllm", "--engine-python", PY[0], "--engine-tp", "", timeout=900)
+    assert done.returncode == 1 and "visual.blocks.0.attn.qkv" in done.stdout.replace("\n", "")
+
+
+def test_moe_without_norm_topk_prob_fails_to_build_and_verify_says_what_to_add(outputs, tmp_path):
+    bare = edited_copy(outputs["qwen3_vl_moe", "fp8"], tmp_path / "bare",
+                       lambda cfg: cfg["text_config"].pop("norm_topk_prob"))
+    r = verify(bare, engines=("vllm",), engine_python=PY, engine_tp=())
+    assert any("norm_topk_prob" in c.message for c in checks(r, "vllm build")["error"])
+    assert any("text_config.norm_topk_prob" in c.message for c in checks(r, "engines")["error"])
