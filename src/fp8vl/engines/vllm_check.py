@@ -45,6 +45,9 @@ class _NoKernel:
     def __init__(self, *args, **kwargs):
         pass
 
+    def input_quant_key(self):      # asked at build by compressed-tensors' scheme: "quantizes its own input"
+        return None
+
 
 def _setup(path: Path):
     """vLLM's engine config for ``path`` and a one-process distributed group."""
