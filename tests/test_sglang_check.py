@@ -27,7 +27,7 @@ def outputs(tmp_path_factory):
 def test_sglang_builds_and_loads_every_output_as_intended(outputs, arch, fmt):
     r = verify(outputs[arch, fmt], engines=("sglang",), engine_python=PY)
     found = checks(r, "sglang")
-    assert found["ok"][0].message.startswith(f"sglang {FOUND[1]} ran its own loader")
+    assert found["ok"][0].message.startswith(f"SGLang {FOUND[1]} ran its own loader")
     if (arch, fmt) in REFUSED:
         assert found["error"], "SGLang was expected to refuse Llama's fp8 layout"
         assert any("weight_scale_inv" in c.message for c in found["error"]), found["error"]

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from engine_outputs import FORMATS, build_outputs, checks, edited_copy, engine_python
@@ -29,7 +31,7 @@ def outputs(tmp_path_factory):
 def test_vllm_builds_and_loads_every_output_as_intended(outputs, arch, fmt):
     r = verify(outputs[arch, fmt], engines=("vllm",), engine_python=PY, engine_tp=SIZES)
     found = checks(r, "vllm")
-    assert found["ok"][0].message.startswith(f"vllm {FOUND[1]} ran its own loader")
+    assert found["ok"][0].message.startswith(f"vLLM {FOUND[1]} ran its own loader")
     if arch in REFUSED:
         assert any("vision_tower.embeddings" in c.message for c in found["error"]), found
         assert any("vision_tower.vision_model" in c.message for c in checks(r, "engines")["warning"])
@@ -58,8 +60,12 @@ def test_tp_report_matches_vllm_on_the_tiny_moe(outputs):
 def test_cli_verify_vllm_passes_on_the_tiny_moe_and_names_the_version(outputs):
     done = run_cli("verify", outputs["qwen3_vl_moe", "fp8"], "--vllm", "--engine-python", PY[0], timeout=900)
     assert done.returncode == 0, done.stdout[-3000:]
-    assert f"vllm {FOUND[1]} ran its own loader" in done.stdout.replace("\n", " ") or "ran its own" in done.stdout
-    assert "PASSED" in done.stdout
+    assert "PASSED" in done.stdout and f"vLLM {FOUND[1]}" in done.stdout
+    done = run_cli("verify", outputs["qwen3_vl_moe", "fp8"], "--vllm", "--engine-python", PY[0], "--engine-tp", "",
+                   "--json", "-", timeout=900)
+    report = json.loads(done.stdout)
+    assert done.returncode == 0 and report["ok"]
+    assert any(c["message"].startswith(f"vLLM {FOUND[1]} ran its own loader") for c in report["checks"])
 
 
 def test_short_ignore_list_fails_in_vllm_naming_the_vision_linears(outputs, tmp_path):
@@ -69,12 +75,15 @@ def test_short_ignore_list_fails_in_vllm_naming_the_vision_linears(outputs, tmp_
     short = edited_copy(outputs["qwen3_vl_moe", "fp8"], tmp_path / "short", cut)
     r = verify(short, engines=("vllm",), engine_python=PY, engine_tp=())
     layers = [c.message for c in checks(r, "vllm layers")["error"]]
-    assert layers and "BF16 linear(s) land in layers vllm builds as FP8" in layers[0]
+    assert layers and "BF16 linear(s) land in layers vLLM builds as FP8" in layers[0]
     assert "visual.blocks.0.attn.qkv" in layers[0] and "visual.merger" in layers[0]
     unwritten = [c.message for c in checks(r, "vllm load")["error"]]
     assert unwritten and "weight_scale_inv" in unwritten[0] and "visual." in unwritten[0]
-    done = run_cli("verify", short, "--vllm", "--engine-python", PY[0], "--engine-tp", "", timeout=900)
-    assert done.returncode == 1 and "visual.blocks.0.attn.qkv" in done.stdout.replace("\n", "")
+    done = run_cli("verify", short, "--vllm", "--engine-python", PY[0], "--engine-tp", "", "--json", "-",
+                   timeout=900)
+    assert done.returncode == 1
+    assert any(c["name"] == "vllm layers" and c["level"] == "error" and "visual.blocks.0.attn.qkv" in c["message"]
+               for c in json.loads(done.stdout)["checks"])
 
 
 def test_moe_without_norm_topk_prob_fails_to_build_and_verify_says_what_to_add(outputs, tmp_path):

@@ -87,7 +87,8 @@ def check_engine(report, checkpoint: str | Path, engine: str, pythons: tuple[str
     python, version = found
     tested = ENGINES[engine][2]
     res = run_check(engine, checkpoint, python, tp_sizes if engine == "vllm" else ())
-    report.add("ok", engine, f"{engine} {version} ran its own loader on the CPU ({python})"
+    shown = {"vllm": "vLLM", "sglang": "SGLang"}[engine]
+    report.add("ok", engine, f"{shown} {version} ran its own loader on the CPU ({python})"
                + ("" if version == tested else f"; fp8vl's checks were written against {tested}"))
     for c in res["checks"]:
         report.add(c["level"], c["name"], c["message"])
@@ -102,5 +103,5 @@ def check_engine(report, checkpoint: str | Path, engine: str, pythons: tuple[str
             got = "builds and loads" if m["ok"] else f"fails at {m['phase']}: {m['error']}"
             report.add("warning", f"{engine} tp",
                        f"TP {tp}: fp8vl's TP report (vLLM {report.tp.get('vllm')} rules) says it {said}, "
-                       f"{engine} {version} {got}; trust {engine}")
+                       f"{shown} {version} {got}; trust {shown}")
     return res
