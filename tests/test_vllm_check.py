@@ -92,3 +92,41 @@ def test_moe_without_norm_topk_prob_fails_to_build_and_verify_says_what_to_add(o
     r = verify(bare, engines=("vllm",), engine_python=PY, engine_tp=())
     assert any("norm_topk_prob" in c.message for c in checks(r, "vllm build")["error"])
     assert any("text_config.norm_topk_prob" in c.message for c in checks(r, "engines")["error"])
+
+
+@pytest.fixture(scope="module")
+def wide_moe(tmp_path_factory):
+    """The tiny MoE with whole 128-wide KV heads and 4 vision heads, so that TP 2 and 4 reach the experts:
+    384-wide experts are 192 and 96 per rank there, not multiples of 128."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from fp8vl import QuantizeOptions, quantize
+    from fp8vl.tiny import processor_for, qwen3_vl_config, train_tokenizer
+
+    root = tmp_path_factory.mktemp("wide-moe")
+    tok = train_tokenizer()
+    cfg = qwen3_vl_config(tok, "moe")
+    cfg.text_config.head_dim = 128
+    cfg.text_config.rope_parameters["mrope_section"] = [24, 20, 20]     # sums to head_dim / 2
+    cfg.vision_config.num_heads = 4
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(cfg, dtype=torch.bfloat16).save_pretrained(root / "src")
+    processor = processor_for(tok)
+    processor.save_pretrained(root / "src")
+    processor.image_processor.save_pretrained(root / "src")
+    processor.video_processor.save_pretrained(root / "src")
+    return {fmt: quantize(root / "src", root / fmt, QuantizeOptions(format=fmt, workers=2)).output for fmt in FORMATS}
+
+
+def test_vllm_refines_narrow_expert_blocks_in_fp8_and_refuses_them_in_compressed_tensors(wide_moe):
+    r = verify(wide_moe["fp8"], engines=("vllm",), engine_python=PY, engine_tp=(1, 2, 4))
+    assert r.tp["notes"][2] and "refined to 64x64" in r.tp["notes"][2][0]
+    assert r.tp["notes"][4] and "refined to 32x32" in r.tp["notes"][4][0]
+    tp = [c.message for c in checks(r, "vllm tp")["ok"]]
+    assert tp and tp[0].startswith("builds and loads at TP 1, 2, 4"), tp
+    assert not checks(r, "vllm")["warning"] and not checks(r, "vllm")["error"]
+    r = verify(wide_moe["compressed-tensors"], engines=("vllm",), engine_python=PY, engine_tp=(1, 2, 4))
+    tp = [c.message for c in checks(r, "vllm tp")["ok"]]
+    assert r.tp["phase"][2] == "build" and tp and "TP 2 fails at build" in tp[0] and "192" in tp[0], tp
+    assert not checks(r, "vllm")["warning"]

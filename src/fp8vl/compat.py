@@ -21,8 +21,8 @@ def config_fields(config: dict) -> dict[str, object]:
     """Fields to add to config.json, ``{"text_config.name": value}``, only those missing.
 
     Qwen3-VL-MoE: Transformers 5 dropped ``norm_topk_prob`` from the text config class (it always
-    normalizes the top-k router weights), so a checkpoint it saves lacks the field; vLLM's and
-    SGLang's Qwen3-MoE blocks read it and fail to build without it. True is what the model computes.
+    normalizes the top-k router weights), so a checkpoint it saves lacks the field; vLLM's Qwen3-MoE
+    block reads it and fails to build without it (SGLang defaults to true). True is what the model computes.
     Other supported architectures: their Transformers-5 configs carry every field these engines read
     (an audit of the engines' model files, then a build with each engine).
     """
@@ -78,7 +78,7 @@ def layout_warnings(config: dict, names: list[str], fmt: str) -> list[str]:
 
 def checkpoint_findings(config: dict, names: list[str], fmt: str) -> list[tuple[str, str]]:
     """(level, message) for ``fp8vl verify``: missing engine fields (error) and layout warnings."""
-    out = [("error", f"config.json lacks {k} (Transformers 5 omits it): vLLM and SGLang fail to build the model; "
+    out = [("error", f"config.json lacks {k} (Transformers 5 omits it): vLLM fails to build the model; "
                      f"add \"{k.rsplit('.', 1)[-1]}\": {str(v).lower()} to {k.rsplit('.', 1)[0] or 'the top level'}")
            for k, v in config_fields(config).items()]
     return out + [("warning", w) for w in layout_warnings(config, names, fmt)]

@@ -46,7 +46,7 @@ def print_plan(res, console: Console) -> None:
 
 def config_lines(plan) -> list[str]:
     """One line per config.json field fp8vl adds for the engines (compat.config_fields)."""
-    return [f"config.json: {k} = {str(v).lower() if isinstance(v, bool) else v} added (vLLM and SGLang read it; "
+    return [f"config.json: {k} = {str(v).lower() if isinstance(v, bool) else v} added (vLLM needs it; "
             f"Transformers 5 omits it)" for k, v in plan.config_fields.items()]
 
 
