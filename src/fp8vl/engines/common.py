@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -121,15 +120,6 @@ class Tracker:
             self.current = name
             yield name, t
         self.current = None
-
-
-def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    for f in checkpoint_files(path):
-        with safe_open(f, "pt") as s:
-            for n in s.keys():
-                yield n, s.get_tensor(n)
 
 
 def judge(result: Result, engine: str, dtypes: dict[str, torch.dtype], tracker: Tracker,

@@ -16,7 +16,6 @@ Placeholders for what only hardware decides (no name or quantize/skip decision d
 
 from __future__ import annotations
 
-import os
 import tempfile
 import traceback
 from pathlib import Path
