@@ -125,7 +125,7 @@ class Tracker:
 def judge(result: Result, engine: str, dtypes: dict[str, torch.dtype], tracker: Tracker,
           methods: dict[str, object], skip_params: Callable[[str], bool] = lambda n: False) -> None:
     """The checks of the module docstring, added to ``result`` (one error per problem kind, naming
-    up to 4 tensors and the count)."""
+    up to 4 tensors, or 16 layers in the engine's names, and the count)."""
     fp8_in_bf16, bf16_in_fp8, crossing = [], [], []
     by_tensor: dict[str, list[Record]] = {}
     for r in tracker.records:
@@ -141,7 +141,7 @@ def judge(result: Result, engine: str, dtypes: dict[str, torch.dtype], tracker: 
             if name.endswith(".weight") and dt in FP8:
                 (quant_layers.add(module) if q else fp8_in_bf16.append(f"{name} -> {module}"))
             elif name.endswith(".weight") and q and r.param_dtype.startswith("float8"):
-                bf16_in_fp8.append(f"{name} -> {module}")
+                bf16_in_fp8.append(module)
             elif name.endswith(".weight") and not q:
                 plain_layers.add(module)
             if (dt in FP8) != r.param_dtype.startswith("float8"):
@@ -154,13 +154,13 @@ def judge(result: Result, engine: str, dtypes: dict[str, torch.dtype], tracker: 
 
     shown = {"vllm": "vLLM", "sglang": "SGLang"}.get(engine, engine)
 
-    def named(items: list[str]) -> str:
-        return ", ".join(items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
+    def named(items: list[str], most: int = 4) -> str:
+        return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
     if bf16_in_fp8:
         result.add("error", f"{engine} layers",
                    f"{len(bf16_in_fp8)} BF16 linear(s) land in layers {shown} builds as FP8 (their BF16 "
-                   f"weights are cast into FP8, their scales never written): {named(bf16_in_fp8)}; list "
-                   f"them in the not-converted list")
+                   f"weights are cast into FP8, their scales never written): {named(bf16_in_fp8, 16)} "
+                   f"({shown}'s names); list them in the not-converted list")
     if fp8_in_bf16:
         result.add("error", f"{engine} layers",
                    f"{len(fp8_in_bf16)} FP8 weight(s) land in layers {shown} builds unquantized: {named(fp8_in_bf16)}")

@@ -47,6 +47,11 @@ def _setup(path: Path):
     import sglang.srt.layers.rotary_embedding.base as rotary
 
     rotary._is_cpu = True
+    # Placeholder: compressed-tensors asks torch.cuda for the compute capability to pick a scheme;
+    # answer "fits" (an FP8 GPU's choice, W8A8). Either scheme quantizes the same layers.
+    from sglang.srt.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+
+    CompressedTensorsConfig._check_scheme_supported = lambda self, min_capability, error=True: True
     model_config = ModelConfig.from_server_args(args)
     load_config = LoadConfig(load_format=args.load_format, download_dir=args.download_dir)
     init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
