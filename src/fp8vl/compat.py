@@ -65,9 +65,9 @@ def layout_warnings(config: dict, names: list[str], fmt: str) -> list[str]:
         if tower and not any(".vision_tower.vision_model." in f".{n}" for n in names):
             out.append(
                 "Gemma 3 saved by Transformers 5: the vision tower's tensors are named "
-                f"{tower[0]}{{embeddings,encoder,post_layernorm,head}}.*, and vLLM 0.33 expects "
-                f"{tower[0]}vision_model.* (the layout of Google's release): vLLM cannot load this checkpoint "
-                "(nor its BF16 source). Transformers and SGLang load it.")
+                f"{tower[0]}{{embeddings,encoder,post_layernorm,head}}.*, and vLLM 0.33 and SGLang 0.5.23 "
+                f"expect {tower[0]}vision_model.* (the layout of Google's release): neither can load this "
+                "checkpoint (nor its BF16 source). Transformers loads it.")
     if model_type in LLAMA_LIKE and fmt == "fp8":
         out.append(
             "SGLang 0.5.23 cannot load Llama's fp8 layout: its Llama load_weights renames "
