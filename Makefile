@@ -1,10 +1,18 @@
 # Two commands: `make demo` and `make test`. Each sets up .venv itself on a fresh machine.
+# `make test-vllm` / `make test-sglang` also set up that engine in its own venv (.venv-vllm, .venv-sglang:
+# several GB each, their torch/Transformers pins differ from ours) and run fp8vl's checks with the
+# engine's own loader on the CPU. Point VLLM_VENV / SGLANG_VENV at an existing venv to reuse it.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fp8vl-installed
 
-.PHONY: demo test bench venv clean
+VLLM_VERSION   ?= 0.33.0
+SGLANG_VERSION ?= 0.5.23
+VLLM_VENV      ?= .venv-vllm
+SGLANG_VENV    ?= .venv-sglang
+
+.PHONY: demo test test-vllm test-sglang bench venv clean
 
 venv: $(STAMP)
 
@@ -19,6 +27,22 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+$(VLLM_VENV)/.fp8vl-vllm-$(VLLM_VERSION):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q 'vllm==$(VLLM_VERSION)'
+	touch $@
+
+$(SGLANG_VENV)/.fp8vl-sglang-$(SGLANG_VERSION):
+	$(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_VENV)/bin/python -m pip install -q 'sglang==$(SGLANG_VERSION)'
+	touch $@
+
+test-vllm: $(STAMP) $(VLLM_VENV)/.fp8vl-vllm-$(VLLM_VERSION)
+	FP8VL_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q tests/test_vllm_check.py
+
+test-sglang: $(STAMP) $(SGLANG_VENV)/.fp8vl-sglang-$(SGLANG_VERSION)
+	FP8VL_SGLANG_PYTHON=$(abspath $(SGLANG_VENV))/bin/python $(PY) -m pytest -q tests/test_sglang_check.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/convert.py

@@ -10,6 +10,7 @@ from pathlib import Path
 from . import __version__
 from .options import QuantizeOptions
 from .plan import REASONS
+from .report import config_lines
 from .tp import summarize
 
 FRONT = re.compile(r"\A---\n(.*?)\n---\n", re.S)
@@ -117,6 +118,9 @@ def render(res, opts: QuantizeOptions, hub: str | None = None) -> str:
         *error_lines(getattr(res, "errors", None) or {}),
         "## Tensor parallelism", "",
         summarize(res.tp) + ".", "",
+        *(["## Engines", "",
+           *[f"- {line}." for line in config_lines(res.plan)],
+           *[f"- {w}" for w in res.plan.warnings], ""] if res.plan.config_fields or res.plan.warnings else []),
         "## Serve it", "",
         "```bash", f"vllm serve {shlex.quote(name)} --max-model-len 16384", "```", "",
         "FP8 tensor cores need compute capability 8.9 or newer (RTX 40xx, L4, H100, RTX 50xx); "

@@ -116,6 +116,11 @@ def verify_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here ('-': stdout)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="per-tensor SQNR chart (PNG; needs --source)"),
     update_card: bool = typer.Option(False, "--update-card", help="add the results to OUTPUT/README.md"),
+    vllm: bool = typer.Option(False, "--vllm", help="also run vLLM's own loader on it (CPU)"),
+    sglang: bool = typer.Option(False, "--sglang", help="also run SGLang's own loader on it (CPU)"),
+    engine_python: list[str] = typer.Option([], "--engine-python", help="python of a venv with vLLM or "
+                                            "SGLang (repeatable); default: this interpreter"),
+    engine_tp: str = typer.Option("1,2,4,8", "--engine-tp", help="TP sizes vLLM builds and loads ('' for none)"),
 ) -> None:
     """Check an FP8 checkpoint's structure (and, with --source, its error); exit 1 on any failure."""
     from .report import print_verify
@@ -124,7 +129,12 @@ def verify_cmd(
 
     if plot is not None and source is None:   # before the checks, which take a while on a large model
         raise FP8VLError("--plot needs --source (the chart shows the error against the source)")
-    r = verify(output, source)
+    try:
+        tp_sizes = tuple(int(t) for t in engine_tp.split(",") if t.strip())
+    except ValueError:
+        raise FP8VLError(f"--engine-tp {engine_tp!r}: give TP sizes like 1,2,4,8") from None
+    engines = tuple(e for e, on in (("vllm", vllm), ("sglang", sglang)) if on)
+    r = verify(output, source, engines, tuple(engine_python), tp_sizes)
     if json_out is not None and str(json_out) == "-":
         print(r.to_json())
     else:

@@ -21,6 +21,7 @@ from typing import Callable, Protocol
 import torch
 
 from .card import write_card
+from .compat import with_fields
 from .drift import Drift, chunk_error, write_errors
 from .errors import FP8VLError
 from .formats import quantization_config, scale_suffix
@@ -210,7 +211,7 @@ def plan_conversion(ckpt: Checkpoint, out: Path | None, opts: QuantizeOptions) -
                  bytes_out=sum(s.nbytes for u in units for s in u),
                  before={e.name: _source_bytes(e, ckpt.tensors[e.source]) for e in plan.entries},
                  after={e.name: sum(s.nbytes for s in u) for e, u in zip(plan.entries, units)},
-                 tp=tp_report(ckpt.config, {e.module: e.shape for e in plan.entries if e.quantize}))
+                 tp=tp_report(ckpt.config, {e.module: e.shape for e in plan.entries if e.quantize}, fmt=opts.format))
     return res, units, scale_dtype
 
 
@@ -239,8 +240,8 @@ def write_output(tmp: Path, ckpt: Checkpoint, res: Result, units: Units, scale_d
     weight_map = write_shards(tmp, shards, jobs_for, opts.workers, progress, res.bytes_in, kept)
     res.shards = sorted(set(weight_map.values()))
     write_index(tmp, weight_map, res.bytes_out)
-    write_config(tmp, {**ckpt.config,
-                       "quantization_config": quantization_config(opts.format, list(plan.not_converted))})
+    write_config(tmp, with_fields({**ckpt.config, "quantization_config":
+                                   quantization_config(opts.format, list(plan.not_converted))}, plan.config_fields))
     check_output(tmp, {s.name: s for u in units for s in u}, scale_suffix(opts.format))
     if drift is not None:
         res.errors = drift.result([e.name for e in plan.entries if e.quantize])

@@ -77,7 +77,9 @@ def diagnose(output_dir: Path = Path("."), need_bytes: int = 0) -> list[Finding]
                      "" if py >= (3, 10) else "use Python 3.10 or newer"))
     f.append(_package("torch", True, "FP8 dtypes"))
     f.append(_package("transformers", True, "fp8vl is tested with Transformers 5 (5.17 and 5.24)"))
-    f.append(_package("vllm", False, "needed for `fp8vl serve`", INSTALL["vllm"]))
+    f.append(_package("vllm", False, "needed for `fp8vl serve`",
+                      INSTALL["vllm"] + "; `fp8vl verify --vllm/--sglang` can also use an engine in its own venv: "
+                                        "--engine-python PATH"))
     f.append(_package("compressed-tensors", False, "needed to load --format compressed-tensors outside vLLM"))
     try:
         cuda = _torch_cuda_build()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from . import compat
 
 from .errors import FP8VLError
 from .formats import BLOCK, cdiv
@@ -70,6 +72,8 @@ class Plan:
     not_converted: tuple[str, ...]   # full module names kept unquantized (modules_to_not_convert)
     warnings: tuple[str, ...]
     model_type: str
+    # config.json fields the engines read and the source lacks ({"text_config.name": value}), see compat
+    config_fields: dict = field(default_factory=dict)
 
 
 def text_config(config: dict) -> dict:
@@ -186,7 +190,10 @@ def make_plan(config: dict, shapes: dict[str, tuple[int, ...]], opts: QuantizeOp
                     and (e.name.endswith(".weight") or e.name.endswith(FUSED_EXPERTS))]
     if "lm_head" not in kept_modules:
         kept_modules.insert(0, "lm_head")  # Transformers 5 stops adding it once a list is given
-    return Plan(tuple(entries), tuple(dict.fromkeys(kept_modules)), tuple(warnings), model_type)
+    kept_modules += compat.sglang_names(config, kept_modules)   # names SGLang checks for fused vision qkv
+    warnings += compat.layout_warnings(config, list(shapes), opts.format)
+    return Plan(tuple(entries), tuple(dict.fromkeys(kept_modules)), tuple(warnings), model_type,
+                compat.config_fields(config))
 
 
 def scale_shape(e: Entry) -> tuple[int, int]:

@@ -38,8 +38,16 @@ def print_plan(res, console: Console) -> None:
               f"{res.bytes_out / max(res.bytes_in, 1):.2f}x of the source", style="bold")
     console.print(t)
     console.print(summarize(res.tp))
+    for line in config_lines(res.plan):
+        console.print(line)
     for w in res.plan.warnings:
         console.print(f"[yellow]warning:[/] {w}")
+
+
+def config_lines(plan) -> list[str]:
+    """One line per config.json field fp8vl adds for the engines (compat.config_fields)."""
+    return [f"config.json: {k} = {str(v).lower() if isinstance(v, bool) else v} added (vLLM needs it; "
+            f"Transformers 5 omits it)" for k, v in plan.config_fields.items()]
 
 
 def print_summary(res, console: Console) -> None:
@@ -52,6 +60,10 @@ def print_summary(res, console: Console) -> None:
         f"{len(res.copied)} other files copied unchanged")
     if res.skipped:
         console.print(f"[yellow]not copied[/] (weights in another format): {', '.join(res.skipped)}")
+    for line in config_lines(res.plan):
+        console.print(line)
+    for w in res.plan.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
 
 
 STYLE = {"ok": "green", "warning": "yellow", "error": "bold red"}

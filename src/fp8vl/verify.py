@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .compat import checkpoint_findings
 from .convert import source_matrix
 from .errors import FP8VLError
 from .kernel import BLOCK, all_finite, cdiv, dequantize_weight, non_finite_count
@@ -23,7 +24,7 @@ from .options import QuantizeOptions
 from .plan import LAYER, VISION_PARTS, make_plan
 from .shards import TensorInfo, read_bytes, read_rows
 from .source import Checkpoint, open_checkpoint
-from .tp import summarize, tp_report
+from .tp import SIZES, summarize, tp_report
 
 SCALE_NAMES = ("weight_scale_inv", "weight_scale")
 SCAN_BYTES = 64 << 20
@@ -313,7 +314,10 @@ def _same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
     return True
 
 
-def verify(output: str | Path, source: str | Path | None = None) -> Report:
+def verify(output: str | Path, source: str | Path | None = None, engines: tuple[str, ...] = (),
+           engine_python: tuple[str, ...] = (), engine_tp: tuple[int, ...] = SIZES) -> Report:
+    """``engines``: "vllm", "sglang": also run that engine's own loader on the checkpoint (engines/),
+    in the first of ``engine_python`` (or this interpreter) that has it; vLLM at ``engine_tp`` sizes."""
     out = Path(output)
     if not out.is_dir():
         raise FP8VLError(f"{out}: no such folder")
@@ -331,6 +335,12 @@ def verify(output: str | Path, source: str | Path | None = None) -> Report:
         compare_source(ckpt, src, pairs, r)
     else:
         recorded_errors(out, pairs, r)
+    for level, message in checkpoint_findings(ckpt.config, list(ckpt.tensors), r.format):
+        r.add(level, "engines", message)
+    for engine in engines:
+        from .engines import check_engine
+
+        check_engine(r, out, engine, tuple(engine_python), tuple(engine_tp))
     return r
 
 
