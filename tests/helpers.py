@@ -190,3 +190,23 @@ def popen_cli(*args: str, cwd: Path | None = None) -> subprocess.Popen:
     exe = [str(FP8VL)] if FP8VL.exists() else [sys.executable, "-m", "fp8vl.cli"]
     return subprocess.Popen([*exe, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=cli_env(), cwd=cwd)
+
+
+# ---------------------------------------------------------------- Triton kernels on the CPU
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def run_under_triton_interpreter(test_file: str) -> None:
+    """Run ``test_file`` again in a child pytest with TRITON_INTERPRET=1 (Triton reads it when it is
+    first imported, so the kernels' CPU tests need a process of their own); fail with its output."""
+    root = Path(test_file).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file],
+                       cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-6000:] + r.stderr[-3000:]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes and bytes (NaN codes and -0 included)."""
+    return a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))

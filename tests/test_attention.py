@@ -8,20 +8,15 @@ F.scaled_dot_product_attention with its boolean mask) and a float64 attention.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import INTERPRETER, run_under_triton_interpreter, same_bits
 from fp8vl import attention
 from fp8vl.engine import _rotate_half, rms_norm
 from fp8vl.kernel import quantize_activations
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 interp = pytest.mark.skipif(not INTERPRETER, reason="runs in the TRITON_INTERPRET=1 child process")
 gpu = pytest.mark.skipif(INTERPRETER or not torch.cuda.is_available(), reason="needs a CUDA GPU")
 BF = torch.bfloat16
@@ -29,15 +24,8 @@ BF = torch.bfloat16
 
 @pytest.mark.skipif(INTERPRETER, reason="this is the child")
 def test_kernels_under_the_triton_interpreter():
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                       cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-6000:] + r.stderr[-3000:]
+    run_under_triton_interpreter(__file__)
 
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def within_rounding(a: torch.Tensor, b: torch.Tensor, frac: float = 0.02) -> bool:

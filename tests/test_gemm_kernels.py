@@ -8,33 +8,21 @@ Shapes are small: the interpreter runs programs one by one in numpy.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import INTERPRETER, run_under_triton_interpreter, same_bits
 from fp8vl import gemm
 from fp8vl.kernel import FP8_MAX, dequantize_weight, fake_quantize_activations, quantize_activations, quantize_weight
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 interp = pytest.mark.skipif(not INTERPRETER, reason="runs in the TRITON_INTERPRET=1 child process")
 
 
 @pytest.mark.skipif(INTERPRETER, reason="this is the child")
 def test_kernels_under_the_triton_interpreter():
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                       cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-6000:] + r.stderr[-3000:]
+    run_under_triton_interpreter(__file__)
 
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def rel(a, b):
