@@ -23,58 +23,11 @@ from pathlib import Path
 
 import torch
 
-from fp8vl.convert import CHUNK_BYTES
 from fp8vl.kernel import BLOCK, quantize_weight
 from fp8vl.options import parse_size
+from fp8vl.output import CHUNK_BYTES
 from fp8vl.shards import ShardWriter, Slot
-
-H, I, V, L_FULL = 4096, 12288, 151936, 36         # Qwen3-VL-8B text
-VH, VI, VD, OUT = 1152, 4304, 27, 4096             # vision tower
-
-
-def qwen3_vl_8b_shapes(layers: int) -> dict[str, tuple[int, ...]]:
-    s: dict[str, tuple[int, ...]] = {}
-    v = "model.visual."
-    s[v + "patch_embed.proj.weight"] = (VH, 3, 2, 16, 16)
-    s[v + "patch_embed.proj.bias"] = (VH,)
-    s[v + "pos_embed.weight"] = (2304, VH)
-    for b in range(VD):
-        p = f"{v}blocks.{b}."
-        for n in ("norm1", "norm2"):
-            s[p + n + ".weight"], s[p + n + ".bias"] = (VH,), (VH,)
-        for n, shp in (("attn.qkv", (3 * VH, VH)), ("attn.proj", (VH, VH)), ("mlp.linear_fc1", (VI, VH)),
-                       ("mlp.linear_fc2", (VH, VI))):
-            s[p + n + ".weight"], s[p + n + ".bias"] = shp, (shp[0],)
-    for m in ["merger"] + [f"deepstack_merger_list.{j}" for j in range(3)]:
-        norm = VH if m == "merger" else 4 * VH
-        s[f"{v}{m}.norm.weight"], s[f"{v}{m}.norm.bias"] = (norm,), (norm,)
-        s[f"{v}{m}.linear_fc1.weight"], s[f"{v}{m}.linear_fc1.bias"] = (4 * VH, 4 * VH), (4 * VH,)
-        s[f"{v}{m}.linear_fc2.weight"], s[f"{v}{m}.linear_fc2.bias"] = (OUT, 4 * VH), (OUT,)
-    t = "model.language_model."
-    s[t + "embed_tokens.weight"] = (V, H)
-    for n in range(layers):
-        p = f"{t}layers.{n}."
-        s[p + "input_layernorm.weight"] = s[p + "post_attention_layernorm.weight"] = (H,)
-        s[p + "self_attn.q_norm.weight"] = s[p + "self_attn.k_norm.weight"] = (128,)
-        for name, shp in (("self_attn.q_proj", (H, H)), ("self_attn.k_proj", (1024, H)),
-                          ("self_attn.v_proj", (1024, H)), ("self_attn.o_proj", (H, H)),
-                          ("mlp.gate_proj", (I, H)), ("mlp.up_proj", (I, H)), ("mlp.down_proj", (H, I))):
-            s[p + name + ".weight"] = shp
-    s[t + "norm.weight"] = (H,)
-    s["lm_head.weight"] = (V, H)
-    return s
-
-
-def config(layers: int) -> dict:
-    return {"architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
-            "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-            "text_config": {"hidden_size": H, "intermediate_size": I, "num_hidden_layers": layers,
-                            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-                            "vocab_size": V, "model_type": "qwen3_vl_text"},
-            "vision_config": {"depth": VD, "hidden_size": VH, "intermediate_size": VI, "patch_size": 16,
-                              "spatial_merge_size": 2,
-                              "out_hidden_size": OUT, "model_type": "qwen3_vl"}}
-
+from fp8vl.tiny import H, I, L_FULL, qwen3_vl_8b_config_dict, qwen3_vl_8b_shapes, write_header_only
 
 def write_synthetic(path: Path, layers: int, shard_bytes: int) -> int:
     """Stream a random BF16 checkpoint to ``path`` (std 0.02, a few outliers); returns its bytes."""
@@ -105,37 +58,8 @@ def write_synthetic(path: Path, layers: int, shard_bytes: int) -> int:
         w.close()
     (path / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": wmap}))
-    (path / "config.json").write_text(json.dumps(config(layers), indent=2))
+    (path / "config.json").write_text(json.dumps(qwen3_vl_8b_config_dict(layers), indent=2))
     return total
-
-
-def write_fp8_headers(path: Path, layers: int) -> None:
-    """A Qwen3-VL-8B-shaped FP8 checkpoint with real headers and no data (a sparse file): enough for
-    `fp8vl plan` and `fp8vl verify`'s structure checks, at no disk cost."""
-    from fp8vl.formats import quantization_config
-    from fp8vl.kernel import cdiv
-    from fp8vl.options import QuantizeOptions
-    from fp8vl.plan import make_plan
-    from fp8vl.shards import layout
-
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = config(layers)
-    cfg["text_config"]["max_position_embeddings"] = 262144
-    plan = make_plan(cfg, qwen3_vl_8b_shapes(layers), QuantizeOptions())
-    slots = []
-    for e in plan.entries:
-        if e.quantize:
-            sr, sc = cdiv(e.shape[0], 128), cdiv(e.shape[1], 128)
-            slots += [Slot(e.name, "F8_E4M3", e.shape, e.shape[0] * e.shape[1]),
-                      Slot(e.module + ".weight_scale_inv", "F32", (sr, sc), 4 * sr * sc)]
-        else:
-            slots.append(Slot(e.name, "BF16", e.shape, 2 * int(torch.tensor(e.shape).prod())))
-    head, placed = layout(slots, {"format": "pt"})
-    with open(path / "model-00001-of-00001.safetensors", "wb") as f:
-        f.write(head)
-        f.truncate(len(head) + sum(s.nbytes for s in placed))
-    cfg["quantization_config"] = quantization_config("fp8", list(plan.not_converted))
-    (path / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
 def io_floor(src: Path, dst: Path, out_bytes: int) -> float:
@@ -233,7 +157,7 @@ def main() -> None:
                     help="only write a header-only Qwen3-VL-8B-shaped FP8 checkpoint to DIR (for fp8vl plan)")
     a = ap.parse_args()
     if a.fp8_headers:
-        write_fp8_headers(a.fp8_headers, a.layers)
+        write_header_only(a.fp8_headers, qwen3_vl_8b_config_dict(a.layers), qwen3_vl_8b_shapes(a.layers))
         return
     src, floor_dir = a.workdir / "src", a.workdir / "floor"
     if not (src / "config.json").exists():

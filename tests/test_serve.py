@@ -13,9 +13,10 @@ import pytest
 from fp8vl import FP8VLError
 from fp8vl.gpus import GIB, GPU, lookup
 from fp8vl.serve import INSTALL, run, serve_command
+from fp8vl.tiny import write_header_only
 from fp8vl.vram import plan_vram
 from helpers import FP8VL, cli_env, run_cli
-from test_vram import ckpt_8b, qwen3_vl_8b_config, write_header_only  # noqa: F401  (module fixture)
+from test_vram import ckpt_8b, qwen3_vl_8b_config  # noqa: F401  (module fixture)
 
 FLAGS_WITH_VALUES = {"--host", "--port", "--max-model-len", "--gpu-memory-utilization", "--max-num-seqs",
                      "--max-num-batched-tokens", "--tensor-parallel-size", "--kv-cache-dtype",

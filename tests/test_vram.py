@@ -10,21 +10,16 @@ from __future__ import annotations
 import json
 import math
 import struct
-import sys
 from pathlib import Path
 
 import pytest
 
-from fp8vl import FP8VLError, QuantizeOptions
-from fp8vl.formats import quantization_config, scale_suffix
+from fp8vl import FP8VLError
 from fp8vl.gpus import GIB, GPU, KNOWN, bf16_verdict, fp8_verdict, lookup
-from fp8vl.plan import make_plan, scale_shape
-from fp8vl.shards import Slot, layout
+from fp8vl.tiny import qwen3_vl_8b_config_dict, qwen3_vl_8b_shapes, write_header_only
 from fp8vl.vram import plan_vram
-from helpers import ROOT, run_cli
+from helpers import run_cli
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from convert import config as bench_config, qwen3_vl_8b_shapes  # noqa: E402
 
 MAX_POS = 262144          # Qwen3-VL-8B's max_position_embeddings
 BLOCK_TOKENS = 16         # vLLM's KV block
@@ -33,32 +28,9 @@ ITEM = {"F8_E4M3": 1, "BF16": 2, "F32": 4}
 
 # ---------------------------------------------------------------- header-only checkpoints
 
-def write_header_only(folder: Path, cfg: dict, shapes: dict[str, tuple[int, ...]], fmt: str = "fp8",
-                      scale_dtype: str = "F32") -> Path:
-    """The FP8 checkpoint fp8vl would write for ``shapes``, as a header and a sparse file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    plan = make_plan(cfg, shapes, QuantizeOptions(format=fmt))
-    slots = []
-    for e in plan.entries:
-        if e.quantize:
-            sr, sc = scale_shape(e)
-            slots.append(Slot(e.name, "F8_E4M3", e.shape, e.shape[0] * e.shape[1]))
-            slots.append(Slot(f"{e.module}.{scale_suffix(fmt)}", scale_dtype, (sr, sc), sr * sc * ITEM[scale_dtype]))
-        else:
-            slots.append(Slot(e.name, "BF16", e.shape, math.prod(e.shape) * 2))
-    head, placed = layout(slots, {"format": "pt"})
-    path = folder / "model.safetensors"
-    with open(path, "wb") as f:
-        f.write(head)
-        f.truncate(len(head) + sum(s.nbytes for s in placed))
-    (folder / "config.json").write_text(json.dumps(
-        {**cfg, "quantization_config": quantization_config(fmt, list(plan.not_converted))}, indent=2))
-    return folder
-
-
 def qwen3_vl_8b_config() -> dict:
-    cfg = bench_config(36)
-    cfg["text_config"]["max_position_embeddings"] = MAX_POS
+    cfg = qwen3_vl_8b_config_dict(36)
+    assert cfg["text_config"]["max_position_embeddings"] == MAX_POS
     return cfg
 
 

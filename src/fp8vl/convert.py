@@ -1,163 +1,22 @@
-"""``fp8vl quantize``: stream a BF16 checkpoint into an FP8 block-128 one.
+"""``fp8vl quantize``: a BF16 checkpoint (folder or hub id) into an FP8 block-128 one.
 
-Shape of the job (after llm-compressor's model-free path): check every source shard's header
-first; plan; then write each output shard as a set of small independent chunk jobs (read rows
--> quantize -> write at a precomputed offset) run on a thread pool with a bounded number in
-flight, so memory stays a few chunks whatever the shard or tensor size. The index is written
-once, at the end; everything goes to a temporary folder that is renamed into place last. Each
-chunk's quantization error is measured as it is written (drift.py) where asked (``record_error``) and
-when streaming from the hub (the source is gone afterwards). A hub id goes through hub.py,
-which feeds the same writer shard by shard as the download goes.
+A local folder: check every shard's header, plan, write the output in a staging folder (output.py),
+rename it into place. A hub id goes through hub.py, which downloads and converts shard by shard.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
-import torch
-
-from .card import write_card
-from .compat import with_fields
-from .drift import Drift, chunk_error, write_errors
-from .errors import FP8VLError
-from .formats import quantization_config, scale_suffix
-from .kernel import BLOCK, all_finite, fp8_nan_count, non_finite_count, quantize_weight
+from .hub import quantize_hub
 from .options import QuantizeOptions
-from .plan import Entry, Plan, make_plan, scale_shape, text_config
-from .shards import NAMES, Scratch, ShardWriter, Slot, TensorInfo, read_bytes, read_rows
-from .source import Checkpoint, check_dtypes, is_hub_id, open_checkpoint, resolve
-from .tp import tp_report
-from .writer import (Job, Staging, assign_shards, bytes_to_write, check_output, check_paths, copy_files, copy_jobs,
-                     other_files, write_config, write_index, write_shards)
+from .output import Result, plan_conversion, write_output
+from .source import is_hub_id, open_checkpoint, resolve
+from .writer import Staging, bytes_to_write, check_paths, copy_files, other_files
 
-Units = list[list[Slot]]   # per plan entry: its output slots (a weight, or an FP8 weight and its scale)
-
-CHUNK_BYTES = 4 << 20     # source bytes per quantize job: fits in L2/L3 next to its float32 copy
-
-
-@dataclass
-class Result:
-    source: Path
-    output: Path | None
-    plan: Plan
-    scale_dtype: str
-    bytes_in: int = 0           # source weight bytes
-    bytes_out: int = 0          # output weight bytes
-    seconds: float = 0.0
-    shards: list[str] = field(default_factory=list)
-    before: dict[str, int] = field(default_factory=dict)   # output entry -> its source bytes
-    after: dict[str, int] = field(default_factory=dict)    # output entry -> bytes written (scale too)
-    tp: dict = field(default_factory=dict)                 # tensor-parallel report (tp.tp_report)
-    copied: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    hub: str | None = None                                 # source repo id, when downloaded from the hub
-    commit: str | None = None                              # the commit its revision resolved to
-    errors: dict[str, dict] = field(default_factory=dict)  # FP8 tensor -> error measured while converting
-    downloaded: int = 0                                    # source bytes downloaded by this run
-
-
-def _out_slots(e: Entry, src: TensorInfo, fmt: str, scale_dtype: torch.dtype) -> list[Slot]:
-    if not e.quantize:
-        return [Slot(e.name, src.dtype, src.shape, src.nbytes)]
-    sr, sc = scale_shape(e)
-    item = scale_dtype.itemsize
-    return [Slot(e.name, "F8_E4M3", e.shape, e.shape[0] * e.shape[1]),
-            Slot(f"{e.module}.{scale_suffix(fmt)}", NAMES[scale_dtype], (sr, sc), sr * sc * item)]
-
-
-def source_matrix(t: TensorInfo, e: Entry, scratch: Scratch | None = None) -> torch.Tensor:
-    """The [out, in] source weight of a quantized entry, reading only the bytes it needs
-    (for a split expert: rows r0:r1 of expert e of a fused 3-D tensor)."""
-    if e.expert is None:
-        return read_rows(t, 0, t.shape[0], scratch)
-    _, a, b = t.shape
-    r0, r1 = e.rows
-    if not e.transpose:  # rows r0:r1 of expert e are contiguous on disk
-        item = t.itemsize
-        start = t.offset + (e.expert * a + r0) * b * item
-        return read_bytes(t.file, start, (r1 - r0) * b * item, scratch).view(t.torch_dtype).view(r1 - r0, b)
-    sl = read_rows(t, e.expert, e.expert + 1, scratch)[0]  # [in, out]
-    return sl.t()[r0:r1].contiguous()
-
-
-def _quantize_job(w: torch.Tensor, scale_dtype: torch.dtype, device: str, measure: bool):
-    """(codes, scales, error part or None): the error is measured where the quantizer ran."""
-    wd = w.to(device, non_blocking=False)
-    q, s = quantize_weight(wd, scale_dtype)
-    return q.cpu(), s.cpu(), chunk_error(wd, q, s) if measure else None
-
-
-def _jobs(e: Entry, t: TensorInfo, fmt: str, scale_dtype: torch.dtype, device: str,
-          writer: ShardWriter, drift: Drift | None) -> list[Job]:
-    """Jobs that together write entry ``e`` (and its scale) into ``writer``."""
-    if not e.quantize:
-        return copy_jobs(e.name, t, writer, finite=True)
-    scale_name = f"{e.module}.{scale_suffix(fmt)}"
-    n_out, k = e.shape
-    s_item = scale_dtype.itemsize
-    s_cols = scale_shape(e)[1]
-
-    def put(r0: int, w: torch.Tensor) -> None:
-        q, s, err = _quantize_job(w, scale_dtype, device, drift is not None)
-        if fp8_nan_count(q) or not all_finite(s) or (s.float() <= 0).any():
-            # Either the source holds NaN/Inf, or finite weights too large for the scale dtype: say which.
-            if not all_finite(w):
-                raise FP8VLError(f"{t.file}: tensor {e.source} holds {non_finite_count(w)} NaN/Inf value(s); "
-                                 f"fix the source")
-            amax = float(w.abs().max())
-            raise FP8VLError(f"tensor {e.source}: its largest value {amax:.3g} needs a scale of {amax / 448:.3g}, "
-                             f"which overflows a {scale_dtype_name(scale_dtype)} scale; use --scale-dtype float32 "
-                             f"or bfloat16")
-        writer.write(e.name, r0 * k, q)
-        writer.write(scale_name, (r0 // BLOCK) * s_cols * s_item, s)
-        if drift is not None:
-            drift.add(e.name, r0, err)
-
-    if e.expert is not None:
-        def expert_job(scratch: Scratch) -> None:
-            put(0, source_matrix(t, e, scratch))
-        return [(n_out * k * t.itemsize, expert_job)]
-
-    rows = max(BLOCK, (CHUNK_BYTES // max(1, k * t.itemsize)) // BLOCK * BLOCK)
-
-    def rows_job(r0: int, r1: int) -> Callable[[Scratch], None]:
-        return lambda scratch: put(r0, read_rows(t, r0, r1, scratch))
-    return [((min(r0 + rows, n_out) - r0) * k * t.itemsize, rows_job(r0, min(r0 + rows, n_out)))
-            for r0 in range(0, n_out, rows)]
-
-
-class Feed(Protocol):
-    """Where the writer gets source tensors: a local checkpoint, or a hub download in progress."""
-
-    def tensor(self, name: str) -> TensorInfo:
-        """The source tensor ``name``, on disk (a hub feed waits until its shard is)."""
-
-    def entry_done(self, e: Entry, shard: Path) -> None:
-        """Every byte of ``e`` is written into output shard ``shard`` (called from a worker thread)."""
-
-
-def _tracked(jobs: list[Job], done: Callable[[], None]) -> list[Job]:
-    """``jobs`` with ``done()`` called once, after the last of them finishes."""
-    if not jobs:
-        done()
-        return jobs
-    left = [len(jobs)]
-    lock = threading.Lock()
-
-    def wrap(job: Callable[[Scratch], None]) -> Callable[[Scratch], None]:
-        def run(scratch: Scratch) -> None:
-            job(scratch)
-            with lock:
-                left[0] -= 1
-                last = left[0] == 0
-            if last:
-                done()
-        return run
-    return [(n, wrap(j)) for n, j in jobs]
+__all__ = ["Result", "quantize"]
 
 
 def quantize(source: str | Path, output: str | Path | None, opts: QuantizeOptions = QuantizeOptions(),
@@ -172,8 +31,6 @@ def quantize(source: str | Path, output: str | Path | None, opts: QuantizeOption
     """
     t0 = time.perf_counter()
     if is_hub_id(source):
-        from .hub import quantize_hub
-
         res = quantize_hub(str(source), output, opts, progress, on_plan)
         if res is not None:
             return res
@@ -197,70 +54,3 @@ def quantize(source: str | Path, output: str | Path | None, opts: QuantizeOption
         stage.commit()
     res.seconds = time.perf_counter() - t0   # the final rename included (the card has the time before it)
     return res
-
-
-def plan_conversion(ckpt: Checkpoint, out: Path | None, opts: QuantizeOptions) -> tuple[Result, Units, torch.dtype]:
-    """The plan, the output slots of each entry and the scale dtype; only headers are read."""
-    plan = make_plan(ckpt.config, {n: t.shape for n, t in ckpt.tensors.items()}, opts)
-    check_dtypes(ckpt, [e.source for e in plan.entries if e.quantize])
-    dtype_name = opts.scale_dtype or ("float32" if opts.format == "fp8" else _model_dtype(ckpt))
-    scale_dtype = getattr(torch, dtype_name)
-    units = [_out_slots(e, ckpt.tensors[e.source], opts.format, scale_dtype) for e in plan.entries]
-    res = Result(ckpt.path, out, plan, dtype_name,
-                 bytes_in=sum(t.nbytes for t in ckpt.tensors.values()),
-                 bytes_out=sum(s.nbytes for u in units for s in u),
-                 before={e.name: _source_bytes(e, ckpt.tensors[e.source]) for e in plan.entries},
-                 after={e.name: sum(s.nbytes for s in u) for e, u in zip(plan.entries, units)},
-                 tp=tp_report(ckpt.config, {e.module: e.shape for e in plan.entries if e.quantize}, fmt=opts.format))
-    return res, units, scale_dtype
-
-
-def write_output(tmp: Path, ckpt: Checkpoint, res: Result, units: Units, scale_dtype: torch.dtype,
-                 opts: QuantizeOptions, progress: Callable[[int, int], None] | None, t0: float,
-                 feed: Feed | None = None, kept: set[str] = frozenset(), drift: Drift | None = None) -> None:
-    """Shards, index, config, the check after writing, the error file and the card, into ``tmp``.
-    ``kept``: slots already written by an interrupted run (see writer.kept_slots)."""
-    if opts.device.startswith("cuda") and not torch.cuda.is_available():
-        raise FP8VLError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
-    plan = res.plan
-    by_name = {e.name: e for e in plan.entries}
-    # Measuring the error costs ~3x the quantization on a CPU core (measured: 0.78 -> 0.24 GB/s a core),
-    # so it runs where the source will be gone (hub streaming passes its Drift) or when asked.
-    drift = drift or (Drift() if opts.record_error else None)
-
-    def jobs_for(slot: Slot, writer: ShardWriter) -> list[Job]:
-        e = by_name.get(slot.name)   # None for a scale: its weight's jobs write it
-        if e is None:
-            return []
-        t = ckpt.tensors[e.source] if feed is None else feed.tensor(e.source)
-        jobs = _jobs(e, t, opts.format, scale_dtype, opts.device, writer, drift)
-        return jobs if feed is None else _tracked(jobs, lambda: feed.entry_done(e, writer.path))
-
-    shards = assign_shards(units, opts.max_shard_size)
-    weight_map = write_shards(tmp, shards, jobs_for, opts.workers, progress, res.bytes_in, kept)
-    res.shards = sorted(set(weight_map.values()))
-    write_index(tmp, weight_map, res.bytes_out)
-    write_config(tmp, with_fields({**ckpt.config, "quantization_config":
-                                   quantization_config(opts.format, list(plan.not_converted))}, plan.config_fields))
-    check_output(tmp, {s.name: s for u in units for s in u}, scale_suffix(opts.format))
-    if drift is not None:
-        res.errors = drift.result([e.name for e in plan.entries if e.quantize])
-        write_errors(tmp, res.errors)
-    res.seconds = time.perf_counter() - t0
-    write_card(tmp, res, opts)
-
-
-def scale_dtype_name(d: torch.dtype) -> str:
-    return str(d).removeprefix("torch.")
-
-
-def _source_bytes(e: Entry, t: TensorInfo) -> int:
-    return e.shape[0] * e.shape[1] * t.itemsize if e.expert is not None else t.nbytes
-
-
-def _model_dtype(ckpt: Checkpoint) -> str:
-    d = ckpt.config.get("torch_dtype") or ckpt.config.get("dtype") or \
-        text_config(ckpt.config).get("dtype") or "bfloat16"
-    return d if d in ("bfloat16", "float32", "float16") else "bfloat16"
-
-

@@ -33,6 +33,7 @@ from .drift import Drift
 from .errors import FP8VLError
 from .options import QuantizeOptions
 from .plan import Entry
+from .output import plan_conversion, write_output
 from .shards import TensorInfo, read_header
 from .source import INDEX, OTHER_WEIGHTS, SKIP_DIRS, open_checkpoint
 from .writer import Resumable, Staging, assign_shards, bytes_to_write, copy_files, kept_slots, other_files
@@ -307,8 +308,6 @@ def quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions,
                  progress: Callable[[int, int], None] | None = None,
                  on_plan: Callable | None = None):
     """``quantize`` for a hub id; None when the hub is unreachable (the caller falls back to the cache)."""
-    from .convert import plan_conversion, write_output
-
     t0 = time.perf_counter()
     remote = remote_info(repo, opts.revision)
     if remote is None:

@@ -202,6 +202,22 @@ def read_tensor(t: TensorInfo) -> torch.Tensor:
     return read_rows(t, 0, t.shape[0])
 
 
+def read_matrix(t: TensorInfo, expert: int | None = None, rows: tuple[int, int] | None = None,
+                transpose: bool = False, scratch: Scratch | None = None) -> torch.Tensor:
+    """A 2-D [out, in] weight, reading only the bytes it needs: the whole tensor, or for one expert
+    of a fused 3-D tensor [E, a, b] its rows r0:r1 ([E, out, in] on disk) or, with ``transpose``
+    ([E, in, out] on disk), the expert's slice transposed."""
+    if expert is None:
+        return read_rows(t, 0, t.shape[0], scratch)
+    _, a, b = t.shape
+    r0, r1 = rows
+    if not transpose:  # rows r0:r1 of the expert are contiguous on disk
+        start = t.offset + (expert * a + r0) * b * t.itemsize
+        return read_bytes(t.file, start, (r1 - r0) * b * t.itemsize, scratch).view(t.torch_dtype).view(r1 - r0, b)
+    sl = read_rows(t, expert, expert + 1, scratch)[0]  # [in, out]
+    return sl.t()[r0:r1].contiguous()
+
+
 @dataclass(frozen=True)
 class Slot:
     """One tensor of an output shard: its absolute byte offset in the file once written."""

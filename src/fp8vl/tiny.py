@@ -7,6 +7,7 @@ multiples of 128 so the block format and the run-time kernels apply as they do a
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -247,14 +248,14 @@ def qwen3_vl_8b_config(tok, layers: int = 36):
     from transformers import Qwen3VLConfig
 
     ids = _ids(tok)
-    text = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=layers,
+    text = dict(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=layers,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
                 rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
                                                     "mrope_interleaved": True, "mrope_section": [24, 20, 20]},
                 tie_word_embeddings=False, pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                 bos_token_id=None)
-    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
-                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096, num_position_embeddings=2304,
+    vision = dict(depth=VD, hidden_size=VH, intermediate_size=VI, num_heads=16, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=OUT, num_position_embeddings=2304,
                   deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh")
     return Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
                          video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
@@ -287,3 +288,82 @@ def build_qwen3_vl_8b(path: str | Path, layers: int = 36, device: str = "cuda") 
     image.save_pretrained(path)
     video.save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------- full-size shapes without data
+
+H, I, V, L_FULL = 4096, 12288, 151936, 36         # Qwen3-VL-8B text
+VH, VI, VD, OUT = 1152, 4304, 27, 4096             # vision tower
+
+
+def qwen3_vl_8b_shapes(layers: int = L_FULL) -> dict[str, tuple[int, ...]]:
+    """Qwen3-VL-8B's tensor names and shapes (transformers 4.57+ layout), ``layers`` text layers."""
+    s: dict[str, tuple[int, ...]] = {}
+    v = "model.visual."
+    s[v + "patch_embed.proj.weight"] = (VH, 3, 2, 16, 16)
+    s[v + "patch_embed.proj.bias"] = (VH,)
+    s[v + "pos_embed.weight"] = (2304, VH)
+    for b in range(VD):
+        p = f"{v}blocks.{b}."
+        for n in ("norm1", "norm2"):
+            s[p + n + ".weight"], s[p + n + ".bias"] = (VH,), (VH,)
+        for n, shp in (("attn.qkv", (3 * VH, VH)), ("attn.proj", (VH, VH)), ("mlp.linear_fc1", (VI, VH)),
+                       ("mlp.linear_fc2", (VH, VI))):
+            s[p + n + ".weight"], s[p + n + ".bias"] = shp, (shp[0],)
+    for m in ["merger"] + [f"deepstack_merger_list.{j}" for j in range(3)]:
+        norm = VH if m == "merger" else 4 * VH
+        s[f"{v}{m}.norm.weight"], s[f"{v}{m}.norm.bias"] = (norm,), (norm,)
+        s[f"{v}{m}.linear_fc1.weight"], s[f"{v}{m}.linear_fc1.bias"] = (4 * VH, 4 * VH), (4 * VH,)
+        s[f"{v}{m}.linear_fc2.weight"], s[f"{v}{m}.linear_fc2.bias"] = (OUT, 4 * VH), (OUT,)
+    t = "model.language_model."
+    s[t + "embed_tokens.weight"] = (V, H)
+    for n in range(layers):
+        p = f"{t}layers.{n}."
+        s[p + "input_layernorm.weight"] = s[p + "post_attention_layernorm.weight"] = (H,)
+        s[p + "self_attn.q_norm.weight"] = s[p + "self_attn.k_norm.weight"] = (128,)
+        for name, shp in (("self_attn.q_proj", (H, H)), ("self_attn.k_proj", (1024, H)),
+                          ("self_attn.v_proj", (1024, H)), ("self_attn.o_proj", (H, H)),
+                          ("mlp.gate_proj", (I, H)), ("mlp.up_proj", (I, H)), ("mlp.down_proj", (H, I))):
+            s[p + name + ".weight"] = shp
+    s[t + "norm.weight"] = (H,)
+    s["lm_head.weight"] = (V, H)
+    return s
+
+
+def qwen3_vl_8b_config_dict(layers: int = L_FULL) -> dict:
+    """Qwen3-VL-8B's config.json, as far as fp8vl's planner and vLLM's memory arithmetic read it."""
+    return {"architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
+            "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+            "text_config": {"hidden_size": H, "intermediate_size": I, "num_hidden_layers": layers,
+                            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                            "vocab_size": V, "model_type": "qwen3_vl_text",
+                            "max_position_embeddings": 262144},
+            "vision_config": {"depth": VD, "hidden_size": VH, "intermediate_size": VI, "patch_size": 16,
+                              "spatial_merge_size": 2,
+                              "out_hidden_size": OUT, "model_type": "qwen3_vl"}}
+
+
+def write_header_only(folder: Path, cfg: dict, shapes: dict[str, tuple[int, ...]], fmt: str = "fp8",
+                      scale_dtype: str = "F32") -> Path:
+    """The FP8 checkpoint fp8vl would write for ``shapes`` (its planner, its output layout), as a real
+    header over a sparse file: full-size inputs for ``plan``, ``serve`` and ``verify`` at no disk cost."""
+    import json
+
+    from .formats import quantization_config
+    from .options import QuantizeOptions
+    from .output import out_slots
+    from .plan import make_plan
+    from .shards import DTYPES, ITEMSIZE, TensorInfo, layout
+
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(cfg, shapes, QuantizeOptions(format=fmt))
+    slots = [s for e in plan.entries
+             for s in out_slots(e, TensorInfo(e.name, "BF16", e.shape, folder, 0, math.prod(e.shape) * ITEMSIZE["BF16"]),
+                                fmt, DTYPES[scale_dtype])]
+    head, placed = layout(slots, {"format": "pt"})
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + sum(s.nbytes for s in placed))
+    (folder / "config.json").write_text(json.dumps(
+        {**cfg, "quantization_config": quantization_config(fmt, list(plan.not_converted))}, indent=2))
+    return folder

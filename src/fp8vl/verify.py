@@ -17,12 +17,11 @@ from pathlib import Path
 import torch
 
 from .compat import checkpoint_findings
-from .convert import source_matrix
 from .errors import FP8VLError
 from .kernel import BLOCK, all_finite, cdiv, dequantize_weight, non_finite_count
 from .options import QuantizeOptions
 from .plan import LAYER, VISION_PARTS, make_plan
-from .shards import TensorInfo, read_bytes, read_rows
+from .shards import TensorInfo, read_bytes, read_matrix, read_rows
 from .source import Checkpoint, open_checkpoint
 from .tp import SIZES, summarize, tp_report
 
@@ -268,7 +267,7 @@ def compare_source(ckpt: Checkpoint, src: Checkpoint, pairs: dict[str, tuple[Ten
         if e is None or e.source not in src.tensors:
             r.add("error", "source", f"{name}: no matching tensor in the source")
             continue
-        ref = source_matrix(src.tensors[e.source], e)
+        ref = read_matrix(src.tensors[e.source], e.expert, e.rows, e.transpose)
         if tuple(ref.shape) != w.shape:
             r.add("error", "source", f"{name}: shape {list(w.shape)} but source has {list(ref.shape)}")
             continue
