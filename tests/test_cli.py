@@ -23,7 +23,13 @@ def assert_one_line_error(r):
     return lines[0]
 
 
-@pytest.mark.parametrize("case", BAD_CASES)
+# Every bad input is judged through the API in test_convert.py; the command is checked on three of
+# them for what the CLI adds: exit code 2, one line, no traceback, nothing written.
+CLI_CASES = ("missing folder", "corrupt header", "output not empty")
+assert set(CLI_CASES) <= set(BAD_CASES)
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
 def test_bad_input_exits_2_with_a_one_line_error_and_no_traceback(bad_inputs, case, tmp_path):
     bad = bad_inputs[case]
     line = assert_one_line_error(run_cli("quantize", bad.source, bad.output, cwd=tmp_path))

@@ -131,3 +131,13 @@ def test_doctor_command_with_a_model_bigger_than_the_disk_exits_1(tmp_path):
     disk = rows(r.stdout)["disk"]
     assert disk[1] == "error" and disk[3]
     assert "Traceback" not in r.stderr
+
+
+def test_an_installed_package_older_than_required_is_an_error_with_the_upgrade(tmp_path, monkeypatch):
+    """transformers reported as 4.57.1 (fp8vl needs 5): an error naming both versions and the pip
+    command that upgrades it; versions read from package metadata, here replaced."""
+    real = md.version
+    monkeypatch.setattr(md, "version", lambda pkg: "4.57.1" if pkg == "transformers" else real(pkg))
+    f = by_name(diagnose(tmp_path))["transformers"]
+    assert f.level == "error" and "4.57.1 is older than 5" in f.detail
+    assert "pip install -U 'transformers>=5" in f.fix
