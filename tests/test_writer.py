@@ -233,3 +233,18 @@ def test_cli_disk_full_mid_run_is_one_line_exit_2(small_disk, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "no space left" in lines[0].lower(), r.stderr
     assert [n for n in listing(small_disk) if not n.startswith("filler-")] == []
+
+
+def test_output_that_does_not_match_the_plan_is_reported_as_a_bug(dense_fp8, tmp_path):
+    """check_output reopens what was written; a mismatch with the plan is fp8vl's fault, not the
+    user's: InternalError (a traceback in the CLI), not an FP8VLError that reads like bad input."""
+    from fp8vl.errors import InternalError
+    from fp8vl.shards import Slot
+    from fp8vl.writer import check_output
+
+    out = tmp_path / "out"
+    shutil.copytree(dense_fp8.out, out)
+    planned = {"model.language_model.layers.0.self_attn.q_proj.weight": Slot(
+        "model.language_model.layers.0.self_attn.q_proj.weight", "F8_E4M3", (1, 1), 1)}
+    with pytest.raises(InternalError, match="fp8vl bug, please report it:.*q_proj.weight is"):
+        check_output(out, planned, "weight_scale_inv")

@@ -11,6 +11,14 @@ class FP8VLError(Exception):
     """A problem the user can fix: the message names the file or tensor and says how."""
 
 
+class InternalError(RuntimeError):
+    """An invariant of fp8vl's own broke (what it wrote is not what it planned): a bug, not bad
+    input. The CLI lets its traceback through, for the bug report."""
+
+    def __init__(self, what: str):
+        super().__init__(f"fp8vl bug, please report it: {what}")
+
+
 @contextmanager
 def out_of_memory(device: str, fix: str) -> Iterator[None]:
     """Inside: torch running out of device memory becomes one FP8VLError saying ``fix``.

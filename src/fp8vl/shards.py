@@ -21,7 +21,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import FP8VLError
+from .errors import FP8VLError, InternalError
 
 if TYPE_CHECKING:
     import torch
@@ -271,7 +271,7 @@ class ShardWriter:
             self.fd = os.open(path, os.O_WRONLY)
             if os.fstat(self.fd).st_size != total:
                 os.close(self.fd)
-                raise FP8VLError(f"{path}: internal error, resumed shard has the wrong size")
+                raise InternalError(f"{path}: resumed shard has the wrong size")
             for name in kept:
                 self.written[name].append((0, self.slots[name].nbytes))
             return
@@ -306,7 +306,7 @@ class ShardWriter:
         try:
             bad = [n for n in self.slots if not self._covered(n)]
             if bad:
-                raise FP8VLError(f"{self.path}: internal error, tensors not written exactly once: {bad[:5]}")
+                raise InternalError(f"{self.path}: tensors not written exactly once: {bad[:5]}")
             os.fsync(self.fd)
         finally:
             self.abort()

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from filelock import FileLock, Timeout
 
-from .errors import FP8VLError
+from .errors import FP8VLError, InternalError
 from .kernel import all_finite, non_finite_count
 from .shards import Scratch, ShardWriter, Slot, TensorInfo, layout, read_bytes
 from .source import INDEX, OTHER_WEIGHTS, SKIP_DIRS
@@ -409,11 +409,11 @@ def check_output(out: Path, slots: dict[str, Slot], scale_suffix: str | None) ->
                 if scale_suffix and name.endswith(scale_suffix):
                     s = f.get_tensor(name).float()
                     if not torch.isfinite(s).all() or (s <= 0).any():
-                        raise FP8VLError(f"{shard}: scale {name} has zero, negative or non-finite values")
+                        raise InternalError(f"{shard}: scale {name} has zero, negative or non-finite values after writing")
     for name, slot in slots.items():
         if name not in seen:
-            raise FP8VLError(f"{out}: tensor {name} missing after writing")
+            raise InternalError(f"{out}: tensor {name} missing after writing")
         if seen[name] != (slot.dtype, slot.shape):
-            raise FP8VLError(f"{out}: tensor {name} is {seen[name]}, expected {(slot.dtype, slot.shape)}")
+            raise InternalError(f"{out}: tensor {name} is {seen[name]}, expected {(slot.dtype, slot.shape)}")
     if len(seen) != len(slots):
-        raise FP8VLError(f"{out}: unexpected tensors {sorted(set(seen) - set(slots))[:5]}")
+        raise InternalError(f"{out}: unexpected tensors {sorted(set(seen) - set(slots))[:5]}")
