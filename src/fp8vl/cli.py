@@ -197,14 +197,22 @@ def _quiet_transformers() -> None:
 
 
 def _sqnr_chart(source: str, quantized: Path, out_dir: Path) -> Optional[Path]:
-    """Per-tensor SQNR chart for the report, when both sides are safetensors checkpoints."""
+    """Per-tensor SQNR chart for the report: from the error fp8vl recorded while converting
+    (fp8vl-errors.json) where there is one, else by `verify --source` (every FP8 tensor read and
+    compared with its source: said on the console, and so is a failure to draw it)."""
+    from .drift import FILE
     from .verify import layer_sqnr_plot, verify
 
+    recorded = (Path(quantized) / FILE).is_file()
+    if not recorded:
+        console.print("SQNR chart: comparing every FP8 tensor with its source (as verify --source does)")
     try:
-        r = verify(quantized, source)
-    except FP8VLError:
+        r = verify(quantized) if recorded else verify(quantized, source)
+    except FP8VLError as e:
+        console.print(f"no SQNR chart: {escape(str(e))}", highlight=False)
         return None
     if not r.tensors:
+        console.print("no SQNR chart: no FP8 tensor to compare")
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
     return layer_sqnr_plot(r, out_dir / "sqnr_per_tensor.png")
