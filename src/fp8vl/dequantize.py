@@ -11,13 +11,14 @@ from typing import Callable
 import torch
 
 from .errors import FP8VLError
+from .formats import SCALE_SUFFIXES
 from .kernel import BLOCK, cdiv, dequantize_weight
 from .shards import NAMES, Scratch, ShardWriter, Slot, TensorInfo, read_rows
 from .source import open_checkpoint
 from .writer import (Job, Staging, assign_shards, bytes_to_write, check_output, check_paths, copy_files, copy_jobs,
                      other_files, write_config, write_index, write_shards)
 
-SCALES = ("weight_scale_inv", "weight_scale")
+SCALES = SCALE_SUFFIXES
 CHUNK_BYTES = 8 << 20     # FP8 bytes per job
 
 

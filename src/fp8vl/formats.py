@@ -14,8 +14,16 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")   # "fp8", "compressed-tensors": the same multiplier
+
+
 def scale_suffix(fmt: str) -> str:
-    return "weight_scale_inv" if fmt == "fp8" else "weight_scale"
+    return SCALE_SUFFIXES[0] if fmt == "fp8" else SCALE_SUFFIXES[1]
+
+
+def text_config(config: dict) -> dict:
+    """The language model's part of a config.json (VLMs nest it; text-only models are flat)."""
+    return config.get("text_config") or config
 
 
 def quantization_config(fmt: str, not_converted: list[str]) -> dict:

@@ -22,12 +22,13 @@ from typing import Iterator
 import torch
 
 from .errors import FP8VLError
+from .formats import SCALE_SUFFIXES
 from .plan import VISION_PARTS
 from .runtime import EXPERT, FP8Experts, FP8Linear, fp8_mode, resolve_mode
 from .shards import TensorInfo, read_tensor
 from .source import open_checkpoint
 
-SCALE = re.compile(r"^(?P<module>.+)\.(?P<kind>weight_scale_inv|weight_scale)$")
+SCALE = re.compile(rf"^(?P<module>.+)\.(?P<kind>{'|'.join(SCALE_SUFFIXES)})$")
 
 
 def _model_class(config: dict):

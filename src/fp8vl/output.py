@@ -24,10 +24,10 @@ from .card import write_card
 from .compat import with_fields
 from .drift import Drift, chunk_error, write_errors
 from .errors import FP8VLError
-from .formats import quantization_config, scale_suffix
+from .formats import quantization_config, scale_suffix, text_config
 from .kernel import BLOCK, all_finite, fp8_nan_count, non_finite_count, quantize_weight
 from .options import QuantizeOptions
-from .plan import Entry, Plan, make_plan, scale_shape, text_config
+from .plan import Entry, Plan, make_plan, scale_shape
 from .shards import NAMES, Scratch, ShardWriter, Slot, TensorInfo, read_matrix, read_rows
 from .source import Checkpoint, check_dtypes
 from .tp import tp_report

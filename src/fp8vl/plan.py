@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from . import compat
 
 from .errors import FP8VLError
-from .formats import BLOCK, cdiv
+from .formats import BLOCK, cdiv, text_config
 from .options import QuantizeOptions
 
 # Model families fp8vl knows; any other gets the generic rule and a warning.
@@ -74,10 +74,6 @@ class Plan:
     model_type: str
     # config.json fields the engines read and the source lacks ({"text_config.name": value}), see compat
     config_fields: dict = field(default_factory=dict)
-
-
-def text_config(config: dict) -> dict:
-    return config.get("text_config") or config
 
 
 def _matches(module: str, patterns: tuple[str, ...]) -> bool:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import FP8VLError
+from .formats import SCALE_SUFFIXES
 from .shards import TensorInfo, read_header
 
 INDEX = "model.safetensors.index.json"
@@ -153,7 +154,7 @@ def open_checkpoint(path: Path, allow_quantized: bool = False,
                 f"{qc.get('quant_method')!r}); fp8vl quantizes BF16/FP16/FP32 checkpoints. "
                 f"Run `fp8vl dequantize {path} BF16_DIR` first to start from this one.")
         for t in tensors.values():
-            if t.dtype.startswith("F8") or t.name.endswith(("weight_scale_inv", "weight_scale")):
+            if t.dtype.startswith("F8") or t.name.endswith(SCALE_SUFFIXES):
                 raise FP8VLError(
                     f"{t.file}: tensor {t.name} is already quantized ({t.dtype}); "
                     f"run `fp8vl dequantize` first to start from this checkpoint.")

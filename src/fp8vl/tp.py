@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 
-from .formats import BLOCK
+from .formats import BLOCK, text_config
 
 VLLM_RULES = "0.33"           # the vLLM release these rules are read from
 SIZES = (1, 2, 4, 8)
@@ -52,7 +52,7 @@ def _split(size: int, tp: int, what: str, name: str) -> tuple[str, int | None]:
 
 
 def _heads(config: dict, tp: int) -> list[str]:
-    tc = config.get("text_config") or config
+    tc = text_config(config)
     out = []
     heads, kv = tc.get("num_attention_heads"), tc.get("num_key_value_heads")
     if heads and heads % tp:
@@ -117,7 +117,7 @@ def tp_report(config: dict, linears: dict[str, tuple[int, int]], sizes_to_check:
     config.json's quantization_config names ("fp8" without one).
     """
     fmt = _fmt(config, fmt)
-    tc = config.get("text_config") or config
+    tc = text_config(config)
     kv_heads, head_dim, hidden = tc.get("num_key_value_heads"), tc.get("head_dim"), tc.get("hidden_size")
     if head_dim is None and hidden and tc.get("num_attention_heads"):
         head_dim = hidden // tc["num_attention_heads"]

@@ -18,6 +18,7 @@ import torch
 
 from .compat import checkpoint_findings
 from .errors import FP8VLError
+from .formats import SCALE_SUFFIXES
 from .kernel import BLOCK, all_finite, cdiv, dequantize_weight, non_finite_count
 from .options import QuantizeOptions
 from .plan import LAYER, VISION_PARTS, make_plan
@@ -25,7 +26,7 @@ from .shards import TensorInfo, read_bytes, read_matrix, read_rows
 from .source import Checkpoint, open_checkpoint
 from .tp import SIZES, summarize, tp_report
 
-SCALE_NAMES = ("weight_scale_inv", "weight_scale")
+SCALE_NAMES = SCALE_SUFFIXES
 SCAN_BYTES = 64 << 20
 # vLLM's renaming of Qwen3-VL / Qwen2.5-VL checkpoint names (its hf_to_vllm_mapper).
 VLLM_PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "language_model.model."),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import FP8VLError
+from .formats import text_config
 from .gpus import GIB, GPU, bf16_verdict, fp8_verdict
 from .source import open_checkpoint
 from .tp import SIZES, summarize, tp_report
@@ -48,13 +49,9 @@ class VramPlan:
         return self.rows[-1][2] if self.rows else 0
 
 
-def _text(config: dict) -> dict:
-    return config.get("text_config") or config
-
-
 def kv_bytes_per_token(config: dict, tp: int, kv_dtype_bytes: int) -> int:
     """layers x KV heads per rank x head dim x 2 (K and V) x bytes."""
-    tc = _text(config)
+    tc = text_config(config)
     heads = tc.get("num_key_value_heads") or tc["num_attention_heads"]
     head_dim = tc.get("head_dim") or tc["hidden_size"] // tc["num_attention_heads"]
     per_rank = max(1, heads // tp)   # fewer KV heads than ranks: replicated, one per rank
@@ -69,7 +66,7 @@ def plan_vram(model_dir: str | Path, gpu: GPU, tp: int = 1, utilization: float =
     config = ckpt.config
     if not 0.1 <= utilization <= 0.99:
         raise FP8VLError("--gpu-memory-utilization must be between 0.1 and 0.99")
-    tc = _text(config)
+    tc = text_config(config)
     vc = config.get("vision_config") or {}
     p = VramPlan(str(path), gpu, tp, utilization, max_pixels, images_per_prompt, max_num_batched_tokens,
                  kv_cache_dtype)
