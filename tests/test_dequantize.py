@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from fp8vl import FP8VLError, QuantizeOptions, quantize
 from fp8vl.dequantize import dequantize
+from fp8vl.options import DequantizeOptions
 from helpers import (FP8, INDEX, expand_scales, file_hashes, load_tensors, read_config, run_cli, same_bytes,
                      text_config)
 
@@ -126,7 +127,7 @@ def test_transformers_loads_the_dequantized_model_like_the_fp8_one(round_trips, 
 
 
 def test_float32_output_is_exactly_codes_times_scale(dense_fp8, tmp_path):
-    out = dequantize(dense_fp8.out, tmp_path / "f32", dtype="float32")
+    out = dequantize(dense_fp8.out, tmp_path / "f32", DequantizeOptions(dtype="float32"))
     q, d = load_tensors(dense_fp8.out), load_tensors(out)
     fp8 = [n for n, t in q.items() if t.dtype == FP8]
     for name in fp8:
@@ -154,7 +155,7 @@ def test_source_that_is_not_quantized_is_refused(dense_src, tmp_path):
 
 def test_unknown_dtype_is_refused(dense_fp8, tmp_path):
     with pytest.raises(FP8VLError, match="float8"):
-        dequantize(dense_fp8.out, tmp_path / "out", dtype="float8")
+        dequantize(dense_fp8.out, tmp_path / "out", DequantizeOptions(dtype="float8"))
 
 
 def test_fp8_tensor_without_scale_fails_naming_it_and_writes_nothing(dense_fp8, tmp_path):
@@ -183,3 +184,11 @@ def test_dequantized_output_has_a_card_of_its_own(round_trips):
     assert "fp8vl dequantize" in text and f"{first.name}" in text and "bfloat16" in text
     assert str(first.parent) not in text and str(bf16.parent) not in text
     assert "FP8 copy of" not in text           # not the FP8 card carried over
+
+
+def test_progress_reaches_its_total(dense_fp8, tmp_path):
+    """Every byte the total counts is reported by a job (scales are read with their weights, not
+    counted), so a progress bar ends at 100%."""
+    seen = []
+    dequantize(dense_fp8.out, tmp_path / "bf16", DequantizeOptions(workers=2), progress=lambda d, t: seen.append((d, t)))
+    assert seen and seen[-1][0] == seen[-1][1] and all(d <= t for d, t in seen)

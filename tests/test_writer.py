@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from fp8vl import FP8VLError, QuantizeOptions, quantize
 from fp8vl.dequantize import dequantize
+from fp8vl.options import DequantizeOptions
 from helpers import ROOT, cli_env, file_hashes, load_tensors
 
 
@@ -199,7 +200,7 @@ def test_dequantize_when_the_disk_fills_anyway_gives_one_line_and_leaves_nothing
     fp8 = tmp_path / "fp8"
     quantize(src, fp8, QuantizeOptions())
     with pytest.raises(FP8VLError) as ei:
-        dequantize(fp8, small_disk / "out", workers=1, max_shard_size=2_000_000,
+        dequantize(fp8, small_disk / "out", DequantizeOptions(workers=1, max_shard_size=2_000_000),
                    progress=filling_progress(small_disk))
     assert "no space left" in str(ei.value).lower()
     assert [n for n in listing(small_disk) if not n.startswith("filler-")] == []

@@ -103,9 +103,9 @@ def dequantize_cmd(
 ) -> None:
     """Turn an FP8 block checkpoint back into BF16 (streaming; quantization_config removed)."""
     from .dequantize import dequantize
-    from .options import parse_size
+    from .options import DequantizeOptions, parse_size
 
-    out = dequantize(source, output, dtype, overwrite, workers, parse_size(max_shard_size))
+    out = dequantize(source, output, DequantizeOptions(dtype, overwrite, workers, parse_size(max_shard_size)))
     console.print(f"[bold green]wrote[/] {out} ({dtype})")
 
 

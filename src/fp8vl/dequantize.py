@@ -4,13 +4,13 @@ BF16, streaming, with ``quantization_config`` removed. Split MoE experts stay sp
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .errors import FP8VLError
+from .options import DequantizeOptions
 from .formats import SCALE_SUFFIXES
 from .kernel import BLOCK, cdiv, dequantize_weight
 from .shards import NAMES, Scratch, ShardWriter, Slot, TensorInfo, read_rows
@@ -27,14 +27,12 @@ def _scale_of(name: str, tensors: dict[str, TensorInfo]) -> TensorInfo | None:
     return next((tensors[f"{module}.{s}"] for s in SCALES if f"{module}.{s}" in tensors), None)
 
 
-def dequantize(source: str | Path, output: str | Path, dtype: str = "bfloat16", overwrite: bool = False,
-               workers: int = os.cpu_count() or 1, max_shard_size: int = 5 * 10**9,
+def dequantize(source: str | Path, output: str | Path, opts: DequantizeOptions = DequantizeOptions(),
                progress: Callable[[int, int], None] | None = None) -> Path:
+    """Every FP8 weight of ``source`` as ``opts.dtype`` (q * scale per tile), everything else as is."""
     src, out = Path(source).resolve(), Path(output).expanduser().resolve()
-    if dtype not in ("bfloat16", "float16", "float32"):
-        raise FP8VLError(f"--dtype {dtype}: choose bfloat16, float16 or float32")
-    out_dtype = getattr(torch, dtype)
-    check_paths(src, out, overwrite)
+    out_dtype = getattr(torch, opts.dtype)
+    check_paths(src, out, opts.overwrite)
     ckpt = open_checkpoint(src, allow_quantized=True)
     if not ckpt.config.get("quantization_config"):
         raise FP8VLError(f"{src / 'config.json'}: no quantization_config; this checkpoint is not quantized")
@@ -65,13 +63,14 @@ def dequantize(source: str | Path, output: str | Path, dtype: str = "bfloat16", 
             return run
         return [((min(r0 + rows, n) - r0) * k, job(r0, min(r0 + rows, n))) for r0 in range(0, n, rows)]
 
-    total = sum(t.nbytes for t in ckpt.tensors.values())
+    total = sum(t.nbytes for t, _ in plan.values())   # what the jobs report: scales are read, not counted
     out_bytes = sum(s.nbytes for u in units for s in u)
     copied, _ = other_files(src, ckpt.weight_files)
-    with Staging(src, out, overwrite) as stage:
+    with Staging(src, out, opts.overwrite) as stage:
         tmp = stage.begin(bytes_to_write(src, copied, out_bytes, len(units)))
         copy_files(src, tmp, copied)
-        weight_map = write_shards(tmp, assign_shards(units, max_shard_size), jobs_for, workers, progress, total)
+        weight_map = write_shards(tmp, assign_shards(units, opts.max_shard_size), jobs_for, opts.workers,
+                                 progress, total)
         write_index(tmp, weight_map, out_bytes)
         config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
         if isinstance(config.get("text_config"), dict):
@@ -80,6 +79,6 @@ def dequantize(source: str | Path, output: str | Path, dtype: str = "bfloat16", 
         check_output(tmp, {s.name: s for u in units for s in u}, None)
         from .card import write_dequantized_card
 
-        write_dequantized_card(tmp, src, out, dtype)
+        write_dequantized_card(tmp, src, out, opts.dtype)
         stage.commit()
     return out

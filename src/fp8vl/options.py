@@ -59,3 +59,24 @@ def parse_size(text: str) -> int:
     base = 1024 if m.group(3) else 1000
     power = " kmgt".index(m.group(2).lower() or " ")
     return int(float(m.group(1)) * base**power)
+
+
+DEQUANT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class DequantizeOptions:
+    """The options of ``fp8vl dequantize``; CLI flags mirror its fields."""
+
+    dtype: str = "bfloat16"               # what every FP8 weight becomes
+    overwrite: bool = False
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_shard_size: int = 5 * 10**9
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DEQUANT_DTYPES:
+            raise FP8VLError(f"--dtype {self.dtype}: choose {', '.join(DEQUANT_DTYPES)}")
+        if self.workers < 1:
+            raise FP8VLError("workers must be at least 1")
+        if self.max_shard_size < 1:
+            raise FP8VLError("max shard size must be positive")
