@@ -25,8 +25,9 @@ from PIL import Image
 from skimage import data
 
 from fp8vl.caption import (CaptionOptions, caption, clean_caption, find_images, image_data_url, load_image,
-                           print_summary, progress_bar, sidecar)
+                           progress_bar, sidecar)
 from fp8vl.errors import FP8VLError
+from fp8vl.report import print_caption_summary
 from helpers import popen_cli, run_cli
 
 TRANSFORMERS = Path(sys.executable).parent / "transformers"
@@ -222,7 +223,7 @@ def test_folder_through_server_then_resume_trigger_overwrite(fp8_dir, server, tm
     assert sorted(rows[1:]) == sorted([p.relative_to(tmp_path).as_posix(), texts[p]] for p in good)
     out = io.StringIO()
     from rich.console import Console
-    print_summary(s, Console(file=out, width=200))
+    print_caption_summary(s, Console(file=out, width=200))
     assert "corrupt.jpg" in out.getvalue() and f"captioned {len(good)}" in out.getvalue()
 
     # rerun: nothing left but the corrupt file; a hand-edited sidecar is kept and wins in the csv

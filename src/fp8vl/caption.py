@@ -531,15 +531,3 @@ def progress_bar(console=None, transient: bool = True) -> Iterator[Callable[[int
         def update(n: int, total: int) -> None:
             bar.update(task, completed=n, total=total, rate=f"{n / max(time.perf_counter() - t0, 1e-9):.2f} img/s")
         yield update
-
-
-def print_summary(s: CaptionSummary, console) -> None:
-    from rich.markup import escape
-
-    console.print(f"[bold green]captioned[/] {s.done}, skipped {s.skipped} (already captioned), "
-                  f"[{'bold red' if s.failed else 'green'}]failed {len(s.failed)}[/] in {s.seconds:.1f} s: "
-                  f"{s.images_per_s:.2f} images/s, {s.tokens_per_s:.1f} tokens/s ({escape(s.model)})"
-                  + (f"; model loaded in {s.load_seconds:.1f} s, then {s.captioning_images_per_s:.2f} images/s"
-                     if s.load_seconds else ""))
-    for path, reason in s.failed:
-        console.print(f"  [red]failed[/] {escape(str(path))}: {escape(reason)}", highlight=False)

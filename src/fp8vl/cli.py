@@ -321,9 +321,10 @@ def caption_cmd(
                                              "e.g. 15.5GiB for a 16 GB card (default: the card's)"),
 ) -> None:
     """Caption images in batch through a server or in-process; resumable, never overwrites by default."""
-    from .caption import CaptionOptions, caption, print_summary, progress_bar
+    from .caption import CaptionOptions, caption, progress_bar
     from .options import parse_size
     from .prompts import CAPTION, read_utf8
+    from .report import print_caption_summary
 
     if prompt and prompt_file:
         raise FP8VLError("give --prompt or --prompt-file, not both")
@@ -339,7 +340,7 @@ def caption_cmd(
                           gpu_memory=parse_size(gpu_memory) if gpu_memory else None)
     with progress_bar(console) as tick:
         summary = caption(paths, opts, progress=tick)
-    print_summary(summary, console)
+    print_caption_summary(summary, console)
     if summary.failed:
         raise typer.Exit(1)
 
@@ -350,21 +351,14 @@ def doctor_cmd(
     model: Optional[Path] = typer.Option(None, "--model", help="the source model: checks the disk space for it"),
 ) -> None:
     """Check Python, torch/CUDA, GPU and FP8 support, Transformers, vLLM, disk and RAM; say how to fix."""
-    from rich.table import Table
-
     from .doctor import diagnose
+    from .report import print_doctor
 
     need = 0
     if model is not None:
         need = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) * 2 // 3
     findings = diagnose(output_dir, need)
-    t = Table(title="fp8vl doctor")
-    for col in ("check", "result", "detail", "fix"):
-        t.add_column(col, overflow="fold")
-    style = {"ok": "green", "warning": "yellow", "error": "bold red"}
-    for f in findings:
-        t.add_row(f.what, f"[{style[f.level]}]{f.level}[/]", f.detail, f.fix)
-    console.print(t)
+    print_doctor(findings, console)
     if any(f.level == "error" for f in findings):
         raise typer.Exit(1)
 

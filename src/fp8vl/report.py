@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .plan import REASONS
@@ -89,6 +90,15 @@ def print_verify(r, console: Console) -> None:
     console.print("[bold green]PASSED[/]" if r.ok else "[bold red]FAILED[/]")
 
 
+def print_doctor(findings, console: Console) -> None:
+    t = Table(title="fp8vl doctor")
+    for col in ("check", "result", "detail", "fix"):
+        t.add_column(col, overflow="fold")
+    for f in findings:
+        t.add_row(f.what, f"[{STYLE[f.level]}]{f.level}[/]", f.detail, f.fix)
+    console.print(t)
+
+
 def print_vram(p, console: Console) -> None:
     from .gpus import GIB
 
@@ -107,3 +117,14 @@ def print_vram(p, console: Console) -> None:
     console.print(f"GPU: {p.verdict[1]}")
     if p.tp_line:
         console.print(p.tp_line)
+
+
+def print_caption_summary(s, console: Console) -> None:
+    """One line for a caption run (a CaptionSummary), then one per failed image."""
+    console.print(f"[bold green]captioned[/] {s.done}, skipped {s.skipped} (already captioned), "
+                  f"[{'bold red' if s.failed else 'green'}]failed {len(s.failed)}[/] in {s.seconds:.1f} s: "
+                  f"{s.images_per_s:.2f} images/s, {s.tokens_per_s:.1f} tokens/s ({escape(s.model)})"
+                  + (f"; model loaded in {s.load_seconds:.1f} s, then {s.captioning_images_per_s:.2f} images/s"
+                     if s.load_seconds else ""))
+    for path, reason in s.failed:
+        console.print(f"  [red]failed[/] {escape(str(path))}: {escape(reason)}", highlight=False)
