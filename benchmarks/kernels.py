@@ -99,12 +99,19 @@ def copies_for(nbytes: int, l2: int) -> int:
     return max(2, math.ceil(4 * l2 / nbytes))
 
 
-def decode_rows(label: str, n: int, k: int, l2: int, ceiling: float, ms_list) -> None:
+def weight_copies(n: int, k: int, l2: int):
+    """One random [n, k] weight as BF16 and as FP8 (+ scales), each copied often enough to exceed
+    4x L2 (timings rotate over the copies, so weights stream from HBM)."""
     w16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     q, s = quantize_weight(w16)
     c16, c8 = copies_for(n * k * 2, l2), copies_for(n * k, l2)
     ws16 = [w16] + [w16.clone() for _ in range(c16 - 1)]
     qs = [(q, s)] + [(q.clone(), s.clone()) for _ in range(c8 - 1)]
+    return s, c16, c8, ws16, qs
+
+
+def decode_rows(label: str, n: int, k: int, l2: int, ceiling: float, ms_list) -> None:
+    s, c16, c8, ws16, qs = weight_copies(n, k, l2)
     for m in ms_list:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         xq, xs = gemm.quantize_activations_gpu(x)
@@ -120,11 +127,7 @@ def decode_rows(label: str, n: int, k: int, l2: int, ceiling: float, ms_list) ->
 
 
 def prefill_rows(label: str, n: int, k: int, l2: int, sm90: bool, ms_list) -> None:
-    w16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    q, s = quantize_weight(w16)
-    c16, c8 = copies_for(n * k * 2, l2), copies_for(n * k, l2)
-    ws16 = [w16] + [w16.clone() for _ in range(c16 - 1)]
-    qs = [(q, s)] + [(q.clone(), s.clone()) for _ in range(c8 - 1)]
+    _, c16, c8, ws16, qs = weight_copies(n, k, l2)
     for m in ms_list:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         xq, xs = gemm.quantize_activations_gpu(x)
