@@ -158,12 +158,36 @@ def test_cuda_graph_replays_the_tuned_kernels(m):
         assert torch.equal(a, b_)
 
 
+@pytest.mark.parametrize("split", [2, 4, 8])
+def test_split_k_sum_in_the_kernel_equals_the_second_launch_over_graph_replays(split):
+    """The last split of each tile sums all partials (arrival counters): bit-identical to the
+    two-launch reduce, every replay of a graph of back-to-back calls, counters back at zero."""
+    q, s = quantize_weight(torch.randn(6144, 4096, device="cuda") * 0.02)
+    x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(6144, device="cuda", dtype=torch.bfloat16)
+    xq, xs = gemm.quantize_activations_gpu(x)
+    cfg = gemm.LaunchConfig({"BLOCK_N": 32, "SPLIT_K": split, "UNROLL": 2}, num_warps=4, num_stages=4)
+    counters = gemm.gemv_counters(6144, "cuda")
+    two = gemm._gemv(xq, xs, q, s, torch.bfloat16, b, True, cfg, fused_reduce=False)
+    assert torch.equal(gemm._gemv(xq, xs, q, s, torch.bfloat16, b, True, cfg, counters), two)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [gemm._gemv(xq, xs, q, s, torch.bfloat16, b, True, cfg, counters) for _ in range(16)]
+    for _ in range(20):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(y, two) for y in outs)
+    assert not counters.any()
+
+
 def _args(m, xq, xs, q, s, b):
     """The argument dict gemm.py hands the autotuner for a W8A8 call (to look its cache up)."""
     y = torch.empty((m, q.shape[0]), dtype=torch.bfloat16, device="cuda")
     args = dict(x_ptr=xq, xs_ptr=xs, w_ptr=q, ws_ptr=s, b_ptr=b, y_ptr=y)
     if m <= 16:
         args["part_ptr"] = torch.empty(0, dtype=torch.float32, device="cuda")
+        args["cnt_ptr"] = gemm.gemv_counters(q.shape[0], "cuda")
     return dict(args, M=m, N=q.shape[0], K=q.shape[1], M_BUCKET=gemm._m_bucket(m))
 
 

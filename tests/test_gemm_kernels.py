@@ -127,8 +127,15 @@ def test_every_split_k_gives_the_same_product(split):
     x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     xq, xs = gemm.quantize_activations_gpu(x)
     cfg = gemm.LaunchConfig({"BLOCK_N": 64, "SPLIT_K": split, "UNROLL": 2})
-    y = gemm._gemv(xq, xs, q, s, torch.bfloat16, None, True, cfg)
+    counters = gemm.gemv_counters(200, "cpu")
+    y = gemm._gemv(xq, xs, q, s, torch.bfloat16, None, True, cfg, counters)
     assert rel(y, w8a8_reference(x, q, s)) < 5e-3
+    assert not counters.any()                      # left zero for the next call (graph replays)
+    b = torch.randn(200).to(torch.bfloat16)
+    # the last split's in-kernel sum and the second launch sum the partials in the same order
+    fused = gemm._gemv(xq, xs, q, s, torch.bfloat16, b, True, cfg, counters)
+    two = gemm._gemv(xq, xs, q, s, torch.bfloat16, b, True, cfg, fused_reduce=False)
+    assert torch.equal(fused, two) and not counters.any()
 
 
 @interp
@@ -139,6 +146,10 @@ def test_triton_block_gemm_matches_the_w8a8_simulation(m, n, k):
     xq, xs = gemm.quantize_activations_gpu(x)
     y = gemm.triton_block_gemm(xq, xs, q, s)
     assert rel(y, w8a8_reference(x, q, s)) < 5e-3
+    # two K blocks per step (k = 384: one pair, then the odd block alone)
+    pairs = gemm.LaunchConfig({"BLOCK_M": 32, "BLOCK_N": 64, "GROUP_M": 8, "PAIRS": True})
+    yp = gemm._block_gemm(xq, xs, q, s, torch.bfloat16, None, True, pairs)
+    assert rel(yp, w8a8_reference(x, q, s)) < 5e-3
     b = torch.randn(n).to(torch.bfloat16)
     yb = gemm.fp8_linear(x, q, s, b, backend="triton")   # the forced prefill path, bias in the kernel
     assert rel(yb, w8a8_reference(x, q, s) + b.float()) < 5e-3

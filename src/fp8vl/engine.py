@@ -267,7 +267,7 @@ class Engine:
             from .gemm import fp8_gemm, rmsnorm_quant, silu_mul_quant
 
             def lin(m: FP8Linear, xq_xs) -> torch.Tensor:
-                return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, self.dtype, m.bias, self.fused)
+                return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, self.dtype, m.bias, self.fused, m.counters)
             h = rmsnorm_quant(x, self.layers[0].ln1, self.layers[0].eps)
         for i, L in enumerate(self.layers):
             kc, vc = self.k[i][:b], self.v[i][:b]
@@ -305,7 +305,7 @@ class Engine:
             from .gemm import fp8_gemm, quantize_activations_gpu, rmsnorm_quant, silu_mul_quant
 
             def lin(m: FP8Linear, xq_xs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:   # [b, N]
-                return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, self.dtype, m.bias, self.fused)
+                return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, self.dtype, m.bias, self.fused, m.counters)
         for i, L in enumerate(self.layers):
             if self.fused:
                 qkv = lin(L.qkv, rmsnorm_quant(x.view(b, -1), L.ln1, L.eps))[:, None]

@@ -58,23 +58,26 @@ def _m_bucket(m: int) -> int:
 
 
 def decode_config(m: int, n: int, k: int, sm_count: int) -> LaunchConfig:
-    """Default GEMV config: 16- or 32-row weight tiles, K split in 2..8 until there are about
-    4 programs per SM, each split keeping >= 4 K blocks (one 4-block unrolled step)."""
-    block_n = 16 if n <= 8192 else 32
+    """Default GEMV config, from ``benchmarks/tune.py`` on an H200 (132 SMs; the winners at every
+    Qwen3-VL-8B shape, M = 1 and 8): 32-row weight tiles (64 for N >= 16384), two K blocks per
+    step over 4 pipeline stages, K split in 2..8 until there are >= 1.5 programs per SM, each
+    split keeping >= 4 K blocks."""
+    block_n = 64 if n >= 16384 else 32
     tiles = triton.cdiv(n, block_n)
     split = 1
-    while split < 8 and tiles * split * 2 <= 4 * sm_count and (k // BLOCK) // (split * 2) >= 4:
+    while split < 8 and tiles * split < 1.5 * sm_count and (k // BLOCK) // (split * 2) >= 4:
         split *= 2
-    return LaunchConfig({"BLOCK_N": block_n, "SPLIT_K": split, "UNROLL": 4}, num_warps=4, num_stages=3)
+    return LaunchConfig({"BLOCK_N": block_n, "SPLIT_K": split, "UNROLL": 2}, num_warps=4, num_stages=4)
 
 
 def prefill_config(m: int, n: int, k: int, sm_count: int, a_fp8: bool = True) -> LaunchConfig:
-    """Default block-GEMM config: 128x128 tiles (64-row for short M); 3 stages of FP8 operands
-    (2 with a bf16 activation tile) fit 100 KB of shared memory, Ada's per-SM limit."""
-    stages = 3 if a_fp8 else 2
-    if m <= 64:
-        return LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=stages)
-    return LaunchConfig({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=stages)
+    """Default block-GEMM config, from ``benchmarks/tune.py`` on an H200: 64x128 tiles with 4 warps
+    won at every Qwen3-VL-8B shape for M = 512..2048 (each K step rescales the product, so the
+    accumulator of a 128-row tile costs more than it gains); 3 stages of FP8 operands (24 KB each,
+    2 with a bf16 activation tile) fit Ada's 100 KB of shared memory per SM; wider bands of rows
+    share weight tiles in L2 at large M."""
+    return LaunchConfig({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 32 if m >= 2048 else 8}, num_warps=4,
+                        num_stages=3 if a_fp8 else 2)
 
 
 def _bench(fn, quantiles):
@@ -100,7 +103,7 @@ def _gemv_prune(configs, named_args, **kwargs):
 
 def _gemv_reduce_hook(nargs, exception=None):
     """Autotune times the split-K reduce with the GEMV it completes."""
-    if exception is None and nargs["SPLIT_K"] > 1:
+    if exception is None and nargs["SPLIT_K"] > 1 and not nargs["FUSED_REDUCE"]:
         _reduce(nargs["part_ptr"][: nargs["SPLIT_K"]], nargs["b_ptr"], nargs["y_ptr"])
 
 
@@ -110,9 +113,9 @@ _GEMV_TUNED = _autotune(
     key=["N", "K", "M_BUCKET"], prune_configs_by={"early_config_prune": _gemv_prune},
     post_hook=_gemv_reduce_hook)(gk.gemv_kernel)
 _BLOCK_GEMM_TUNED = _autotune(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=st)
-     for bm, bn, w, st in ((128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3), (64, 128, 4, 4),
-                           (128, 64, 4, 4), (64, 64, 4, 4))],
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": g}, num_warps=w, num_stages=st)
+     for bm, bn, g, w, st in ((64, 128, 8, 4, 3), (64, 128, 8, 4, 4), (64, 128, 32, 4, 4), (64, 64, 8, 4, 3),
+                              (128, 128, 8, 8, 3), (128, 128, 8, 4, 4))],
     key=["N", "K", "M_BUCKET"])(gk.block_gemm_kernel)
 
 
@@ -234,16 +237,30 @@ def silu_mul_quant(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
-def _gemv(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | None = None) -> torch.Tensor:
-    """Decode path (M <= 16), W8A8 (``a_fp8``) or W8A16; ``config`` overrides the choice (tests)."""
+def gemv_counters(n: int, device) -> torch.Tensor:
+    """The split-K arrival counters of an [N, K] weight's decode GEMV: int32, one per 16-row tile
+    (the narrowest tile), zero. A caller that owns one per weight (FP8Linear does) saves the
+    zero-fill launch per call; the kernel leaves it zero again."""
+    return torch.zeros(triton.cdiv(n, 16), dtype=torch.int32, device=device)
+
+
+def _gemv(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | None = None,
+          counters: torch.Tensor | None = None, fused_reduce: bool = True) -> torch.Tensor:
+    """Decode path (M <= 16), W8A8 (``a_fp8``) or W8A16; ``config`` overrides the choice (tests);
+    ``counters`` from ``gemv_counters`` (made here when None); ``fused_reduce`` False sums split-K
+    partials in a second launch (benchmarks compare the two)."""
     m, n, k = _check(x, w, ws, "fp8 decode GEMM")
     w, ws = w.contiguous(), ws.contiguous()
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if counters is None or counters.numel() < triton.cdiv(n, 16):
+        counters = gemv_counters(n, x.device)
     args = dict(x_ptr=x, xs_ptr=xs if a_fp8 else ws, w_ptr=w, ws_ptr=ws, b_ptr=bias, y_ptr=y,
-                part_ptr=torch.empty(0, dtype=torch.float32, device=x.device), M=m, N=n, K=k, M_BUCKET=_m_bucket(m),
+                part_ptr=torch.empty(0, dtype=torch.float32, device=x.device), cnt_ptr=counters,
+                M=m, N=n, K=k, M_BUCKET=_m_bucket(m),
                 stride_xm=x.stride(0), stride_xsm=xs.stride(0) if a_fp8 else 0,
                 stride_xsk=xs.stride(1) if a_fp8 else 0, stride_wsn=ws.stride(0),
-                A_FP8=a_fp8, HAS_BIAS=bias is not None, ON_CPU=x.device.type == "cpu", M_PAD=DECODE_MAX_M)
+                A_FP8=a_fp8, HAS_BIAS=bias is not None, ON_CPU=x.device.type == "cpu", M_PAD=DECODE_MAX_M,
+                FUSED_REDUCE=fused_reduce)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     cfg = config or _pick(_GEMV_TUNED, decode_config(m, n, k, _sm_count(x.device)), args)
     if cfg is None:   # first eager call for this shape: autotune, with room for the largest split
@@ -256,7 +273,7 @@ def _gemv(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | Non
             args["part_ptr"] = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         _run(gk.gemv_kernel, grid, cfg, args)
     split = cfg.kwargs["SPLIT_K"]
-    if split > 1:
+    if split > 1 and not fused_reduce:
         _reduce(args["part_ptr"][:split], bias, y)
     return y
 
@@ -316,22 +333,23 @@ def _use_cublas(device: torch.device, n: int, backend: str) -> bool:
 
 def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
              out_dtype: torch.dtype = torch.bfloat16, bias: torch.Tensor | None = None,
-             backend: str = "auto") -> torch.Tensor:
+             backend: str = "auto", counters: torch.Tensor | None = None) -> torch.Tensor:
     """W8A8 GEMM on already-quantized activations (from ``rmsnorm_quant``, ``silu_mul_quant`` or
     ``quantize_activations_gpu``): xq [M, K] e4m3, xs [M, K/128] -> [M, N] ``out_dtype``.
 
-    M <= 16: the Triton GEMV on every card. Larger M: cuBLAS on SM90 (``backend="auto"``, N a
-    multiple of 128), the Triton block GEMM elsewhere or with ``backend="triton"``.
+    M <= 16: the Triton GEMV on every card (``counters``: see ``gemv_counters``). Larger M: cuBLAS
+    on SM90 (``backend="auto"``, N a multiple of 128), the Triton block GEMM elsewhere or with
+    ``backend="triton"``.
     """
     if xq.shape[0] <= DECODE_MAX_M and backend != "cublas":
-        return _gemv(xq, xs, w, ws, out_dtype, bias, True)
+        return _gemv(xq, xs, w, ws, out_dtype, bias, True, counters=counters)
     if _use_cublas(xq.device, w.shape[0], backend):
         return _cublas_block_gemm(xq, xs, w, ws, out_dtype, bias)
     return _block_gemm(xq, xs, w, ws, out_dtype, bias, True)
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-               backend: str = "auto") -> torch.Tensor:
+               backend: str = "auto", counters: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] (bf16/fp16) @ dequant(w [N, K] e4m3, w_scale [N/128, K/128] f32)^T + bias, W8A8:
     a standalone activation quantization, then ``fp8_gemm``."""
     *lead, k = x.shape
@@ -342,7 +360,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: to
         xq, xs = quantize_activations_gpu(x2, m + (-m % 4))
         return _cublas_block_gemm(xq, xs, w, w_scale, x.dtype, bias)[:m].reshape(*lead, w.shape[0])
     xq, xs = quantize_activations_gpu(x2)
-    return fp8_gemm(xq, xs, w, w_scale, x.dtype, bias, backend).reshape(*lead, w.shape[0])
+    return fp8_gemm(xq, xs, w, w_scale, x.dtype, bias, backend, counters).reshape(*lead, w.shape[0])
 
 
 def w8a16_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,

@@ -115,18 +115,20 @@ def silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, I, stride_gm, stride_sm, stride_
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "SPLIT_K"])
-def gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, M, N, K, M_BUCKET, SPLIT_K,
+def gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, M_BUCKET, SPLIT_K,
                 stride_xm, stride_xsm, stride_xsk, stride_wsn,
                 A_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, ON_CPU: tl.constexpr,
-                M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr):
+                M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, FUSED_REDUCE: tl.constexpr):
     """Decode GEMV (M <= M_PAD rows): y[:, n-tile] = sum over this split's 128-wide K blocks of
     (x . q) * w_scale (* x_scale when A_FP8), float32 accumulate.
 
     Grid (N / BLOCK_N, SPLIT_K). SPLIT_K == 1 writes y (+ bias) in its dtype; otherwise each split
-    writes float32 partials [SPLIT_K, M, N] and splitk_reduce_kernel sums them in a fixed order
-    (deterministic, no atomics, no zeroed buffer: CUDA-graph capturable). UNROLL K blocks per
-    iteration put more weight bytes in flight per program. A_FP8 False is W8A16: x bf16, the
-    weight tile converted to bf16 in registers (exact: e4m3 is a subset of bf16)."""
+    writes float32 partials [SPLIT_K, M, N], summed in split order (deterministic): with
+    FUSED_REDUCE by the last split of each N tile to finish (an arrival counter per tile, cnt_ptr,
+    zero before the call and reset to zero by that split, so a CUDA graph can replay it), which
+    saves the second launch; else by splitk_reduce_kernel. UNROLL K blocks per iteration put more
+    weight bytes in flight per program. A_FP8 False is W8A16: x bf16, the weight tile converted to
+    bf16 in registers (exact: e4m3 is a subset of bf16)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -163,6 +165,20 @@ def gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, M, N, K, M
         _store_out(y_ptr + out, acc, mask)
     else:
         tl.store(part_ptr + pid_k * M * N + out, acc, mask=mask)
+        if FUSED_REDUCE:
+            # every thread's partial is stored before the counter moves (barrier, then a release
+            # atomic); the last arrival reads the others' partials from L2 (.cg), after its acquire
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                tl.debug_barrier()
+                tot = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+                for s in range(0, SPLIT_K):
+                    tot += tl.load(part_ptr + s * M * N + out, mask=mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    tot += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                _store_out(y_ptr + out, tot, mask)
+                tl.store(cnt_ptr + pid_n, 0)
 
 
 @triton.jit
@@ -183,11 +199,14 @@ def splitk_reduce_kernel(part_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, H
 def block_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,
                       stride_xm, stride_xsm, stride_xsk, stride_wsn,
                       A_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, ON_CPU: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                      PAIRS: tl.constexpr = False):
     """Prefill GEMM, y = x @ dequant(w)^T: [BLOCK_M, BLOCK_N] tiles, one 128-wide K block per
     step with both block scales applied to that step's float32 product (the DeepSeek 1x128 /
     128x128 recipe). Tiles in GROUP_M-row bands so neighbouring programs share weight tiles in L2.
-    Rows and columns past M, N wrap (modulo) for loads, so loads need no masks; stores are masked."""
+    Rows and columns past M, N wrap (modulo) for loads, so loads need no masks; stores are masked.
+    PAIRS: two K blocks per step, both products issued before either is rescaled (two tensor-core
+    products in flight instead of one; W8A8 only; sums in another order, same error bound)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -204,7 +223,21 @@ def block_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, M_BUC
     x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :]             # [BLOCK_M, 128]
     w_ptrs = w_ptr + rn[None, :] * K + offs_k[:, None]                     # [128, BLOCK_N] = w^T
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, K // 128):
+    kbs = K // 128
+    start = 0
+    if PAIRS:
+        start = kbs - kbs % 2
+        for kb in range(0, start, 2):
+            p0 = tl.dot(tl.load(x_ptrs), tl.load(w_ptrs))
+            p1 = tl.dot(tl.load(x_ptrs + 128), tl.load(w_ptrs + 128))
+            s0 = tl.load(xs_ptr + rm * stride_xsm + kb * stride_xsk)[:, None] * \
+                tl.load(ws_ptr + (rn // 128) * stride_wsn + kb)[None, :]
+            s1 = tl.load(xs_ptr + rm * stride_xsm + (kb + 1) * stride_xsk)[:, None] * \
+                tl.load(ws_ptr + (rn // 128) * stride_wsn + kb + 1)[None, :]
+            acc += p0 * s0 + p1 * s1
+            x_ptrs += 256
+            w_ptrs += 256
+    for kb in range(start, kbs):
         a = tl.load(x_ptrs)
         b = tl.load(w_ptrs)
         ws = tl.load(ws_ptr + (rn // 128) * stride_wsn + kb)

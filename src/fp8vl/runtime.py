@@ -43,13 +43,17 @@ class FP8Linear(torch.nn.Module):
         self.register_buffer("weight_scale_inv", scale.float())
         self.bias = torch.nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.mode = mode
+        # the decode GEMV's split-K arrival counters (gemm.gemv_counters: int32 [N/16], kept zero by
+        # the kernel), owned here so no call pays a zero-fill launch; not part of the checkpoint
+        self.register_buffer("counters", torch.zeros(-(-self.out_features // 16), dtype=torch.int32,
+                                                     device=weight.device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode in ("scaled_mm", "triton"):
             from .gemm import fp8_linear
 
             backend = "triton" if self.mode == "triton" else "auto"
-            return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias, backend)
+            return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias, backend, self.counters)
         w = dequantize_weight(self.weight, self.weight_scale_inv, torch.float32)
         xf = fake_quantize_activations(x.float()) if self.mode == "w8a8" else x.float()
         b = self.bias.float() if self.bias is not None else None

@@ -1,0 +1,126 @@
+"""Launch-config sweep on this GPU for fp8vl's Triton linears, at the Qwen3-VL decoder shapes.
+
+For each linear (q/k/v and gate/up fused, as the engine runs them) and M, every config of the
+decode GEMV (M = 1, 8) or of the Triton block GEMM (M = 512, 2048) is timed the way
+benchmarks/kernels.py times (a CUDA graph of back-to-back calls over enough weight copies to
+exceed 4x L2), next to BF16 cuBLAS and a floor measured in the same run: a pure-read kernel over
+the same number of bytes, rotated over the same number of copies (the least any kernel reading
+this weight can take, launch and tail included). Prints the best configs as a Markdown table
+and, with ``--all``, every config. What gemm.py's tables and autotune space are built from.
+
+    python benchmarks/tune.py                   # 8B shapes
+    python benchmarks/tune.py --models 2B 8B --all
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from fp8vl import gemm
+from kernels import MODELS, _read_kernel, copies_for, shapes, timed, weight_copies  # benchmarks/kernels.py
+
+
+def read_floor(nbytes: int, l2: int) -> float:
+    """ms of the fastest pure-read kernel over ``nbytes``, rotated over copies exceeding 4x L2."""
+    words = nbytes // 4
+    bufs = [torch.ones(words, dtype=torch.int32, device="cuda") for _ in range(copies_for(nbytes, l2))]
+    best = float("inf")
+    for block, iters, warps in ((1024, 4, 4), (2048, 4, 4), (2048, 8, 4), (4096, 4, 8)):
+        out = torch.empty(triton.cdiv(words, block * iters), dtype=torch.int32, device="cuda")
+        best = min(best, timed(lambda i: _read_kernel[(out.numel(),)](bufs[i], out, words, BLOCK=block,
+                                                                       ITERS=iters, num_warps=warps), len(bufs)))
+    return best
+
+
+def gemv_configs(k: int):
+    for bn, split, (unroll, stages), warps in itertools.product(
+            (16, 32, 64), (1, 2, 4, 8), ((2, 4), (4, 3), (8, 2)), (4, 8)):
+        if split == 1 or (k // 128) // split >= unroll:
+            yield gemm.LaunchConfig({"BLOCK_N": bn, "SPLIT_K": split, "UNROLL": unroll}, warps, stages)
+
+
+def gemm_configs():
+    for bm, bn, warps, stages, group, pairs in itertools.product((64, 128), (128, 256), (4, 8), (3, 4), (8, 32),
+                                                                 (False, True)):
+        if bm * bn >= 128 * 256 and warps == 4:
+            continue   # too many accumulator registers per thread
+        yield gemm.LaunchConfig({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": group, "PAIRS": pairs}, warps, stages)
+
+
+def name(cfg: gemm.LaunchConfig) -> str:
+    return " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" w={cfg.num_warps} s={cfg.num_stages}"
+
+
+def sweep(run, configs, copies: int) -> list[tuple[float, gemm.LaunchConfig]]:
+    out = []
+    for cfg in configs:
+        try:
+            out.append((timed(lambda i: run(i, cfg), copies, reps=5), cfg))
+        except Exception as e:   # out of shared memory or registers for this config: skip it
+            if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e).lower():
+                raise
+    return sorted(out, key=lambda t: t[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="*", default=["8B"], choices=list(MODELS))
+    ap.add_argument("--decode-m", nargs="*", type=int, default=[1, 8])
+    ap.add_argument("--prefill-m", nargs="*", type=int, default=[512, 2048])
+    ap.add_argument("--all", action="store_true", help="print every config, not just the best")
+    a = ap.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    l2, sms = props.L2_cache_size, props.multi_processor_count
+    print(f"device: {props.name}, {sms} SMs, L2 {l2 / 2**20:.0f} MiB; torch {torch.__version__}, "
+          f"triton {triton.__version__}\n", flush=True)
+    print("| linear (N x K) | M | BF16 ms | read floor ms | best GEMV ms (fused reduce) | same, 2-launch reduce ms "
+          "| table config ms | best config | best/BF16 | floor/best |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for model in a.models:
+        for lname, (n, k) in shapes(model).items():
+            s, c16, c8, ws16, qs = weight_copies(n, k, l2)
+            floor = read_floor(n * k + s.numel() * 4, l2)
+            counters = gemm.gemv_counters(n, "cuda")
+            for m in a.decode_m:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                xq, xs = gemm.quantize_activations_gpu(x)
+                t16 = timed(lambda i: F.linear(x, ws16[i]), c16)
+                res = sweep(lambda i, cfg: gemm._gemv(xq, xs, *qs[i], torch.bfloat16, None, True, cfg, counters),
+                            gemv_configs(k), c8)
+                best_t, best = res[0]
+                two = timed(lambda i: gemm._gemv(xq, xs, *qs[i], torch.bfloat16, None, True, best, counters,
+                                                 fused_reduce=False), c8)
+                table = gemm.decode_config(m, n, k, sms)
+                tt = timed(lambda i: gemm._gemv(xq, xs, *qs[i], torch.bfloat16, None, True, table, counters), c8)
+                print(f"| {model} {lname} {n}x{k} | {m} | {t16:.4f} | {floor:.4f} | {best_t:.4f} | {two:.4f} | "
+                      f"{tt:.4f} | {name(best)} | {t16 / best_t:.2f}x | {floor / best_t:.0%} |", flush=True)
+                rows += [(model, lname, m, t, cfg) for t, cfg in res]
+            for m in a.prefill_m if model == a.models[-1] else ():
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                xq, xs = gemm.quantize_activations_gpu(x)
+                t16 = timed(lambda i: F.linear(x, ws16[i]), c16, reps=5)
+                res = sweep(lambda i, cfg: gemm._block_gemm(xq, xs, *qs[i], torch.bfloat16, None, True, cfg),
+                            gemm_configs(), c8)
+                best_t, best = res[0]
+                table = gemm.prefill_config(m, n, k, sms)
+                tt = timed(lambda i: gemm._block_gemm(xq, xs, *qs[i], torch.bfloat16, None, True, table), c8, reps=5)
+                tf = 2 * m * n * k / 1e9
+                print(f"| {model} {lname} {n}x{k} | {m} | {t16:.4f} ({tf / t16:.0f} TFLOP/s) | | "
+                      f"{best_t:.4f} ({tf / best_t:.0f} TFLOP/s) | | {tt:.4f} | {name(best)} | "
+                      f"{t16 / best_t:.2f}x | |", flush=True)
+                rows += [(model, lname, m, t, cfg) for t, cfg in res]
+
+    if a.all:
+        print("\n| model | linear | M | ms | config |\n|---|---|---|---|---|")
+        for model, lname, m, t, cfg in rows:
+            print(f"| {model} | {lname} | {m} | {t:.4f} | {name(cfg)} |")
+
+
+if __name__ == "__main__":
+    main()
