@@ -135,15 +135,17 @@ def test_grouped_expert_gemm():
 
 @pytest.mark.parametrize("m", [1, 8, 512])
 def test_cuda_graph_replays_the_tuned_kernels(m):
-    """Warm-up tunes (autotune), the capture then finds that config; replay equals eager bit for bit."""
+    """Warm-up tunes the block GEMM (autotune), the capture then finds that config (the GEMV's
+    comes from its table); replay equals eager bit for bit."""
     q, s = quantize_weight(torch.randn(3072, 4096, device="cuda") * 0.02)
     x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(3072, device="cuda", dtype=torch.bfloat16)
     run = lambda: (gemm.fp8_linear(x, q, s, b, backend="triton"), gemm.w8a16_linear(x, q, s))  # noqa: E731
     eager = run()
     xq, xs = gemm.quantize_activations_gpu(x)
-    tuner = gemm._GEMV_TUNED if m <= 16 else gemm._BLOCK_GEMM_TUNED
-    assert gemm._tuned(tuner, _args(m, xq, xs, q, s, b)) is not None, "autotune cache key not found"
+    if m > 16:
+        assert gemm._tuned(gemm._BLOCK_GEMM_TUNED, _args(m, xq, xs, q, s, b)) is not None, \
+            "autotune cache key not found"
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -193,17 +195,17 @@ def _args(m, xq, xs, q, s, b):
 
 def test_capture_of_an_untuned_shape_uses_the_default_table():
     q, s = quantize_weight(torch.randn(2944, 1408, device="cuda") * 0.02)   # a shape no other test uses
-    x = torch.randn(4, 1408, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(40, 1408, device="cuda", dtype=torch.bfloat16)
     xq, xs = gemm.quantize_activations_gpu(x)
-    table = gemm.decode_config(4, 2944, 1408, torch.cuda.get_device_properties(0).multi_processor_count)
-    eager = gemm._gemv(xq, xs, q, s, torch.bfloat16, None, True, table)   # compiles it outside the capture
+    table = gemm.prefill_config(40, 2944, 1408, torch.cuda.get_device_properties(0).multi_processor_count)
+    eager = gemm._block_gemm(xq, xs, q, s, torch.bfloat16, None, True, table)   # compiled outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = gemm.fp8_gemm(xq, xs, q, s)
+        y = gemm.fp8_gemm(xq, xs, q, s, backend="triton")
     graph.replay()
     torch.cuda.synchronize()
-    assert gemm._tuned(gemm._GEMV_TUNED, _args(4, xq, xs, q, s, None)) is None   # autotune did not run
+    assert gemm._tuned(gemm._BLOCK_GEMM_TUNED, _args(40, xq, xs, q, s, None)) is None   # autotune did not run
     assert torch.equal(y, eager)
     assert rel(y, reference(x, q, s)) < 5e-3
 

@@ -15,11 +15,12 @@ other FP8 card (8.9 Ada, 10.x/12.x Blackwell); ``backend="triton"`` forces Trito
 The fused producers (``rmsnorm_quant``, ``silu_mul_quant``) emit the quantized input of the next
 linear in one pass. CPU tensors run the same kernels under ``TRITON_INTERPRET=1`` (tests).
 
-Launch configs: Triton autotune (keyed on N, K and an M bucket) picks them on the first eager call
-per shape; a small table keyed by SM count and shape (``decode_config``, ``prefill_config``) is
-used where autotune cannot run: on CPU tensors and inside a CUDA-graph capture that meets a shape
-not tuned yet (autotune must time kernels, which a capture forbids). Rule for callers that
-capture: run every shape once eagerly first (the usual warm-up) and the graph gets tuned configs.
+Launch configs: the GEMV's come from a small table keyed by SM count and shape
+(``decode_config``, built from ``benchmarks/tune.py`` sweeps with weights streamed from HBM). The
+block GEMM's come from Triton autotune (keyed on N, K and an M bucket) on the first eager call per
+shape, and from ``prefill_config``'s table where autotune cannot run: on CPU tensors and inside a
+CUDA-graph capture that meets a shape not tuned yet (autotune must time kernels, which a capture
+forbids). Rule for callers that capture: run every shape once eagerly first (the usual warm-up).
 """
 
 from __future__ import annotations
@@ -58,14 +59,17 @@ def _m_bucket(m: int) -> int:
 
 
 def decode_config(m: int, n: int, k: int, sm_count: int) -> LaunchConfig:
-    """Default GEMV config, from ``benchmarks/tune.py`` on an H200 (132 SMs; the winners at every
-    Qwen3-VL-8B shape, M = 1 and 8): 32-row weight tiles (64 for N >= 16384), two K blocks per
-    step over 4 pipeline stages, K split in 2..8 until there are >= 1.5 programs per SM, each
-    split keeping >= 4 K blocks."""
+    """The GEMV's launch config (M <= 16), from ``benchmarks/tune.py`` on an H200 (132 SMs; the
+    winners at every Qwen3-VL-8B shape, M = 1 and 8, weights streamed from HBM): 32-row weight
+    tiles (64 for N >= 16384), two K blocks per step over 4 pipeline stages, K split in 2..8 while
+    there are < 1.5 programs per SM or > 32 K blocks per split, each split keeping >= 4 K blocks.
+    A table, not autotune: autotune times one eager launch per config, whose noise and launch cost
+    (~5 us) outweigh the 1-2 us between configs of a 10 us kernel (it picked 10-20% slower ones)."""
     block_n = 64 if n >= 16384 else 32
     tiles = triton.cdiv(n, block_n)
+    kbs = k // BLOCK
     split = 1
-    while split < 8 and tiles * split < 1.5 * sm_count and (k // BLOCK) // (split * 2) >= 4:
+    while split < 8 and kbs // (split * 2) >= 4 and (tiles * split < 1.5 * sm_count or kbs // split > 32):
         split *= 2
     return LaunchConfig({"BLOCK_N": block_n, "SPLIT_K": split, "UNROLL": 2}, num_warps=4, num_stages=4)
 
@@ -91,27 +95,6 @@ def _autotune(configs, key, **kw):
     return triton.autotune(configs=configs, key=key, warmup=3, rep=15, **kw)  # older Triton
 
 
-def _gemv_prune(configs, named_args, **kwargs):
-    """Drop splits that leave < 4 K blocks per split or make > 8 programs per SM."""
-    args = {**named_args, **kwargs}     # gemm.py passes every argument by name
-    kbs, n = args["K"] // BLOCK, args["N"]
-    sms = _sm_count(args["w_ptr"].device)
-    keep = [c for c in configs if c.kwargs["SPLIT_K"] == 1 or (
-        kbs // c.kwargs["SPLIT_K"] >= 4 and triton.cdiv(n, c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"] <= 8 * sms)]
-    return keep or configs[:1]
-
-
-def _gemv_reduce_hook(nargs, exception=None):
-    """Autotune times the split-K reduce with the GEMV it completes."""
-    if exception is None and nargs["SPLIT_K"] > 1 and not nargs["FUSED_REDUCE"]:
-        _reduce(nargs["part_ptr"][: nargs["SPLIT_K"]], nargs["b_ptr"], nargs["y_ptr"])
-
-
-_GEMV_TUNED = _autotune(
-    [triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "UNROLL": u}, num_warps=4, num_stages=st)
-     for bn in (16, 32, 64) for sk in (1, 2, 4, 8) for u, st in ((2, 4), (4, 3))],
-    key=["N", "K", "M_BUCKET"], prune_configs_by={"early_config_prune": _gemv_prune},
-    post_hook=_gemv_reduce_hook)(gk.gemv_kernel)
 _BLOCK_GEMM_TUNED = _autotune(
     [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": g}, num_warps=w, num_stages=st)
      for bm, bn, g, w, st in ((64, 128, 8, 4, 3), (64, 128, 8, 4, 4), (64, 128, 32, 4, 4), (64, 64, 8, 4, 3),
@@ -141,10 +124,6 @@ def _pick(tuner, table: LaunchConfig, args: dict) -> LaunchConfig | None:
 
 def _run(kernel, grid, cfg: LaunchConfig, args: dict) -> None:
     kernel[grid(cfg.kwargs)](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def _best(tuner) -> LaunchConfig:
-    return LaunchConfig(dict(tuner.best_config.kwargs), tuner.best_config.num_warps, tuner.best_config.num_stages)
 
 
 def _reduce(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
@@ -261,18 +240,11 @@ def _gemv(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | Non
                 stride_xsk=xs.stride(1) if a_fp8 else 0, stride_wsn=ws.stride(0),
                 A_FP8=a_fp8, HAS_BIAS=bias is not None, ON_CPU=x.device.type == "cpu", M_PAD=DECODE_MAX_M,
                 FUSED_REDUCE=fused_reduce)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-    cfg = config or _pick(_GEMV_TUNED, decode_config(m, n, k, _sm_count(x.device)), args)
-    if cfg is None:   # first eager call for this shape: autotune, with room for the largest split
-        args["part_ptr"] = torch.empty((8, m, n), dtype=torch.float32, device=x.device)
-        _GEMV_TUNED[grid](**args)
-        cfg = _best(_GEMV_TUNED)
-    else:
-        split = cfg.kwargs["SPLIT_K"]
-        if split > 1:
-            args["part_ptr"] = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-        _run(gk.gemv_kernel, grid, cfg, args)
+    cfg = config or decode_config(m, n, k, _sm_count(x.device))
     split = cfg.kwargs["SPLIT_K"]
+    if split > 1:
+        args["part_ptr"] = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    _run(gk.gemv_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split), cfg, args)
     if split > 1 and not fused_reduce:
         _reduce(args["part_ptr"][:split], bias, y)
     return y
