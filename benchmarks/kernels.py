@@ -116,14 +116,15 @@ def decode_rows(label: str, n: int, k: int, l2: int, ceiling: float, ms_list) ->
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         xq, xs = gemm.quantize_activations_gpu(x)
         t16 = timed(lambda i: F.linear(x, ws16[i]), c16)
-        t8 = timed(lambda i: gemm.fp8_gemm(xq, xs, *qs[i]), c8)
-        t8q = timed(lambda i: gemm.fp8_linear(x, *qs[i]), c8)
-        ta16 = timed(lambda i: gemm.w8a16_linear(x, *qs[i]), c8)
+        # split-K arrival counters per weight copy, as each FP8Linear owns them (gemm.gemv_counters)
+        cnt = [gemm.gemv_counters(n, "cuda") for _ in range(c8)]
+        t8 = timed(lambda i: gemm.fp8_gemm(xq, xs, *qs[i], counters=cnt[i]), c8)
+        t8q = timed(lambda i: gemm.fp8_linear(x, *qs[i], counters=cnt[i]), c8)
+        ta16 = timed(lambda i: gemm.w8a16_linear(x, *qs[i], counters=cnt[i]), c8)
         gbs = (n * k + s.numel() * 4) / t8 / 1e6
         print(f"| {label} {n}x{k} | {m} | {t16:.4f} | {t8:.4f} | {t8q:.4f} | {ta16:.4f} | {t16 / t8:.2f}x | "
               f"{t16 / t8q:.2f}x | {t16 / ta16:.2f}x | {gbs:.0f} ({gbs / ceiling:.0%}) | {n * k / 2**20:.0f} |",
               flush=True)
-    del ws16, qs
 
 
 def prefill_rows(label: str, n: int, k: int, l2: int, sm90: bool, ms_list) -> None:
@@ -138,7 +139,6 @@ def prefill_rows(label: str, n: int, k: int, l2: int, sm90: bool, ms_list) -> No
         tf = 2 * m * n * k / 1e9
         print(f"| {label} {n}x{k} | {m} | {t16:.4f} ({tf / t16:.0f}) | {tc:.4f} ({tf / tc:.0f}) | "
               f"{tt:.4f} ({tf / tt:.0f}) | {tq:.4f} | {t16 / tc:.2f}x | {t16 / tt:.2f}x |", flush=True)
-    del ws16, qs
 
 
 def moe_rows(l2: int, ceiling: float) -> None:

@@ -184,12 +184,9 @@ def test_split_k_sum_in_the_kernel_equals_the_second_launch_over_graph_replays(s
 
 
 def _args(m, xq, xs, q, s, b):
-    """The argument dict gemm.py hands the autotuner for a W8A8 call (to look its cache up)."""
+    """The argument dict gemm.py hands the block GEMM's autotuner for a W8A8 call (to look its cache up)."""
     y = torch.empty((m, q.shape[0]), dtype=torch.bfloat16, device="cuda")
     args = dict(x_ptr=xq, xs_ptr=xs, w_ptr=q, ws_ptr=s, b_ptr=b, y_ptr=y)
-    if m <= 16:
-        args["part_ptr"] = torch.empty(0, dtype=torch.float32, device="cuda")
-        args["cnt_ptr"] = gemm.gemv_counters(q.shape[0], "cuda")
     return dict(args, M=m, N=q.shape[0], K=q.shape[1], M_BUCKET=gemm._m_bucket(m))
 
 

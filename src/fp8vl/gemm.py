@@ -231,10 +231,9 @@ def _gemv(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | Non
     m, n, k = _check(x, w, ws, "fp8 decode GEMM")
     w, ws = w.contiguous(), ws.contiguous()
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    if counters is None or counters.numel() < triton.cdiv(n, 16):
-        counters = gemv_counters(n, x.device)
     args = dict(x_ptr=x, xs_ptr=xs if a_fp8 else ws, w_ptr=w, ws_ptr=ws, b_ptr=bias, y_ptr=y,
-                part_ptr=torch.empty(0, dtype=torch.float32, device=x.device), cnt_ptr=counters,
+                part_ptr=torch.empty(0, dtype=torch.float32, device=x.device),
+                cnt_ptr=torch.empty(0, dtype=torch.int32, device=x.device),
                 M=m, N=n, K=k, M_BUCKET=_m_bucket(m),
                 stride_xm=x.stride(0), stride_xsm=xs.stride(0) if a_fp8 else 0,
                 stride_xsk=xs.stride(1) if a_fp8 else 0, stride_wsn=ws.stride(0),
@@ -244,6 +243,8 @@ def _gemv(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | Non
     split = cfg.kwargs["SPLIT_K"]
     if split > 1:
         args["part_ptr"] = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        use = counters is not None and counters.numel() >= triton.cdiv(n, 16)
+        args["cnt_ptr"] = counters if use else gemv_counters(n, x.device)
     _run(gk.gemv_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split), cfg, args)
     if split > 1 and not fused_reduce:
         _reduce(args["part_ptr"][:split], bias, y)
@@ -336,15 +337,16 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: to
 
 
 def w8a16_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] bf16 @ dequant(w)^T + bias with x NOT quantized (W8A16, weight-only error): the
     weight tile is converted to bf16 in registers and its block scale applied per 128-wide K
     block. Not what a W8A8 server computes; the decode mode with the least error."""
     *lead, k = x.shape
     x2 = x.reshape(-1, k)
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-    run = _gemv if x2.shape[0] <= DECODE_MAX_M else _block_gemm
-    return run(x2, None, w, w_scale, x.dtype, bias, False).reshape(*lead, w.shape[0])
+    if x2.shape[0] <= DECODE_MAX_M:
+        return _gemv(x2, None, w, w_scale, x.dtype, bias, False, counters=counters).reshape(*lead, w.shape[0])
+    return _block_gemm(x2, None, w, w_scale, x.dtype, bias, False).reshape(*lead, w.shape[0])
 
 
 def fp8_grouped_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
