@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .errors import FP8VLError
 from .layers import _Layer, _decoder_layers, _rotate_half, _text_parts, fuse_linears, rms_norm  # noqa: F401
-from .prefill import DecoderInputs, decoder_inputs, dense_deepstack, pad_tokens, run_layers
+from .prefill import DecoderInputs, decoder_inputs, dense_deepstack, run_layers
 from .runtime import FP8Experts, FP8Linear
 
 GiB = 1024**3
@@ -82,8 +82,10 @@ class Engine:
         self.dtype = self.embed.weight.dtype
         self.generator = torch.Generator(device=self.device).manual_seed(opts.seed)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        # (batch, padded length, DeepStack layers) -> (graph, static inputs, output [b, n_pad, H])
-        self.prefill_graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
+        # (batch, padded length, DeepStack layers) -> (graph, output [b, n_pad, H]); the graphs share
+        # one memory pool and their input buffers (x, cos, sin, ds, slots: _static)
+        self.prefill_graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.prefill_inputs: dict[str, torch.Tensor] = {}
         self.prefill_pool = None
         self.fused = self._fused_mode()
         self.restated = opts.restated_prefill and self.layers is not None and self._flat_rope()
@@ -178,34 +180,57 @@ class Engine:
             self.v[i][idx, :, :n] = layer.values
         return [(out.logits[j, -1], n, int(deltas[j])) for j in range(b)]
 
-    def _prefill_graphs_ok(self) -> bool:
+    def _prefill_graphs_ok(self, b: int, n_pad: int) -> bool:
         # MoE blocks route tokens on the host when they are many (FP8Experts' per-expert loop)
         return self.device.type == "cuda" and self.opts.cuda_graphs and self.opts.prefill_graphs and \
-            all(L.mlp is None for L in self.layers)
+            all(L.mlp is None for L in self.layers) and b <= self._prefill_rows() and n_pad <= self.opts.max_len
+
+    def _prefill_rows(self) -> int:
+        return min(self.opts.prefill_batch, self.batch)
 
     def _prefill_layers(self, d: DecoderInputs, slots: torch.Tensor) -> torch.Tensor:
         """prefill.run_layers on these inputs -> hidden states [b, n or n_pad, H] before the final
         norm: replayed from a CUDA graph where one applies, else eagerly."""
         cos, sin = self.rotary(d.embeds, d.position_ids)                   # [b, n, hd]
         ds = dense_deepstack(d)
-        n_pad = round_up(d.embeds.shape[1], PREFILL_PAD)
-        if self._prefill_graphs_ok() and n_pad <= self.opts.max_len:
-            return self._prefill_replay(dict(x=d.embeds, cos=cos, sin=sin, ds=ds), slots, n_pad)
+        b, n = d.embeds.shape[:2]
+        n_pad = round_up(n, PREFILL_PAD)
+        if self._prefill_graphs_ok(b, n_pad):
+            return self._prefill_replay(dict(x=d.embeds, cos=cos, sin=sin, ds=ds, slots=slots), n_pad)
         return run_layers(self.layers, d.embeds, cos, sin, ds, self.k, self.v, slots, self.fused)
 
-    def _prefill_replay(self, real: dict[str, torch.Tensor | None], slots: torch.Tensor, n_pad: int) -> torch.Tensor:
+    def _static(self, name: str, like: torch.Tensor, shape: tuple[int, ...], per_prompt: int) -> torch.Tensor:
+        """A contiguous ``shape`` view into the one buffer of input ``name`` that every prefill graph
+        reads, sized for prefill_batch prompts of ``per_prompt`` elements (at max_len tokens): a
+        graph's inputs cost no memory of their own."""
+        buf = self.prefill_inputs.get(name)
+        if buf is None:
+            buf = torch.zeros(per_prompt * self._prefill_rows(), dtype=like.dtype, device=self.device)
+            self.prefill_inputs[name] = buf
+        return buf[:math.prod(shape)].view(shape)
+
+    def _prefill_replay(self, real: dict[str, torch.Tensor | None], n_pad: int) -> torch.Tensor:
         """The layer loop over inputs padded to n_pad positions (zeros after the prompt), from the
         graph of (b, n_pad, DeepStack layers), captured on first use. The padding sits after the
         prompt, so causal attention keeps the real positions exact; its cache entries lie past the
         prompt, where decode writes position p before it ever reads it."""
         b, n = real["x"].shape[:2]
-        key = (b, n_pad, 0 if real["ds"] is None else real["ds"].shape[0])
         axis = dict(x=1, cos=1, sin=1, ds=2)                               # the token axis
-        entry = self.prefill_graphs.get(key)
-        if entry is None:
-            bufs = {k: None if t is None else pad_tokens(t, n_pad, axis[k]) for k, t in real.items()}
-            bufs["slots"] = slots.clone()
-
+        bufs = {}
+        for k, t in real.items():
+            if t is None:
+                bufs[k] = None
+            elif k == "slots":
+                bufs[k] = self._static(k, t, (b,), 1)
+                bufs[k].copy_(t)
+            else:
+                shape = list(t.shape)
+                shape[axis[k]] = n_pad
+                bufs[k] = self._static(k, t, tuple(shape), math.prod(shape) // (b * n_pad) * self.opts.max_len)
+                bufs[k].narrow(axis[k], 0, n).copy_(t)
+                bufs[k].narrow(axis[k], n, n_pad - n).zero_()
+        key = (b, n_pad, 0 if real["ds"] is None else real["ds"].shape[0])
+        if key not in self.prefill_graphs:
             def run() -> torch.Tensor:
                 return run_layers(self.layers, bufs["x"], bufs["cos"], bufs["sin"], bufs["ds"], self.k, self.v,
                                   bufs["slots"], self.fused)
@@ -219,13 +244,8 @@ class Engine:
             with torch.cuda.graph(g, pool=self.prefill_pool):
                 out = run()
             self.prefill_pool = self.prefill_pool or g.pool()
-            entry = self.prefill_graphs[key] = (g, bufs, out)
-        g, bufs, out = entry
-        for k, t in real.items():
-            if t is not None:
-                bufs[k].narrow(axis[k], 0, n).copy_(t)
-                bufs[k].narrow(axis[k], n, n_pad - n).zero_()
-        bufs["slots"].copy_(slots)
+            self.prefill_graphs[key] = (g, out)
+        g, out = self.prefill_graphs[key]
         g.replay()
         return out
 
