@@ -16,6 +16,7 @@ Qwen3-VL (dense and MoE), Qwen2.5-VL, Qwen3, Llama. Others (Gemma 3: sliding win
 generate through Transformers, one prompt at a time. The CPU runs the same code without graphs,
 which is how the tests check it.
 """
+
 from __future__ import annotations
 
 import math
