@@ -129,7 +129,7 @@ def run_layers(layers: list[_Layer], x: torch.Tensor, cos: torch.Tensor, sin: to
         from .gemm import fp8_gemm, quantize_activations_gpu, rmsnorm_quant, silu_mul_quant
 
         def lin(m, xq_xs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:      # [b*n, N]
-            return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, x.dtype, m.bias, fused)
+            return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, x.dtype, m.bias, fused, m.counters)
         x = x.reshape(b * n, width)                                    # the residual stream, [b*n, H]
         h = rmsnorm_quant(x, layers[0].ln1, layers[0].eps)
     for i, L in enumerate(layers):
