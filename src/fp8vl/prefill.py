@@ -97,7 +97,8 @@ def decoder_inputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> D
 
 def dense_deepstack(d: DecoderInputs) -> torch.Tensor | None:
     """DeepStack features as [D, b, n, H] in the embeddings' dtype, zeros off the visual positions:
-    adding it equals Transformers' masked add (x + 0 == x), without data-dependent indexing."""
+    adding it equals Transformers' masked add (x + 0 == x), and the add inside the layer loop needs
+    no data-dependent indexing (a CUDA graph cannot take one); the scatter here runs eagerly."""
     if not d.deepstack:
         return None
     out = d.embeds.new_zeros((len(d.deepstack), *d.embeds.shape))
