@@ -125,25 +125,28 @@ def step_rows(label: str, loaded, pics: list[Path], batches: list[int]) -> list[
     inputs = [encode(loaded, CAPTION, load_image(p, 512), device="cpu") for p in pics[:8]]
     n = inputs[0]["input_ids"].shape[1]
     assert all(i["input_ids"].shape[1] == n for i in inputs), "the prefill rows need same-length prompts"
+    def prefill(b: int, **kw) -> dict:
+        eng = Engine(loaded.model, [], EngineOptions(max_len=512, max_batch=8, max_new_tokens=64, **kw))
+        return dict(ms=_ms(lambda: eng._prefill(list(range(b)), inputs[:b]), 5), fused=eng.fused)
+
+    def decode(b: int) -> dict:
+        eng = Engine(loaded.model, [], EngineOptions(max_len=512, max_batch=b, max_new_tokens=64))
+        eng.len[:b].fill_(300)
+        eng.pos[:b].fill_(300)
+        return dict(step_ms=_ms(lambda: eng._step(b), 20), graphs=eng._use_graphs(), fused=eng.fused)
+
     rows = []
     for b in (1, 8):
         row = dict(what=f"{label}: prefill batch {b}", kind="prefill", label=label, batch=b, prompt_tokens=n)
         for way, kw in PREFILL_WAYS:
-            eng = Engine(loaded.model, [], EngineOptions(max_len=512, max_batch=8, max_new_tokens=64, **kw))
-            row[f"{way}_ms"] = _ms(lambda: eng._prefill(list(range(b)), inputs[:b]), 5)
-            row["fused"] = eng.fused
-            del eng
+            r = prefill(b, **kw)
+            row[f"{way}_ms"], row["fused"] = r["ms"], r["fused"]
             torch.cuda.empty_cache()
         rows.append(row)
         print(row, flush=True)
     for b in batches:
-        eng = Engine(loaded.model, [], EngineOptions(max_len=512, max_batch=b, max_new_tokens=64))
-        eng.len[:b].fill_(300)
-        eng.pos[:b].fill_(300)
-        rows.append(dict(what=f"{label}: decode step batch {b}", kind="decode", label=label, batch=b,
-                         step_ms=_ms(lambda: eng._step(b), 20), graphs=eng._use_graphs(), fused=eng.fused))
+        rows.append(dict(what=f"{label}: decode step batch {b}", kind="decode", label=label, batch=b, **decode(b)))
         print(rows[-1], flush=True)
-        del eng
         torch.cuda.empty_cache()
     return rows
 

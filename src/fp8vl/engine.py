@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import FP8VLError
-from .layers import _Layer, _decoder_layers, _rotate_half, _text_parts, fuse_linears, rms_norm  # noqa: F401
+from .layers import _Layer, _decoder_layers, _rotate_half, _text_parts, rms_norm
 from .prefill import DecoderInputs, decoder_inputs, dense_deepstack, run_layers
 from .runtime import FP8Experts, FP8Linear
 
