@@ -5,10 +5,13 @@ A Qwen3-VL-8B-shaped checkpoint (random weights, full-size tokenizer, Qwen3-VL's
 and quantized first; images are 512x512 photos (scikit-image's, cropped and recoloured so each is
 distinct). Every answer is exactly --new-tokens long (EOS ignored: random weights). Rows:
 load time and peak memory; images/s and tokens/s at batch 1, 8, 32 and with continuous batching
-(as many slots as fit); the real ``fp8vl caption`` path (disk, processor, engine); the FP8 run again
+(as many slots as fit); the steps (``steps``): the prefill of 1 and of 8 image prompts through
+Transformers' forward, fp8vl's layers eagerly and in CUDA graphs, and one decode step per batch size,
+FP8 and BF16 side by side; the real ``fp8vl caption`` path (disk, processor, engine); the FP8 run again
 under a --cap memory limit in a fresh process; ``fp8vl eval`` of the pair.
 
     python benchmarks/caption.py --workdir /tmp/cap8b
+    python benchmarks/caption.py --workdir /tmp/cap8b --parts engine,steps --batches 1,8   # the steps only
 """
 
 from __future__ import annotations
@@ -94,40 +97,81 @@ def engine_rows(label: str, path: Path, pics: list[Path], new_tokens: int, batch
     return rows, loaded
 
 
+PREFILL_WAYS = (("transformers", dict(restated_prefill=False)),      # Transformers' forward, cache copied
+                ("eager", dict(prefill_graphs=False)),              # fp8vl's layers, eagerly
+                ("graphs", {}))                                     # fp8vl's layers in CUDA graphs
+
+
+def _ms(fn, reps: int) -> float:
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
 def step_rows(label: str, loaded, pics: list[Path], batches: list[int]) -> list[dict]:
-    """Where the time goes: one prefill (vision tower + prompt), one decode step at each batch size."""
+    """Where the time goes: the prefill (vision tower + prompt) of 1 and of 8 same-length image prompts,
+    through Transformers' forward, fp8vl's layers eagerly and in CUDA graphs; one decode step at each
+    batch size."""
     from fp8vl.caption import load_image
     from fp8vl.engine import Engine, EngineOptions
     from fp8vl.loader import encode
     from fp8vl.prompts import CAPTION
 
-    inputs = encode(loaded, CAPTION, load_image(pics[0], 512), device="cpu")
-    rows = []
-    for b in batches:
+    inputs = [encode(loaded, CAPTION, load_image(p, 512), device="cpu") for p in pics[:8]]
+    n = inputs[0]["input_ids"].shape[1]
+    assert all(i["input_ids"].shape[1] == n for i in inputs), "the prefill rows need same-length prompts"
+    def prefill(b: int, **kw) -> dict:
+        eng = Engine(loaded.model, [], EngineOptions(max_len=512, max_batch=8, max_new_tokens=64, **kw))
+        return dict(ms=_ms(lambda: eng._prefill(list(range(b)), inputs[:b]), 5), fused=eng.fused)
+
+    def decode(b: int) -> dict:
         eng = Engine(loaded.model, [], EngineOptions(max_len=512, max_batch=b, max_new_tokens=64))
-        for _ in range(2):
-            eng._prefill([0], [inputs])
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(5):
-            eng._prefill([0], [inputs])
-        torch.cuda.synchronize()
-        pre = (time.perf_counter() - t) / 5
         eng.len[:b].fill_(300)
         eng.pos[:b].fill_(300)
-        for _ in range(3):
-            eng._step(b)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(20):
-            eng._step(b)
-        torch.cuda.synchronize()
-        rows.append(dict(what=f"{label}: prefill 1 image / decode step batch {b}", prefill_ms=pre * 1e3,
-                         step_ms=(time.perf_counter() - t) / 20 * 1e3, graphs=eng._use_graphs(), fused=eng.fused))
+        return dict(step_ms=_ms(lambda: eng._step(b), 20), graphs=eng._use_graphs(), fused=eng.fused)
+
+    rows = []
+    for b in (1, 8):
+        row = dict(what=f"{label}: prefill batch {b}", kind="prefill", label=label, batch=b, prompt_tokens=n)
+        for way, kw in PREFILL_WAYS:
+            r = prefill(b, **kw)
+            row[f"{way}_ms"], row["fused"] = r["ms"], r["fused"]
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(row, flush=True)
+    for b in batches:
+        rows.append(dict(what=f"{label}: decode step batch {b}", kind="decode", label=label, batch=b, **decode(b)))
         print(rows[-1], flush=True)
-        del eng
         torch.cuda.empty_cache()
     return rows
+
+
+def print_step_tables(rows: list[dict]) -> None:
+    """FP8 and BF16 side by side: ms per prefill (all prompts of the batch together), ms per decode step."""
+    pre = {(r["label"], r["batch"]): r for r in rows if r.get("kind") == "prefill"}
+    if not pre:
+        return
+    print("\n| prefill (ms) | batch | " + " | ".join(f"fp8 {w} | bf16 {w} | bf16/fp8" for w, _ in PREFILL_WAYS)
+          + " |\n|---|---|" + "---|---|---|" * len(PREFILL_WAYS))
+    for b in sorted({k[1] for k in pre}):
+        f, h = pre.get(("fp8", b), {}), pre.get(("bf16", b), {})
+        cells = []
+        for w, _ in PREFILL_WAYS:
+            a, c = f.get(f"{w}_ms"), h.get(f"{w}_ms")
+            cells += [f"{a:.1f}" if a else "", f"{c:.1f}" if c else "", f"{c / a:.2f}x" if a and c else ""]
+        tokens = (f or h).get("prompt_tokens", "")
+        print(f"| {tokens} tokens each | {b} | " + " | ".join(cells) + " |")
+    dec = {(r["label"], r["batch"]): r["step_ms"] for r in rows if r.get("kind") == "decode"}
+    if dec:
+        print("\n| decode step (ms) | batch | fp8 | bf16 | bf16/fp8 |\n|---|---|---|---|---|")
+        for b in sorted({k[1] for k in dec}):
+            a, c = dec.get(("fp8", b)), dec.get(("bf16", b))
+            print(f"| | {b} | {a or 0:.2f} | {c or 0:.2f} | " + (f"{c / a:.2f}x" if a and c else "") + " |")
 
 
 def old_path_row(label: str, loaded, pics: list[Path], new_tokens: int) -> dict:
@@ -218,8 +262,11 @@ def main() -> None:
         rows.append(caption_row(fp8, a.workdir / "images", a.new_tokens, a.cap))
     if "eval" in parts:
         rows.append(eval_row(bf16, fp8))
+    print_step_tables(rows)
     print("\n| run | images | s | images/s | tokens/s | peak GiB |\n|---|---|---|---|---|---|")
     for r in rows:
+        if "kind" in r:
+            continue
         print(f"| {r['what']} | {r.get('images', '')} | {r.get('seconds', 0):.2f} | {r.get('images_per_s', 0):.2f} | "
               f"{r.get('tokens_per_s', 0):.0f} | {r.get('peak_gib', 0):.2f} |" + (f" {r['error']}" if 'error' in r else ""))
     if a.json:

@@ -1,6 +1,6 @@
 """fp8vl.engine and fp8vl.loader on the tiny real-architecture models, on the CPU (no graphs).
 
-The engine's own decode step is judged against Transformers' forward of the very same weights
+The engine's own prefill and decode steps are judged against Transformers' forward of the very same weights
 (teacher-forced on the engine's answer), its batching against itself at batch 1, and the loader
 against Transformers' own load.
 """
@@ -266,3 +266,74 @@ def test_gpu_moe_decode_is_captured_and_matches_eager(moe_fp8):
     slow = ex(x, idx, w)
     ex.stacked = stacked
     assert float((fast.float() - slow.float()).norm() / slow.float().norm()) < 2e-2
+
+
+@pytest.mark.parametrize("which", ["src", "fp8"])
+def test_restated_prefill_gives_the_answers_of_transformers_prefill(which, dense_src, dense_fp8):
+    """bf16 generation with the prefill through fp8vl's layers and through Transformers' forward
+    (restated_prefill=False): the same greedy answers for image and text prompts."""
+    L = _loaded(dense_src if which == "src" else dense_fp8.out)
+    reqs = _requests(L)[::2]
+    eos = eos_ids(L)
+    ours = Engine(L.model, eos, EngineOptions(max_len=256, max_new_tokens=12, max_batch=3))
+    theirs = Engine(L.model, eos, EngineOptions(max_len=256, max_new_tokens=12, max_batch=3, restated_prefill=False))
+    assert ours.restated and not theirs.restated
+    assert {r.tag: ids for r, ids in ours.generate(reqs)} == {r.tag: ids for r, ids in theirs.generate(reqs)}
+
+
+def _cuda_requests(L: Loaded) -> list[Request]:
+    return [Request({k: v.cpu() for k, v in r.inputs.items()}, r.tag) for r in _requests(L)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("which", ["src", "fp8"])
+def test_gpu_prefill_graph_replays_the_eager_layers(which, dense_src, dense_fp8):
+    """The captured prefill (inputs padded to a multiple of 64) gives bit for bit what the same
+    layers compute eagerly on the same padded inputs: hidden states and cache entries; and the
+    engine's logits with graphs stay within bf16 rounding of the unpadded eager prefill."""
+    from fp8vl.engine import PREFILL_PAD, round_up
+    from fp8vl.prefill import decoder_inputs, dense_deepstack, pad_tokens, run_layers
+
+    path = dense_src if which == "src" else dense_fp8.out
+    L = Loaded(load_model(path, "cuda"), load_processor(path, True), True, path)
+    eng = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=12, max_batch=2))
+    plain = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=12, max_batch=2, prefill_graphs=False))
+    assert eng._prefill_graphs_ok(1, 64) and not plain._prefill_graphs_ok(1, 64)
+    assert (eng.fused is not None) == (which == "fp8")
+    reqs = _cuda_requests(L)
+    for req in (reqs[0], reqs[4]):                          # an image prompt, a text prompt
+        inputs = {k: v.cuda() for k, v in req.inputs.items()}
+        n = inputs["input_ids"].shape[1]
+        n_pad = round_up(n, PREFILL_PAD)
+        for _ in range(2):                                  # capture, then a replay of the captured graph
+            logits = eng._prefill([1], [req.inputs])[0][0]
+        d = decoder_inputs(L.model, inputs)
+        cos, sin = eng.rotary(d.embeds, d.position_ids)
+        ds = dense_deepstack(d)
+        k = [torch.zeros_like(t) for t in eng.k]
+        v = [torch.zeros_like(t) for t in eng.v]
+        with torch.no_grad():
+            x = run_layers(eng.layers, pad_tokens(d.embeds, n_pad), pad_tokens(cos, n_pad), pad_tokens(sin, n_pad),
+                           None if ds is None else pad_tokens(ds, n_pad, 2), k, v, torch.tensor([1], device="cuda"),
+                           eng.fused)
+        graph_out = eng.prefill_graphs[(1, n_pad, 0 if ds is None else ds.shape[0])][1]
+        assert torch.equal(graph_out[:, :n], x[:, :n])
+        assert all(torch.equal(a[1, :, :n], b[1, :, :n]) for a, b in zip(eng.k + eng.v, k + v))
+        # unpadded eager: other GEMM shapes, so bf16 rounding differs (FP8: whole e4m3 steps at times)
+        ref = plain._prefill([1], [req.inputs])[0][0]
+        st = kl_stats(ref.float()[None].cpu(), logits.float()[None].cpu())
+        assert st["kl_max"] < (1e-3 if which == "src" else 1e-2) and st["top1"] == 1.0, st
+    assert len(eng.prefill_graphs) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bf16_answers_are_the_same_with_and_without_prefill_graphs(dense_src):
+    L = Loaded(load_model(dense_src, "cuda"), load_processor(dense_src, True), True, dense_src)
+    reqs = _cuda_requests(L)
+    graphs = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=12, max_batch=4))
+    eager = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=12, max_batch=4, prefill_graphs=False))
+    got = {r.tag: i for r, i in graphs.generate(reqs)}
+    assert len(graphs.prefill_graphs) >= 2 and not eager.prefill_graphs
+    assert got == {r.tag: i for r, i in eager.generate(reqs)}

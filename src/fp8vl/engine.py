@@ -1,16 +1,20 @@
-"""fp8vl's generation engine: continuous batching over a static KV cache, decode in CUDA graphs.
+"""fp8vl's generation engine: continuous batching over a static KV cache, prefill and decode in CUDA graphs.
 
 The gpt-fast / vLLM recipe, kept small by reusing Transformers where it is not on the hot path:
-- **prefill** of one prompt runs the model's own forward (vision tower, DeepStack, M-RoPE position
-  logic, FP8 linears; batch 1, so no padding ever enters a result) and its keys/values are copied
-  into the prompt's slot of the static cache;
+- **prefill** of prompts of one length: the model's own forward up to its language model (vision
+  tower, DeepStack features, M-RoPE position logic stay Transformers'; prefill.decoder_inputs),
+  then fp8vl's own decoder layers (prefill.run_layers) writing each prompt's keys/values into its
+  slot of the static cache; on GPUs the layer loop is captured in one CUDA graph per (batch,
+  length rounded up to 64). Families whose rotary module returns per-axis tables (Qwen2.5-VL)
+  prefill through Transformers' forward and copy its cache;
 - **decode** of all slots at once runs fp8vl's own restatement of the decoder layer (RMSNorm, fused
   qkv and gate_up linears, q/k norm, rotary from the model's own rotary module, grouped-query SDPA
   over the static cache), captured in one CUDA graph per batch-size bucket on GPUs;
 - **continuous batching**: a finished sequence frees its slot, which the next prompt fills at once.
-Decoder families: Qwen3-VL (dense and MoE), Qwen2.5-VL, Qwen3, Llama. Others (Gemma 3: sliding window,
-other norms) generate through Transformers, one prompt at a time. The CPU runs the same code without
-graphs, which is how the tests check it.
+BF16 and FP8 checkpoints run the same code; they differ only in the linears. Decoder families:
+Qwen3-VL (dense and MoE), Qwen2.5-VL, Qwen3, Llama. Others (Gemma 3: sliding window, other norms)
+generate through Transformers, one prompt at a time. The CPU runs the same code without graphs,
+which is how the tests check it.
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from .errors import FP8VLError
+from .layers import _Layer, _decoder_layers, _rotate_half, _text_parts, rms_norm
+from .prefill import DecoderInputs, decoder_inputs, dense_deepstack, run_layers
 from .runtime import FP8Experts, FP8Linear
 
 GiB = 1024**3
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+PREFILL_PAD = 64     # prefill graphs are captured for prompt lengths rounded up to this
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,8 @@ class EngineOptions:
     reserve: int = int(3 * GiB)          # device memory kept free for prefill activations (CUDA)
     prefill_batch: int = 8               # prompts of one length prefilled in one forward
     decode_kernels: bool = True          # fp8vl's Triton decode kernels where they apply (CUDA, bf16)
+    restated_prefill: bool = True        # prefill through fp8vl's own layers (False: Transformers' forward)
+    prefill_graphs: bool = True          # ... captured in CUDA graphs (CUDA, dense layers, cuda_graphs on)
 
 
 @dataclass
@@ -55,98 +64,6 @@ class _Seq:
     prompt_len: int
     delta: int                           # M-RoPE: rotary position minus sequence index
     tokens: list[int] = field(default_factory=list)
-
-
-@dataclass
-class _Layer:
-    ln1: torch.Tensor
-    ln2: torch.Tensor
-    eps: float
-    qkv: torch.nn.Module
-    o: torch.nn.Module
-    q_norm: torch.Tensor | None
-    k_norm: torch.Tensor | None
-    gate_up: torch.nn.Module | None      # dense MLP, fused
-    down: torch.nn.Module | None
-    act: object
-    mlp: torch.nn.Module | None          # MoE block, called as is
-    scaling: float
-
-
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """Transformers' RMSNorm of the Llama/Qwen families: normalize in float32, scale in x's dtype."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return w * h.to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, -1)
-    return torch.cat((-x2, x1), -1)
-
-
-def fuse_linears(mods: list[torch.nn.Module]) -> torch.nn.Module | None:
-    """One module computing ``cat([m(x) for m in mods], -1)``; the originals become row views of it
-    (no extra memory, and the model's own forward keeps working). None where the layouts differ or
-    an FP8 part's rows are not whole 128-row scale blocks."""
-    if all(isinstance(m, FP8Linear) for m in mods):
-        if any(m.out_features % 128 for m in mods) or len({m.mode for m in mods}) > 1:
-            return None
-        fused = FP8Linear(torch.cat([m.weight for m in mods]), torch.cat([m.weight_scale_inv for m in mods]),
-                          torch.cat([m.bias for m in mods]) if mods[0].bias is not None else None, mods[0].mode)
-        row = 0
-        for m in mods:
-            n = m.out_features
-            m.weight, m.weight_scale_inv = fused.weight[row:row + n], fused.weight_scale_inv[row // 128:(row + n) // 128]
-            if m.bias is not None:
-                m.bias = torch.nn.Parameter(fused.bias.data[row:row + n], requires_grad=False)
-            row += n
-        return fused
-    if all(type(m) is torch.nn.Linear for m in mods) and len({m.bias is None for m in mods}) == 1:
-        w = torch.cat([m.weight.data for m in mods])
-        fused = torch.nn.Linear(w.shape[1], w.shape[0], bias=mods[0].bias is not None, device="meta")
-        fused.weight = torch.nn.Parameter(w, requires_grad=False)
-        if mods[0].bias is not None:
-            fused.bias = torch.nn.Parameter(torch.cat([m.bias.data for m in mods]), requires_grad=False)
-        row = 0
-        for m in mods:
-            n = m.out_features
-            m.weight = torch.nn.Parameter(w[row:row + n], requires_grad=False)
-            if m.bias is not None:
-                m.bias = torch.nn.Parameter(fused.bias.data[row:row + n], requires_grad=False)
-            row += n
-        return fused
-    return None
-
-
-def _text_parts(model: torch.nn.Module):
-    base = model.model
-    lm = getattr(base, "language_model", base)
-    return base, lm
-
-
-def _decoder_layers(model: torch.nn.Module) -> list[_Layer] | None:
-    """fp8vl's view of each decoder layer, or None for a family the engine does not restate."""
-    _, lm = _text_parts(model)
-    out = []
-    for layer in lm.layers:
-        attn = getattr(layer, "self_attn", None)
-        if attn is None or hasattr(layer, "pre_feedforward_layernorm") or \
-                getattr(attn, "sliding_window", None) or not hasattr(attn, "q_proj"):
-            return None
-        qkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
-        mlp = layer.mlp
-        dense = all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
-        gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj]) if dense else None
-        if qkv is None or (dense and gate_up is None):
-            return None
-        qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        out.append(_Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                          layer.input_layernorm.variance_epsilon, qkv, attn.o_proj,
-                          qn.weight if qn is not None else None, kn.weight if kn is not None else None,
-                          gate_up, mlp.down_proj if dense else None, mlp.act_fn if dense else None,
-                          None if dense else mlp, attn.scaling))
-    return out
 
 
 class Engine:
@@ -166,7 +83,13 @@ class Engine:
         self.dtype = self.embed.weight.dtype
         self.generator = torch.Generator(device=self.device).manual_seed(opts.seed)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (batch, padded length, DeepStack layers) -> (graph, output [b, n_pad, H]); the graphs share
+        # one memory pool and their input buffers (x, cos, sin, ds, slots: _static)
+        self.prefill_graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.prefill_inputs: dict[str, torch.Tensor] = {}
+        self.prefill_pool = None
         self.fused = self._fused_mode()
+        self.restated = opts.restated_prefill and self.layers is not None and self._flat_rope()
         self.batch = self._batch_size() if self.layers is not None else 1
         if self.layers is not None:
             self._allocate()
@@ -180,6 +103,13 @@ class Engine:
         if not all(isinstance(m, FP8Linear) and m.mode in ("scaled_mm", "triton") for m in mods):
             return None
         return "triton" if mods[0].mode == "triton" else "auto"
+
+    def _flat_rope(self) -> bool:
+        """The rotary module returns one [b, n, hd] table (Qwen3-VL, Qwen3, Llama); Qwen2.5-VL's
+        returns per-axis tables [3, b, n, hd], which prefill.run_layers does not take."""
+        x = torch.zeros(1, 1, 1, dtype=self.dtype, device=self.device)
+        pid = torch.zeros((3, 1, 1) if self.mrope else (1, 1), dtype=torch.long, device=self.device)
+        return self.rotary(x, pid)[0].dim() == 3
 
     # ------------------------------------------------------------ memory
     def kv_bytes_per_token(self) -> int:
@@ -216,27 +146,109 @@ class Engine:
     # ------------------------------------------------------------ prefill
     @torch.no_grad()
     def _prefill(self, slots: list[int], group: list[dict[str, torch.Tensor]]) -> list[tuple[torch.Tensor, int, int]]:
-        """Run prompts of one length through the model's own forward together (no padding: the
-        batch dimension stacks whole prompts); each one's keys/values into its slot.
+        """Prefill prompts of one length together (no padding: the batch dimension stacks whole
+        prompts); each one's keys/values into its slot.
         Returns per prompt (last-position logits [vocab], prompt length, M-RoPE delta)."""
         n = group[0]["input_ids"].shape[1]
         if n + 1 > self.opts.max_len:
             raise FP8VLError(f"a prompt of {n} tokens does not fit the engine's {self.opts.max_len}-token "
                              f"sequences; use smaller images or a shorter prompt")
+        # a padded prompt (never one the processor encoded alone) needs Transformers' masking
+        padded = any("attention_mask" in g and not bool(g["attention_mask"].all()) for g in group)
         # per-token tensors stack on a batch axis; image patches and grids concatenate (one row per image)
         inputs = {k: torch.cat([g[k] for g in group]).to(self.device) for k in group[0]}
+        if not self.restated or padded:
+            return self._prefill_transformers(slots, inputs, n)
+        d = decoder_inputs(self.model, inputs)
+        x = self._prefill_layers(d, torch.tensor(slots, device=self.device))
+        logits = self.lm_head(rms_norm(x[:, n - 1], self.norm.weight, self.norm.variance_epsilon))
+        return [(logits[j], n, d.deltas[j]) for j in range(len(group))]
+
+    def _prefill_transformers(self, slots: list[int], inputs: dict[str, torch.Tensor], n: int
+                              ) -> list[tuple[torch.Tensor, int, int]]:
+        """The model's own forward; its cache copied into the slots."""
         if self.mrope:
             self.base.rope_deltas = None   # Transformers keeps the last prompt's delta here
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        b = inputs["input_ids"].shape[0]
         deltas = self.base.rope_deltas.flatten().tolist() if self.mrope and self.base.rope_deltas is not None \
-            else [0] * len(group)
+            else [0] * b
         cache = getattr(out, "cache", None) or out.past_key_values
         idx = torch.tensor(slots, device=self.device)
         for i in range(len(self.layers)):
             layer = cache.layers[i]
             self.k[i][idx, :, :n] = layer.keys
             self.v[i][idx, :, :n] = layer.values
-        return [(out.logits[j, -1], n, int(deltas[j])) for j in range(len(group))]
+        return [(out.logits[j, -1], n, int(deltas[j])) for j in range(b)]
+
+    def _prefill_graphs_ok(self, b: int, n_pad: int) -> bool:
+        # MoE blocks route tokens on the host when they are many (FP8Experts' per-expert loop)
+        return self.device.type == "cuda" and self.opts.cuda_graphs and self.opts.prefill_graphs and \
+            all(L.mlp is None for L in self.layers) and b <= self._prefill_rows() and n_pad <= self.opts.max_len
+
+    def _prefill_rows(self) -> int:
+        return min(self.opts.prefill_batch, self.batch)
+
+    def _prefill_layers(self, d: DecoderInputs, slots: torch.Tensor) -> torch.Tensor:
+        """prefill.run_layers on these inputs -> hidden states [b, n or n_pad, H] before the final
+        norm: replayed from a CUDA graph where one applies, else eagerly."""
+        cos, sin = self.rotary(d.embeds, d.position_ids)                   # [b, n, hd]
+        ds = dense_deepstack(d)
+        b, n = d.embeds.shape[:2]
+        n_pad = round_up(n, PREFILL_PAD)
+        if self._prefill_graphs_ok(b, n_pad):
+            return self._prefill_replay(dict(x=d.embeds, cos=cos, sin=sin, ds=ds, slots=slots), n_pad)
+        return run_layers(self.layers, d.embeds, cos, sin, ds, self.k, self.v, slots, self.fused)
+
+    def _static(self, name: str, like: torch.Tensor, shape: tuple[int, ...], per_prompt: int) -> torch.Tensor:
+        """A contiguous ``shape`` view into the one buffer of input ``name`` that every prefill graph
+        reads, sized for prefill_batch prompts of ``per_prompt`` elements (at max_len tokens): a
+        graph's inputs cost no memory of their own."""
+        buf = self.prefill_inputs.get(name)
+        if buf is None:
+            buf = torch.zeros(per_prompt * self._prefill_rows(), dtype=like.dtype, device=self.device)
+            self.prefill_inputs[name] = buf
+        return buf[:math.prod(shape)].view(shape)
+
+    def _prefill_replay(self, real: dict[str, torch.Tensor | None], n_pad: int) -> torch.Tensor:
+        """The layer loop over inputs padded to n_pad positions (zeros after the prompt), from the
+        graph of (b, n_pad, DeepStack layers), captured on first use. The padding sits after the
+        prompt, so causal attention keeps the real positions exact; its cache entries lie past the
+        prompt, where decode writes position p before it ever reads it."""
+        b, n = real["x"].shape[:2]
+        axis = dict(x=1, cos=1, sin=1, ds=2)                               # the token axis
+        bufs = {}
+        for k, t in real.items():
+            if t is None:
+                bufs[k] = None
+            elif k == "slots":
+                bufs[k] = self._static(k, t, (b,), 1)
+                bufs[k].copy_(t)
+            else:
+                shape = list(t.shape)
+                shape[axis[k]] = n_pad
+                bufs[k] = self._static(k, t, tuple(shape), math.prod(shape) // (b * n_pad) * self.opts.max_len)
+                bufs[k].narrow(axis[k], 0, n).copy_(t)
+                bufs[k].narrow(axis[k], n, n_pad - n).zero_()
+        key = (b, n_pad, 0 if real["ds"] is None else real["ds"].shape[0])
+        if key not in self.prefill_graphs:
+            def run() -> torch.Tensor:
+                return run_layers(self.layers, bufs["x"], bufs["cos"], bufs["sin"], bufs["ds"], self.k, self.v,
+                                  bufs["slots"], self.fused)
+            # warm up off the capture (Triton autotuning, cuBLAS handles), then capture
+            s = torch.cuda.Stream(self.device)
+            s.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(s):
+                run()
+            torch.cuda.current_stream(self.device).wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.prefill_pool):
+                out = run()
+            self.prefill_pool = self.prefill_pool or g.pool()
+            self.prefill_graphs[key] = (g, out)
+        g, out = self.prefill_graphs[key]
+        g.replay()
+        return out
 
     # ------------------------------------------------------------ decode
     def _rope(self, x: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
