@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from fp8vl import FP8VLError, QuantizeOptions, quantize
 from fp8vl.dequantize import dequantize
 from fp8vl.options import DequantizeOptions
-from helpers import ROOT, cli_env, file_hashes, load_tensors
+from helpers import ROOT, cli_env, file_hashes
 
 
 def listing(folder: Path) -> list[str]:
