@@ -214,6 +214,8 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
+# ---------------------------------------------------------------- GPU kernels: shared by the GPU and interpreter tests
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, in float32."""
     return float((a.float() - b.float()).norm() / b.float().norm())
