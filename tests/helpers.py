@@ -1,6 +1,8 @@
 """Shared test code: an independent FP8 reference written plainly, and file/tensor utilities.
 
-Nothing here imports fp8vl's numerics: the reference is what the tests judge fp8vl against.
+Nothing here imports fp8vl's numerics at import time: the plain reference is what the tests judge
+fp8vl against. The GPU kernels' checks (last section) build on fp8vl.kernel's W8A8 simulation, which
+test_kernel.py judges against that plain reference.
 """
 
 from __future__ import annotations
@@ -210,3 +212,48 @@ def run_under_triton_interpreter(test_file: str) -> None:
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal shapes and bytes (NaN codes and -0 included)."""
     return a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+# ---------------------------------------------------------------- GPU kernels: shared by the GPU and interpreter tests
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in float32."""
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def qwen3_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Transformers' Qwen3(-VL) RMSNorm, unfused: float32 normalization, rounded to x's dtype, times w."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+def w8a8_reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """What a W8A8 server computes for x [M, K] and FP8 weight q [N, K] with block scales s, in float32
+    (on a GPU, with TF32 off): activations quantized per token and 128 channels, weights dequantized
+    -> [M, N]."""
+    from fp8vl.kernel import dequantize_weight, fake_quantize_activations
+
+    return fake_quantize_activations(x.float()) @ dequantize_weight(q, s, torch.float32).t()
+
+
+def fp8_weight(n: int, k: int, seed: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """A random [n, k] weight (std 0.02, as in a model) quantized by fp8vl: (codes, block scales)."""
+    from fp8vl.kernel import quantize_weight
+
+    g = torch.Generator(device).manual_seed(seed)
+    return quantize_weight(torch.randn(n, k, generator=g, device=device) * 0.02)
+
+
+def grouped_gemm_case(experts: int, n: int, k: int, ids: list[int], device: str = "cpu"):
+    """gemm.fp8_grouped_gemm on ``len(ids)`` bf16 rows, row r routed to expert ids[r] (-1: none) of
+    ``experts`` random FP8 weights [n, k] -> (y [rows, n], each row's W8A8 reference or None)."""
+    from fp8vl import gemm
+
+    weights = [fp8_weight(n, k, e, device) for e in range(experts)]
+    g = torch.Generator(device).manual_seed(experts)
+    x = torch.randn(len(ids), k, generator=g, device=device).to(torch.bfloat16)
+    xq, xs = gemm.quantize_activations_gpu(x)
+    y = gemm.fp8_grouped_gemm(xq, xs, torch.stack([q for q, _ in weights]), torch.stack([s for _, s in weights]),
+                              torch.tensor(ids, device=device))
+    return y, [None if e < 0 else w8a8_reference(x[r:r + 1], *weights[e])[0] for r, e in enumerate(ids)]

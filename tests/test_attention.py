@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import INTERPRETER, run_under_triton_interpreter, same_bits
+from helpers import INTERPRETER, qwen3_rmsnorm, run_under_triton_interpreter, same_bits
 from fp8vl import attention
 from fp8vl.engine import _rotate_half, rms_norm
 from fp8vl.kernel import quantize_activations
@@ -183,11 +183,6 @@ def test_the_whole_attention_block_matches_the_engine_step():
     q_ref = reference_rope_cache(qkv, qn, kn, 1e-6, cos, sin, kc2, vc2, lens, h, kv, d)
     exact, vmax = exact_attention(q_ref.contiguous(), kc2, vc2, lens, d ** -0.5)
     assert within_bound(out, exact, vmax)
-
-
-def qwen3_rmsnorm(x, w, eps):
-    h = x.float()
-    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 @interp

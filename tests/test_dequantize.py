@@ -186,9 +186,11 @@ def test_dequantized_output_has_a_card_of_its_own(round_trips):
     assert "FP8 copy of" not in text           # not the FP8 card carried over
 
 
-def test_progress_reaches_its_total(dense_fp8, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_reaches_its_total(dense_fp8, tmp_path, workers):
     """Every byte the total counts is reported by a job (scales are read with their weights, not
-    counted), so a progress bar ends at 100%."""
+    counted), so a progress bar ends at 100%: in the plain loop (one worker) and on the pool."""
     seen = []
-    dequantize(dense_fp8.out, tmp_path / "bf16", DequantizeOptions(workers=2), progress=lambda d, t: seen.append((d, t)))
+    dequantize(dense_fp8.out, tmp_path / "bf16", DequantizeOptions(workers=workers),
+               progress=lambda d, t: seen.append((d, t)))
     assert seen and seen[-1][0] == seen[-1][1] and all(d <= t for d, t in seen)

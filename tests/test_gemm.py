@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fp8vl.kernel import dequantize_weight, fake_quantize_activations, quantize_activations, quantize_weight
+from helpers import grouped_gemm_case, qwen3_rmsnorm, rel, w8a8_reference
+from fp8vl.kernel import dequantize_weight, quantize_activations, quantize_weight
 
 pytestmark = pytest.mark.gpu
 cuda_fp8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
@@ -14,16 +15,6 @@ if not cuda_fp8:
     pytest.skip("needs a CUDA GPU with compute capability >= 8.9", allow_module_level=True)
 
 gemm = pytest.importorskip("fp8vl.gemm")
-
-
-def reference(x, q, s):
-    """W8A8 as the simulation computes it: float32, no TF32."""
-    xf = fake_quantize_activations(x.float())
-    return xf @ dequantize_weight(q, s, torch.float32).t()
-
-
-def rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +46,7 @@ def test_fp8_linear_matches_w8a8_simulation(m, n, k, backend):
     q, s = quantize_weight(w)
     x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
     y = gemm.fp8_linear(x, q, s, backend=backend)
-    ref = reference(x, q, s)
+    ref = w8a8_reference(x, q, s)
     assert y.shape == (m, n) and y.dtype == torch.bfloat16
     assert torch.isfinite(y).all()
     assert rel(y, ref) < 5e-3  # bf16 output rounding; same products, other summation order
@@ -68,13 +59,7 @@ def test_cublas_path_on_sm90(m):
     x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
     xq, xs = gemm.quantize_activations_gpu(x)
     y = gemm.fp8_gemm(xq, xs.contiguous(), q, s, torch.bfloat16, backend="cublas")  # row-major scales too
-    assert rel(y, reference(x, q, s)) < 5e-3
-
-
-def qwen3_rmsnorm(x, w, eps):
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return w * h.to(x.dtype)
+    assert rel(y, w8a8_reference(x, q, s)) < 5e-3
 
 
 @pytest.mark.parametrize("m", [1, 8, 300])
@@ -119,18 +104,12 @@ def test_w8a16_is_the_weight_only_product(m):
 
 
 def test_grouped_expert_gemm():
-    experts = [quantize_weight(torch.randn(1536, 2048, device="cuda") * 0.02) for _ in range(8)]
-    w = torch.stack([q for q, _ in experts])
-    ws = torch.stack([s for _, s in experts])
-    x = torch.randn(12, 2048, device="cuda", dtype=torch.bfloat16)
-    ids = torch.tensor([0, 7, 7, 3, -1, 5, 1, 1, 2, 6, 4, 0], device="cuda")
-    xq, xs = gemm.quantize_activations_gpu(x)
-    y = gemm.fp8_grouped_gemm(xq, xs, w, ws, ids)
-    for r, e in enumerate(ids.tolist()):
-        if e < 0:
+    y, want = grouped_gemm_case(8, 1536, 2048, [0, 7, 7, 3, -1, 5, 1, 1, 2, 6, 4, 0], "cuda")
+    for r, ref in enumerate(want):
+        if ref is None:
             assert bool((y[r] == 0).all())
         else:
-            assert rel(y[r], reference(x[r:r + 1], *experts[e])[0]) < 5e-3
+            assert rel(y[r], ref) < 5e-3
 
 
 @pytest.mark.parametrize("m", [1, 8, 512])
@@ -204,7 +183,7 @@ def test_capture_of_an_untuned_shape_uses_the_default_table():
     torch.cuda.synchronize()
     assert gemm._tuned(gemm._BLOCK_GEMM_TUNED, _args(40, xq, xs, q, s, None)) is None   # autotune did not run
     assert torch.equal(y, eager)
-    assert rel(y, reference(x, q, s)) < 5e-3
+    assert rel(y, w8a8_reference(x, q, s)) < 5e-3
 
 
 def test_fp8_linear_bias_and_batch_dims():
@@ -212,7 +191,7 @@ def test_fp8_linear_bias_and_batch_dims():
     b = torch.randn(256, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(2, 5, 512, device="cuda", dtype=torch.bfloat16)
     y = gemm.fp8_linear(x, q, s, b)
-    ref = reference(x.reshape(-1, 512), q, s).reshape(2, 5, 256) + b.float()
+    ref = w8a8_reference(x.reshape(-1, 512), q, s).reshape(2, 5, 256) + b.float()
     assert y.shape == (2, 5, 256)
     assert rel(y, ref) < 5e-3
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import INTERPRETER, run_under_triton_interpreter, same_bits
+from helpers import (INTERPRETER, fp8_weight, grouped_gemm_case, qwen3_rmsnorm, rel, run_under_triton_interpreter,
+                     same_bits, w8a8_reference)
 from fp8vl import gemm
-from fp8vl.kernel import FP8_MAX, dequantize_weight, fake_quantize_activations, quantize_activations, quantize_weight
+from fp8vl.kernel import FP8_MAX, dequantize_weight, quantize_activations
 
 interp = pytest.mark.skipif(not INTERPRETER, reason="runs in the TRITON_INTERPRET=1 child process")
 
@@ -23,17 +24,6 @@ interp = pytest.mark.skipif(not INTERPRETER, reason="runs in the TRITON_INTERPRE
 def test_kernels_under_the_triton_interpreter():
     run_under_triton_interpreter(__file__)
 
-
-
-def rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
-def qwen3_rmsnorm(x, w, eps):
-    """Transformers' Qwen3(-VL) RMSNorm, unfused."""
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return w * h.to(x.dtype)
 
 
 @interp
@@ -100,14 +90,6 @@ def test_silu_mul_quant_is_bit_identical_to_the_unfused_bf16_math(m, i):
     assert same_bits(q, q_ref) and torch.equal(s, s_ref)
 
 
-def w8a8_reference(x, q, s):
-    return fake_quantize_activations(x.float()) @ dequantize_weight(q, s, torch.float32).t()
-
-
-def fp8_weight(n, k, seed):
-    return quantize_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02)
-
-
 @interp
 @pytest.mark.parametrize("m,n,k", [(1, 200, 1024), (7, 256, 512), (16, 136, 384)])   # splits 2, 1, 1
 def test_decode_gemm_matches_the_w8a8_simulation(m, n, k):
@@ -168,18 +150,12 @@ def test_w8a16_is_the_weight_only_product(m):
 
 @interp
 def test_grouped_expert_gemm_uses_each_rows_expert():
-    experts = [fp8_weight(136, 256, e) for e in range(4)]
-    w = torch.stack([q for q, _ in experts])
-    ws = torch.stack([s for _, s in experts])
-    x = torch.randn(6, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
-    ids = torch.tensor([0, 3, 3, 1, -1, 2])
-    xq, xs = gemm.quantize_activations_gpu(x)
-    y = gemm.fp8_grouped_gemm(xq, xs, w, ws, ids)
-    for r, e in enumerate(ids.tolist()):
-        if e < 0:
+    y, want = grouped_gemm_case(4, 136, 256, [0, 3, 3, 1, -1, 2])
+    for r, ref in enumerate(want):
+        if ref is None:
             assert bool((y[r] == 0).all())
         else:
-            assert rel(y[r], w8a8_reference(x[r:r + 1], *experts[e])[0]) < 5e-3
+            assert rel(y[r], ref) < 5e-3
 
 
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288), (2048, 2048),

@@ -123,9 +123,10 @@ def verify_cmd(
     engine_tp: str = typer.Option("1,2,4,8", "--engine-tp", help="TP sizes vLLM builds and loads ('' for none)"),
 ) -> None:
     """Check an FP8 checkpoint's structure (and, with --source, its error); exit 1 on any failure."""
+    from .card import update_card as write_section, verify_section
+    from .eval_report import layer_sqnr_plot
     from .report import print_verify
-    from .card import update_card as write_section
-    from .verify import card_section, layer_sqnr_plot, verify
+    from .verify import verify
 
     if plot is not None and source is None:   # before the checks, which take a while on a large model
         raise FP8VLError("--plot needs --source (the chart shows the error against the source)")
@@ -146,7 +147,7 @@ def verify_cmd(
             raise FP8VLError("--plot needs --source (the chart shows the error against the source)")
         err.print(f"chart: {layer_sqnr_plot(r, plot)}")  # stderr: stdout may be the JSON
     if update_card:
-        write_section(output, card_section(r))
+        write_section(output, verify_section(r))
     if not r.ok:
         raise typer.Exit(1)
 
@@ -201,7 +202,8 @@ def _sqnr_chart(source: str, quantized: Path, out_dir: Path) -> Optional[Path]:
     (fp8vl-errors.json) where there is one, else by `verify --source` (every FP8 tensor read and
     compared with its source: said on the console, and so is a failure to draw it)."""
     from .drift import FILE
-    from .verify import layer_sqnr_plot, verify
+    from .eval_report import layer_sqnr_plot
+    from .verify import verify
 
     recorded = (Path(quantized) / FILE).is_file()
     if not recorded:

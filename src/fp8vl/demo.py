@@ -20,11 +20,11 @@ STAMP = ".fp8vl-demo"   # marks a work folder the demo made (and may replace)
 
 def run_demo(workdir: Path, console: Console, limit: int = 6, max_new_tokens: int = 16) -> dict:
     """Build, quantize, verify, load both with Transformers, and evaluate drift; returns the figures."""
-    from .eval_report import print_eval, write_report
+    from .eval_report import layer_sqnr_plot, print_eval, write_report
     from .evaluate import compare_models, evaluate
     from .loader import load_hf_model
     from .prompts import builtin, open_image
-    from .verify import layer_sqnr_plot, verify
+    from .verify import verify
 
     workdir = Path(workdir)
     src, out = workdir / "tiny-qwen3-vl-bf16", workdir / "tiny-qwen3-vl-fp8"

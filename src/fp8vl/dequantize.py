@@ -4,6 +4,7 @@ BF16, streaming, with ``quantization_config`` removed. Split MoE experts stay sp
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -13,10 +14,10 @@ from .errors import FP8VLError
 from .options import DequantizeOptions
 from .formats import SCALE_SUFFIXES
 from .kernel import BLOCK, cdiv, dequantize_weight
-from .shards import NAMES, Scratch, ShardWriter, Slot, TensorInfo, read_rows
+from .shards import NAMES, Scratch, Slot, TensorInfo, read_rows
 from .source import open_checkpoint
-from .writer import (Job, Staging, assign_shards, bytes_to_write, check_output, check_paths, copy_files, copy_jobs,
-                     other_files, write_config, write_index, write_shards)
+from .writer import (Chunk, Job, Piece, Staging, assign_shards, bytes_to_write, check_output, check_paths, copy_files,
+                     copy_jobs, other_files, write_config, write_index, write_shards)
 
 SCALES = SCALE_SUFFIXES
 CHUNK_BYTES = 8 << 20     # FP8 bytes per job
@@ -25,6 +26,14 @@ CHUNK_BYTES = 8 << 20     # FP8 bytes per job
 def _scale_of(name: str, tensors: dict[str, TensorInfo]) -> TensorInfo | None:
     module = name.rsplit(".", 1)[0]
     return next((tensors[f"{module}.{s}"] for s in SCALES if f"{module}.{s}" in tensors), None)
+
+
+def _dequantize_chunk(name: str, t: TensorInfo, scale: TensorInfo, dtype: torch.dtype, r0: int, r1: int,
+                      scratch: Scratch) -> Chunk:
+    """Rows r0:r1 of FP8 weight ``t`` [n, k] as ``dtype`` (codes x block scale), written at row r0."""
+    s = read_rows(scale, r0 // BLOCK, cdiv(r1, BLOCK))
+    q = read_rows(t, r0, r1, scratch)
+    return Chunk((Piece(name, r0 * t.shape[1] * dtype.itemsize, dequantize_weight(q, s, dtype)),))
 
 
 def dequantize(source: str | Path, output: str | Path, opts: DequantizeOptions = DequantizeOptions(),
@@ -48,20 +57,15 @@ def dequantize(source: str | Path, output: str | Path, opts: DequantizeOptions =
         n = t.nbytes * item if scale is not None else t.nbytes
         units.append([Slot(name, NAMES[out_dtype] if scale is not None else t.dtype, t.shape, n)])
 
-    def jobs_for(slot: Slot, writer: ShardWriter) -> list[Job]:
+    def jobs_for(slot: Slot) -> list[Job]:
         t, scale = plan[slot.name]
         if scale is None:
-            return copy_jobs(slot.name, t, writer)
+            return copy_jobs(slot.name, t)
         n, k = t.shape
         rows = max(BLOCK, (CHUNK_BYTES // max(1, k)) // BLOCK * BLOCK)
-
-        def job(r0: int, r1: int) -> Callable[[Scratch], None]:
-            def run(scratch: Scratch) -> None:
-                s = read_rows(scale, r0 // BLOCK, cdiv(r1, BLOCK))
-                q = read_rows(t, r0, r1, scratch)
-                writer.write(slot.name, r0 * k * item, dequantize_weight(q, s, out_dtype))
-            return run
-        return [((min(r0 + rows, n) - r0) * k, job(r0, min(r0 + rows, n))) for r0 in range(0, n, rows)]
+        spans = [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
+        return [Job((r1 - r0) * k, partial(_dequantize_chunk, slot.name, t, scale, out_dtype, r0, r1))
+                for r0, r1 in spans]
 
     total = sum(t.nbytes for t, _ in plan.values())   # what the jobs report: scales are read, not counted
     out_bytes = sum(s.nbytes for u in units for s in u)

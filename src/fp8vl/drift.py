@@ -87,7 +87,7 @@ def summarize_parts(parts: list[Part]) -> dict[str, float | None]:
 
 
 class Drift:
-    """Collects chunk errors from worker threads; ``finish(name)`` turns one tensor's into figures."""
+    """Collects chunk errors (from any thread); ``finish(name)`` turns one tensor's into figures."""
 
     def __init__(self, known: dict[str, dict] | None = None) -> None:
         self._parts: dict[str, dict[int, Part]] = {}

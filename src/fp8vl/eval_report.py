@@ -1,13 +1,22 @@
-"""Eval results as a terminal table, a Markdown report with plots, and a model-card section."""
+"""Eval results as a terminal table, a Markdown report with plots, and a model-card section; the
+per-tensor SQNR chart (``verify --plot``, and the report's second plot).
+
+Rendering only: the results' types are imported for annotations, so drawing a chart loads no model code.
+"""
 
 from __future__ import annotations
 
+import re
+from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-from .evaluate import EvalReport
+if TYPE_CHECKING:
+    from .evaluate import EvalReport
+    from .verify import Report
 
 CARD_BEGIN, CARD_END = "<!-- fp8vl:eval -->", "<!-- /fp8vl:eval -->"
 COLUMNS = ("prompts", "mean KL", "max KL", "top-1", "greedy exact", "first divergence", "PPL src", "PPL fp8")
@@ -56,6 +65,31 @@ def kl_plot(r: EvalReport, path: Path) -> Path:
     ax.set_ylabel("mean next-token KL (nats)")
     ax.set_title("KL(source || FP8) per prompt (blue: text, orange: image)")
     ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def layer_sqnr_plot(r: Report, path: Path) -> Path:
+    """Per-tensor SQNR of a verify report in checkpoint order, one series per projection kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for i, t in enumerate(r.tensors):
+        kind = re.sub(r"^.*\.(\w+)\.weight$", r"\1", t.name)
+        series[kind].append((i, t.sqnr_db))
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    for kind, pts in sorted(series.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], ".", label=kind)
+    ax.set_xlabel("FP8 tensor (checkpoint order, layer by layer)")
+    ax.set_ylabel("SQNR (dB)")
+    ax.set_title("FP8 weights vs source: signal-to-quantization-noise ratio")
+    ax.legend(fontsize=7, ncol=4)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

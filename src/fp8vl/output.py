@@ -2,8 +2,9 @@
 
 Shape of the job (after llm-compressor's model-free path): check every source shard's header
 first; plan; then write each output shard as a set of small independent chunk jobs (read rows
--> quantize -> write at a precomputed offset) run on a thread pool with a bounded number in
-flight, so memory stays a few chunks whatever the shard or tensor size. The index is written
+-> quantize -> return codes and scales, which the writer puts at precomputed offsets) run on a
+thread pool with a bounded number in flight (one worker: a plain loop), so memory stays a few
+chunks whatever the shard or tensor size. The index is written
 once, at the end; everything goes to a temporary folder that is renamed into place last. Each
 chunk's quantization error is measured as it is written (drift.py) where asked (``record_error``) and
 when streaming from the hub (the source is gone afterwards). convert.py runs this for a local
@@ -12,9 +13,9 @@ folder, hub.py shard by shard as the download goes.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -28,10 +29,11 @@ from .formats import quantization_config, scale_suffix, text_config
 from .kernel import BLOCK, all_finite, fp8_nan_count, non_finite_count, quantize_weight
 from .options import QuantizeOptions
 from .plan import Entry, Plan, make_plan, scale_shape
-from .shards import NAMES, Scratch, ShardWriter, Slot, TensorInfo, read_matrix, read_rows
+from .shards import NAMES, Scratch, Slot, TensorInfo, read_matrix, read_rows
 from .source import Checkpoint, check_dtypes
 from .tp import tp_report
-from .writer import Job, assign_shards, check_output, copy_jobs, write_config, write_index, write_shards
+from .writer import (Chunk, Job, Piece, assign_shards, check_output, copy_jobs, write_config, write_index,
+                     write_shards)
 
 Units = list[list[Slot]]   # per plan entry: its output slots (a weight, or an FP8 weight and its scale)
 
@@ -76,43 +78,37 @@ def _quantize_job(w: torch.Tensor, scale_dtype: torch.dtype, device: str, measur
     return q.cpu(), s.cpu(), chunk_error(wd, q, s) if measure else None
 
 
-def _jobs(e: Entry, t: TensorInfo, fmt: str, scale_dtype: torch.dtype, device: str,
-          writer: ShardWriter, drift: Drift | None) -> list[Job]:
-    """Jobs that together write entry ``e`` (and its scale) into ``writer``."""
+def _quantize_chunk(e: Entry, t: TensorInfo, scale_name: str, scale_dtype: torch.dtype, device: str,
+                    measure: bool, r0: int, r1: int, scratch: Scratch) -> Chunk:
+    """Rows r0:r1 of entry ``e``'s [out, in] weight (an expert's: all of them) -> its FP8 codes, written
+    at row r0, and their [cdiv(r1 - r0, 128), cdiv(in, 128)] scales at block row r0 / 128; the note is
+    (r0, the chunk's error or None)."""
+    w = read_rows(t, r0, r1, scratch) if e.expert is None else read_matrix(t, e.expert, e.rows, e.transpose, scratch)
+    q, s, err = _quantize_job(w, scale_dtype, device, measure)
+    if fp8_nan_count(q) or not all_finite(s) or (s.float() <= 0).any():
+        # Either the source holds NaN/Inf, or finite weights too large for the scale dtype: say which.
+        if not all_finite(w):
+            raise FP8VLError(f"{t.file}: tensor {e.source} holds {non_finite_count(w)} NaN/Inf value(s); "
+                             f"fix the source")
+        amax = float(w.abs().max())
+        raise FP8VLError(f"tensor {e.source}: its largest value {amax:.3g} needs a scale of {amax / 448:.3g}, "
+                         f"which overflows a {scale_dtype_name(scale_dtype)} scale; use --scale-dtype float32 "
+                         f"or bfloat16")
+    s_row = scale_shape(e)[1] * scale_dtype.itemsize
+    return Chunk((Piece(e.name, r0 * e.shape[1], q), Piece(scale_name, (r0 // BLOCK) * s_row, s)), (r0, err))
+
+
+def _jobs(e: Entry, t: TensorInfo, fmt: str, scale_dtype: torch.dtype, device: str, measure: bool) -> list[Job]:
+    """Jobs that together make entry ``e`` (and its scale); ``measure``: each chunk's error as its note."""
     if not e.quantize:
-        return copy_jobs(e.name, t, writer, finite=True)
-    scale_name = f"{e.module}.{scale_suffix(fmt)}"
+        return copy_jobs(e.name, t, finite=True)
     n_out, k = e.shape
-    s_item = scale_dtype.itemsize
-    s_cols = scale_shape(e)[1]
-
-    def put(r0: int, w: torch.Tensor) -> None:
-        q, s, err = _quantize_job(w, scale_dtype, device, drift is not None)
-        if fp8_nan_count(q) or not all_finite(s) or (s.float() <= 0).any():
-            # Either the source holds NaN/Inf, or finite weights too large for the scale dtype: say which.
-            if not all_finite(w):
-                raise FP8VLError(f"{t.file}: tensor {e.source} holds {non_finite_count(w)} NaN/Inf value(s); "
-                                 f"fix the source")
-            amax = float(w.abs().max())
-            raise FP8VLError(f"tensor {e.source}: its largest value {amax:.3g} needs a scale of {amax / 448:.3g}, "
-                             f"which overflows a {scale_dtype_name(scale_dtype)} scale; use --scale-dtype float32 "
-                             f"or bfloat16")
-        writer.write(e.name, r0 * k, q)
-        writer.write(scale_name, (r0 // BLOCK) * s_cols * s_item, s)
-        if drift is not None:
-            drift.add(e.name, r0, err)
-
+    job = partial(_quantize_chunk, e, t, f"{e.module}.{scale_suffix(fmt)}", scale_dtype, device, measure)
     if e.expert is not None:
-        def expert_job(scratch: Scratch) -> None:
-            put(0, read_matrix(t, e.expert, e.rows, e.transpose, scratch))
-        return [(n_out * k * t.itemsize, expert_job)]
-
+        return [Job(n_out * k * t.itemsize, partial(job, 0, n_out))]
     rows = max(BLOCK, (CHUNK_BYTES // max(1, k * t.itemsize)) // BLOCK * BLOCK)
-
-    def rows_job(r0: int, r1: int) -> Callable[[Scratch], None]:
-        return lambda scratch: put(r0, read_rows(t, r0, r1, scratch))
-    return [((min(r0 + rows, n_out) - r0) * k * t.itemsize, rows_job(r0, min(r0 + rows, n_out)))
-            for r0 in range(0, n_out, rows)]
+    spans = [(r0, min(r0 + rows, n_out)) for r0 in range(0, n_out, rows)]
+    return [Job((r1 - r0) * k * t.itemsize, partial(job, r0, r1)) for r0, r1 in spans]
 
 
 class Feed(Protocol):
@@ -122,27 +118,8 @@ class Feed(Protocol):
         """The source tensor ``name``, on disk (a hub feed waits until its shard is)."""
 
     def entry_done(self, e: Entry, shard: Path) -> None:
-        """Every byte of ``e`` is written into output shard ``shard`` (called from a worker thread)."""
-
-
-def _tracked(jobs: list[Job], done: Callable[[], None]) -> list[Job]:
-    """``jobs`` with ``done()`` called once, after the last of them finishes."""
-    if not jobs:
-        done()
-        return jobs
-    left = [len(jobs)]
-    lock = threading.Lock()
-
-    def wrap(job: Callable[[Scratch], None]) -> Callable[[Scratch], None]:
-        def run(scratch: Scratch) -> None:
-            job(scratch)
-            with lock:
-                left[0] -= 1
-                last = left[0] == 0
-            if last:
-                done()
-        return run
-    return [(n, wrap(j)) for n, j in jobs]
+        """Every byte of ``e`` is written into output shard ``shard`` (called on the thread that wrote
+        the last of them: a pool thread, or the caller's with one worker)."""
 
 
 def plan_conversion(ckpt: Checkpoint, out: Path | None, opts: QuantizeOptions) -> tuple[Result, Units, torch.dtype]:
@@ -174,16 +151,25 @@ def write_output(tmp: Path, ckpt: Checkpoint, res: Result, units: Units, scale_d
     # so it runs where the source will be gone (hub streaming passes its Drift) or when asked.
     drift = drift or (Drift() if opts.record_error else None)
 
-    def jobs_for(slot: Slot, writer: ShardWriter) -> list[Job]:
+    def jobs_for(slot: Slot) -> list[Job]:
         e = by_name.get(slot.name)   # None for a scale: its weight's jobs write it
         if e is None:
             return []
         t = ckpt.tensors[e.source] if feed is None else feed.tensor(e.source)
-        jobs = _jobs(e, t, opts.format, scale_dtype, opts.device, writer, drift)
-        return jobs if feed is None else _tracked(jobs, lambda: feed.entry_done(e, writer.path))
+        return _jobs(e, t, opts.format, scale_dtype, opts.device, drift is not None)
+
+    def slot_done(slot: Slot, shard: Path, notes: list) -> None:
+        e = by_name.get(slot.name)
+        if e is None:
+            return
+        if drift is not None and e.quantize:
+            for r0, err in notes:
+                drift.add(e.name, r0, err)
+        if feed is not None:
+            feed.entry_done(e, shard)
 
     shards = assign_shards(units, opts.max_shard_size)
-    weight_map = write_shards(tmp, shards, jobs_for, opts.workers, progress, res.bytes_in, kept)
+    weight_map = write_shards(tmp, shards, jobs_for, opts.workers, progress, res.bytes_in, kept, slot_done)
     res.shards = sorted(set(weight_map.values()))
     write_index(tmp, weight_map, res.bytes_out)
     write_config(tmp, with_fields({**ckpt.config, "quantization_config":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,6 @@ SCAN_BYTES = 64 << 20
 # vLLM's renaming of Qwen3-VL / Qwen2.5-VL checkpoint names (its hf_to_vllm_mapper).
 VLLM_PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "language_model.model."),
                  ("lm_head.", "language_model.lm_head."))
-CARD_BEGIN, CARD_END = "<!-- fp8vl:verify -->", "<!-- /fp8vl:verify -->"
 
 
 @dataclass
@@ -382,41 +380,3 @@ def _check_index(ckpt: Checkpoint, r: Report) -> None:
         r.add("error", "index", f"metadata.total_size {total} != {actual} bytes of tensors in the shards")
     if not extra and (total is None or total == actual):
         r.add("ok", "index", f"{len(wmap)} tensors in {len(set(wmap.values()))} shard(s), total_size matches")
-
-
-def layer_sqnr_plot(r: Report, path: Path) -> Path:
-    """Per-tensor SQNR in checkpoint order, one series per projection kind."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for i, t in enumerate(r.tensors):
-        kind = re.sub(r"^.*\.(\w+)\.weight$", r"\1", t.name)
-        series[kind].append((i, t.sqnr_db))
-    fig, ax = plt.subplots(figsize=(9, 3.5))
-    for kind, pts in sorted(series.items()):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], ".", label=kind)
-    ax.set_xlabel("FP8 tensor (checkpoint order, layer by layer)")
-    ax.set_ylabel("SQNR (dB)")
-    ax.set_title("FP8 weights vs source: signal-to-quantization-noise ratio")
-    ax.legend(fontsize=7, ncol=4)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def card_section(r: Report) -> str:
-    lines = [CARD_BEGIN, "## Verification (fp8vl verify)", "", "| check | result |", "|---|---|"]
-    lines += [f"| {c.name} | {c.level}: {c.message} |" for c in r.checks]
-    lines += ["", "Bytes by dtype: " + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in r.bytes_by_dtype.items()),
-              "", summarize(r.tp) + "." if r.tp else ""]
-    if r.tensors:
-        mean = sum(t.sqnr_db for t in r.tensors) / len(r.tensors)
-        how = "vs source" if r.kept_identical is not None else "vs source, measured while converting"
-        lines += ["", f"Per-tensor SQNR {how}: mean {mean:.1f} dB, worst "
-                      f"{min(t.sqnr_db for t in r.tensors):.1f} dB over {len(r.tensors)} FP8 tensors."]
-    return "\n".join(lines + [CARD_END, ""])

@@ -15,6 +15,8 @@ import socket
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -29,25 +31,51 @@ from .source import INDEX, OTHER_WEIGHTS, SKIP_DIRS
 log = logging.getLogger("fp8vl")
 COPY_BYTES = 16 << 20     # bytes per job when copying a tensor unchanged (x 2 x workers in flight)
 SHARD_METADATA = {"format": "pt"}
-Job = tuple[int, Callable[[Scratch], None]]   # (source bytes it covers, the work given a read buffer)
 
 
-def copy_jobs(name: str, t: TensorInfo, writer: ShardWriter, finite: bool = False) -> list[Job]:
-    """Copy tensor ``t`` byte for byte into ``writer`` as ``name``, 16 MB at a time; with ``finite``,
-    a floating-point tensor holding NaN or Inf is refused (one min/max pass per chunk)."""
+@dataclass(frozen=True)
+class Piece:
+    """``data``'s bytes belong in output tensor ``name`` from its byte ``at`` (any dtype: written as raw
+    bytes). ``data`` may be a view of the job's read buffer: it is written before that buffer is reused."""
+
+    name: str
+    at: int
+    data: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What one job made: the pieces to write, and a note handed on to ``slot_done`` with the other notes
+    of its slot (quantize: the chunk's first row and its error, for drift.py)."""
+
+    pieces: tuple[Piece, ...]
+    note: object = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """``run(scratch)`` reads ``nbytes`` source bytes (into ``scratch``, its thread's read buffer) and
+    returns the Chunk to write. It writes nothing itself: ``write_shards`` does."""
+
+    nbytes: int
+    run: Callable[[Scratch], Chunk]
+
+
+def _copy_chunk(t: TensorInfo, name: str, at: int, n: int, finite: bool, scratch: Scratch) -> Chunk:
+    data = read_bytes(t.file, t.offset + at, n, scratch)
+    if finite and not all_finite(data.view(t.torch_dtype)):
+        bad = non_finite_count(data.view(t.torch_dtype))
+        raise FP8VLError(f"{t.file}: tensor {t.name} holds {bad} NaN/Inf value(s) (it is kept as "
+                         f"{t.dtype}, not quantized); fix the source")
+    return Chunk((Piece(name, at, data),))
+
+
+def copy_jobs(name: str, t: TensorInfo, finite: bool = False) -> list[Job]:
+    """Copy tensor ``t`` byte for byte as ``name``, 16 MB a job; with ``finite``, a floating-point
+    tensor holding NaN or Inf is refused (one min/max pass per chunk)."""
     check = finite and t.dtype in ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
-
-    def job(at: int, n: int) -> Callable[[Scratch], None]:
-        def run(scratch: Scratch) -> None:
-            data = read_bytes(t.file, t.offset + at, n, scratch)
-            if check and not all_finite(data.view(t.torch_dtype)):
-                bad = non_finite_count(data.view(t.torch_dtype))
-                raise FP8VLError(f"{t.file}: tensor {t.name} holds {bad} NaN/Inf value(s) (it is kept as "
-                                 f"{t.dtype}, not quantized); fix the source")
-            writer.write(name, at, data)
-        return run
     spans = [(at, min(COPY_BYTES, t.nbytes - at)) for at in range(0, t.nbytes, COPY_BYTES)] or [(0, 0)]
-    return [(n, job(at, n)) for at, n in spans]
+    return [Job(n, partial(_copy_chunk, t, name, at, n, check)) for at, n in spans]
 
 
 def check_paths(source: Path, output: Path, overwrite: bool) -> None:
@@ -323,67 +351,152 @@ def kept_slots(tmp: Path, shards: list[list[Slot]], done: set[str]) -> set[str]:
     return kept
 
 
-def write_shards(tmp: Path, shards: list[list[Slot]], jobs_for: Callable[[Slot, ShardWriter], list[Job]],
-                 workers: int, progress: Callable[[int, int], None] | None, total: int,
-                 kept: set[str] = frozenset()) -> dict[str, str]:
-    """Write every shard with ``jobs_for(slot, writer)``'s jobs on a thread pool; returns the weight map.
-    Slots in ``kept`` (see ``kept_slots``) are already in their shard file and are not written again.
+SlotDone = Callable[[Slot, Path, list], None]   # (slot, its shard file, its jobs' notes in job order)
 
-    At most 2 x workers jobs are in flight (this bounds memory). Results, failures and ``progress``
-    are handled on the calling thread, so an exception there (Ctrl-C included) stops the run: jobs
-    not started are cancelled and the error re-raised. Torch runs one thread per job: the
-    parallelism is across jobs.
+
+def write_shards(tmp: Path, shards: list[list[Slot]], jobs_for: Callable[[Slot], list[Job]], workers: int,
+                 progress: Callable[[int, int], None] | None, total: int, kept: set[str] = frozenset(),
+                 slot_done: SlotDone | None = None) -> dict[str, str]:
+    """Write every shard: run each slot's jobs (``jobs_for(slot)``) and write their chunks into the
+    slot's shard file; once all of a slot's chunks are written, ``slot_done(slot, shard file, notes)``
+    runs on the thread that wrote the last one. Returns the weight map. Slots in ``kept`` (see
+    ``kept_slots``) are already in their shard file and are not written again.
+
+    ``workers`` 1: a plain loop on the calling thread. More: a thread pool, at most 2 x workers jobs in
+    flight (this bounds memory), torch one thread per job (the parallelism is across jobs). Either way
+    results, failures and ``progress`` are handled on the calling thread, so an exception there
+    (Ctrl-C included) stops the run: jobs not started are cancelled and the error re-raised.
     """
     names = shard_names(len(shards))
-    done = 0
-    pending: dict[Future, int] = {}
-
-    def settle(block: bool) -> None:
-        nonlocal done
-        finished, _ = wait(pending, return_when=FIRST_COMPLETED) if block else ([f for f in pending if f.done()], 0)
-        for f in finished:
-            n = pending.pop(f)
-            f.result()                      # re-raises a job's failure here
-            done += n
-            if progress is not None:
-                progress(done, total)
-
-    local = threading.local()   # one Scratch read buffer per worker thread
-
-    def run(job: Callable[[Scratch], None]) -> None:
-        if not hasattr(local, "scratch"):
-            local.scratch = Scratch()
-        job(local.scratch)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1 if workers > 1 else threads)
-    try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="fp8vl") as pool:
-            writer = None
-            try:
-                for shard, name in zip(shards, names):
-                    writer = ShardWriter(tmp / name, shard, SHARD_METADATA, {s.name for s in shard} & kept)
-                    for slot in shard:
-                        if slot.name in kept:
-                            continue
-                        for nbytes, job in jobs_for(slot, writer):
-                            while len(pending) >= 2 * workers:
-                                settle(block=True)
-                            pending[pool.submit(run, job)] = nbytes
-                            settle(block=False)
-                    while pending:
-                        settle(block=True)
-                    writer.close()
-            except BaseException:
-                for f in pending:
-                    f.cancel()
-                wait(pending)
-                if writer is not None:
-                    writer.abort()
-                raise
-    finally:
-        torch.set_num_threads(threads)
+    with (_Loop(progress, total) if workers == 1 else _Pool(workers, progress, total)) as run:
+        writer = None
+        try:
+            for shard, name in zip(shards, names):
+                writer = ShardWriter(tmp / name, shard, SHARD_METADATA, {s.name for s in shard} & kept)
+                for slot in shard:
+                    if slot.name in kept:
+                        continue
+                    jobs = jobs_for(slot)
+                    tally = _Tally(slot, writer.path, len(jobs), slot_done)
+                    for i, job in enumerate(jobs):
+                        run.submit(job, writer, tally, i)
+                run.drain()
+                writer.close()
+        except BaseException:
+            run.cancel()
+            if writer is not None:
+                writer.abort()
+            raise
     return {s.name: names[i] for i, shard in enumerate(shards) for s in shard}
+
+
+def _write(writer: ShardWriter, chunk: Chunk) -> object:
+    for p in chunk.pieces:
+        writer.write(p.name, p.at, p.data)
+    return chunk.note
+
+
+class _Tally:
+    """One slot's jobs: calls ``slot_done`` once the last of them is written (at once if there are none)."""
+
+    def __init__(self, slot: Slot, path: Path, n: int, slot_done: SlotDone | None):
+        self.slot, self.path, self.slot_done = slot, path, slot_done
+        self.notes: list = [None] * n
+        self.left = n
+        self.lock = threading.Lock()
+        if n == 0 and slot_done is not None:
+            slot_done(slot, path, [])
+
+    def written(self, i: int, note: object) -> None:
+        with self.lock:
+            self.notes[i] = note
+            self.left -= 1
+            last = self.left == 0
+        if last and self.slot_done is not None:
+            self.slot_done(self.slot, self.path, self.notes)
+
+
+class _Loop:
+    """``--workers 1``: each job runs on the calling thread when it is submitted. No pool, and torch's
+    thread count is left as the caller set it."""
+
+    def __init__(self, progress: Callable[[int, int], None] | None, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+        self.scratch = Scratch()
+
+    def __enter__(self) -> "_Loop":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def submit(self, job: Job, writer: ShardWriter, tally: _Tally, i: int) -> None:
+        tally.written(i, _write(writer, job.run(self.scratch)))
+        self.done += job.nbytes
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+    def drain(self) -> None:
+        pass
+
+    def cancel(self) -> None:
+        pass
+
+
+class _Pool:
+    """``--workers N``: jobs on N threads, at most 2N in flight; results settled on the calling thread.
+
+    Each pool thread sets torch's intra-op thread count to 1 as it starts: N jobs at once, each with
+    torch's own N threads, would run N x N threads on N cores. torch has no per-thread setting (see
+    docs/decisions.md for what the call does to other threads); the process default is put back after."""
+
+    def __init__(self, workers: int, progress: Callable[[int, int], None] | None, total: int):
+        self.workers, self.progress, self.total, self.done = workers, progress, total, 0
+        self.pending: dict[Future, int] = {}
+        self.local = threading.local()
+
+    def _start_thread(self) -> None:
+        torch.set_num_threads(1)
+        self.local.scratch = Scratch()       # one read buffer per pool thread
+
+    def __enter__(self) -> "_Pool":
+        self.threads = torch.get_num_threads()
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fp8vl", initializer=self._start_thread)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.pool.shutdown(wait=True)
+        finally:
+            torch.set_num_threads(self.threads)
+
+    def _run(self, job: Job, writer: ShardWriter, tally: _Tally, i: int) -> None:
+        tally.written(i, _write(writer, job.run(self.local.scratch)))
+
+    def submit(self, job: Job, writer: ShardWriter, tally: _Tally, i: int) -> None:
+        while len(self.pending) >= 2 * self.workers:
+            self._settle(block=True)
+        self.pending[self.pool.submit(self._run, job, writer, tally, i)] = job.nbytes
+        self._settle(block=False)
+
+    def drain(self) -> None:
+        while self.pending:
+            self._settle(block=True)
+
+    def cancel(self) -> None:
+        for f in self.pending:
+            f.cancel()
+        wait(self.pending)
+
+    def _settle(self, block: bool) -> None:
+        finished = wait(self.pending, return_when=FIRST_COMPLETED)[0] if block else \
+            [f for f in self.pending if f.done()]
+        for f in finished:
+            n = self.pending.pop(f)
+            f.result()                      # re-raises a job's failure here
+            self.done += n
+            if self.progress is not None:
+                self.progress(self.done, self.total)
 
 
 def write_index(tmp: Path, weight_map: dict[str, str], total: int) -> None:
