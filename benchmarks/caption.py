@@ -129,6 +129,19 @@ def step_rows(label: str, loaded, pics: list[Path], batches: list[int]) -> list[
         eng = Engine(loaded.model, [], EngineOptions(max_len=512, max_batch=8, max_new_tokens=64, **kw))
         return dict(ms=_ms(lambda: eng._prefill(list(range(b)), inputs[:b]), 5), fused=eng.fused)
 
+    def parts(b: int) -> dict:
+        """The graph prefill split in two: what Transformers computes before the language model
+        (embeddings, vision tower, DeepStack, M-RoPE positions: BF16 in both checkpoints) and the
+        text decoder (rotary tables, DeepStack scatter, the layer loop's graph replay)."""
+        from fp8vl.prefill import decoder_inputs
+
+        eng = Engine(loaded.model, [], EngineOptions(max_len=512, max_batch=8, max_new_tokens=64))
+        ins = {k: torch.cat([g[k] for g in inputs[:b]]).to(eng.device) for k in inputs[0]}
+        slots = torch.arange(b, device=eng.device)
+        d = decoder_inputs(loaded.model, ins)
+        return dict(inputs_ms=_ms(lambda: decoder_inputs(loaded.model, ins), 5),
+                    layers_ms=_ms(lambda: eng._prefill_layers(d, slots), 5))
+
     def decode(b: int) -> dict:
         eng = Engine(loaded.model, [], EngineOptions(max_len=512, max_batch=b, max_new_tokens=64))
         eng.len[:b].fill_(300)
@@ -142,6 +155,8 @@ def step_rows(label: str, loaded, pics: list[Path], batches: list[int]) -> list[
             r = prefill(b, **kw)
             row[f"{way}_ms"], row["fused"] = r["ms"], r["fused"]
             torch.cuda.empty_cache()
+        row.update(parts(b))
+        torch.cuda.empty_cache()
         rows.append(row)
         print(row, flush=True)
     for b in batches:
@@ -166,6 +181,13 @@ def print_step_tables(rows: list[dict]) -> None:
             cells += [f"{a:.1f}" if a else "", f"{c:.1f}" if c else "", f"{c / a:.2f}x" if a and c else ""]
         tokens = (f or h).get("prompt_tokens", "")
         print(f"| {tokens} tokens each | {b} | " + " | ".join(cells) + " |")
+    print("\n| graph prefill parts (ms) | batch | fp8 before the LM | bf16 before the LM | fp8 text decoder "
+          "| bf16 text decoder | bf16/fp8 text decoder |\n|---|---|---|---|---|---|---|")
+    for b in sorted({k[1] for k in pre}):
+        f, h = pre.get(("fp8", b), {}), pre.get(("bf16", b), {})
+        if "layers_ms" in f and "layers_ms" in h:
+            print(f"| | {b} | {f['inputs_ms']:.1f} | {h['inputs_ms']:.1f} | {f['layers_ms']:.1f} | "
+                  f"{h['layers_ms']:.1f} | {h['layers_ms'] / f['layers_ms']:.2f}x |")
     dec = {(r["label"], r["batch"]): r["step_ms"] for r in rows if r.get("kind") == "decode"}
     if dec:
         print("\n| decode step (ms) | batch | fp8 | bf16 | bf16/fp8 |\n|---|---|---|---|---|")
