@@ -94,7 +94,13 @@ def test_batch_1_and_batch_n_give_the_same_greedy_answers(which, dense_src, dens
     got_one = {r.tag: ids for r, ids in one.generate(reqs)}
     assert set(got_many) == {r.tag for r in reqs}
     assert got_many == got_one
-    # and they are Transformers' own greedy answers
+    # and they are Transformers' own greedy answers. For FP8, with the prefill through Transformers'
+    # forward: fp8vl's restated prefill equals it within float rounding (test_prefill.py), but an FP8
+    # activation code can flip on a one-ulp difference, and a tiny random model's greedy answer with it
+    # (seen with Transformers 5.17, whose attention rounds differently from 5.24's)
+    if which == "fp8":
+        hf = Engine(L.model, eos, EngineOptions(max_len=256, max_new_tokens=12, max_batch=3, restated_prefill=False))
+        got_many = {r.tag: ids for r, ids in hf.generate(reqs)}
     for req in reqs[:2]:
         out = L.model.generate(**req.inputs, do_sample=False, max_new_tokens=12, eos_token_id=eos)
         ids = out[0, req.inputs["input_ids"].shape[1]:].tolist()
