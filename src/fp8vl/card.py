@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
+from .version import __version__
 from .options import QuantizeOptions
 from .plan import REASONS
 from .report import config_lines

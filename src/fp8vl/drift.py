@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .kernel import BLOCK, cdiv
 
 FILE = "fp8vl-errors.json"

@@ -28,7 +28,7 @@ from functools import cache
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
+from .version import __version__
 from .drift import Drift
 from .errors import FP8VLError
 from .options import QuantizeOptions
