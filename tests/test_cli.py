@@ -41,6 +41,15 @@ def test_bad_input_exits_2_with_a_one_line_error_and_no_traceback(bad_inputs, ca
         assert not bad.output.exists()
 
 
+def test_unknown_option_gets_clicks_usage_message_and_exit_2_without_traceback(tmp_path):
+    r = run_cli("quantize", "--no-such-flag", cwd=tmp_path)
+    assert r.returncode == 2 and "No such option: --no-such-flag" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr + r.stdout
+    v = run_cli("--version", cwd=tmp_path)
+    from fp8vl.version import __version__
+    assert v.returncode == 0 and v.stdout.strip() == f"fp8vl {__version__}", (v.stdout, v.stderr)
+
+
 def test_missing_output_without_dry_run_exits_2(dense_src, tmp_path):
     line = assert_one_line_error(run_cli("quantize", dense_src, cwd=tmp_path))
     assert "OUTPUT" in line and list(tmp_path.iterdir()) == []

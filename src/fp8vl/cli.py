@@ -27,8 +27,18 @@ console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from .version import __version__
+
+        print(f"fp8vl {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+          version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print fp8vl's version and exit.")) -> None:
     """(--debug is read by main() before the command runs: see wants_debug.)"""
 
 
@@ -393,6 +403,18 @@ class _Notes(logging.Handler):
         err.print(f"[yellow]note:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
 
 
+def _usage_error(e: Exception) -> bool:
+    """A command-line usage error: click's ClickException, or, in typer releases that vendor click,
+    typer's own copy of it (a TyperException with click's ``show``/``exit_code``)."""
+    return isinstance(e, click_exceptions()) and hasattr(e, "show") and hasattr(e, "exit_code")
+
+
+def click_exceptions() -> tuple[type, ...]:
+    import click
+
+    return (click.ClickException, *([typer.TyperException] if hasattr(typer, "TyperException") else []))
+
+
 def main() -> None:
     import click
 
@@ -410,11 +432,13 @@ def main() -> None:
     except Terminated:
         err.print("terminated (SIGTERM); nothing half-written was left behind")
         sys.exit(143)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, click.exceptions.Abort, typer.Abort):
         err.print("interrupted; nothing half-written was left behind")
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except Exception as e:
+        if not _usage_error(e):
+            raise
+        e.show()           # an unknown option, a missing argument: click's usage message, exit 2
         sys.exit(e.exit_code)
     if rc == 130:  # typer turns Ctrl-C inside a command into exit code 130
         err.print("interrupted; nothing half-written was left behind")
