@@ -14,7 +14,7 @@ from .hub import quantize_hub
 from .options import QuantizeOptions
 from .output import Result, plan_conversion, write_output
 from .source import is_hub_id, open_checkpoint, resolve
-from .writer import Staging, bytes_to_write, check_paths, copy_files, other_files
+from .staging import Staging, bytes_to_write, check_paths, copy_files, other_files
 
 __all__ = ["Result", "quantize"]
 

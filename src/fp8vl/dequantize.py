@@ -16,8 +16,9 @@ from .formats import SCALE_SUFFIXES
 from .kernel import BLOCK, cdiv, dequantize_weight
 from .shards import NAMES, Scratch, Slot, TensorInfo, read_rows
 from .source import open_checkpoint
-from .writer import (Chunk, Job, Piece, Staging, assign_shards, bytes_to_write, check_output, check_paths, copy_files,
-                     copy_jobs, other_files, write_config, write_index, write_shards)
+from .staging import Staging, bytes_to_write, check_paths, copy_files, other_files
+from .writer import (Chunk, Job, Piece, assign_shards, check_output, copy_jobs, write_config, write_index,
+                     write_shards)
 
 SCALES = SCALE_SUFFIXES
 CHUNK_BYTES = 8 << 20     # FP8 bytes per job

@@ -9,7 +9,7 @@ reads them, at most ``in_flight`` of them on disk or downloading at once. The wr
 every tensor of a shard is written, its output bytes are synced, a line goes to the journal and,
 with ``stream``, the shard is deleted, which lets the next download start.
 
-Everything lives in OUTPUT's staging folder (writer.Staging): ``source/`` (the downloads, with
+Everything lives in OUTPUT's staging folder (staging.Staging): ``source/`` (the downloads, with
 ``stream``), ``output/``, ``resume.json`` (repo, commit, options: what makes a later run's staging
 its own) and ``journal.jsonl`` (the shards fully written, with their tensors' errors), so a run
 that stops is resumed by running the same command again.
@@ -36,7 +36,8 @@ from .plan import Entry
 from .output import plan_conversion, write_output
 from .shards import TensorInfo, read_header
 from .source import INDEX, OTHER_WEIGHTS, SKIP_DIRS, open_checkpoint
-from .writer import Resumable, Staging, assign_shards, bytes_to_write, copy_files, kept_slots, other_files
+from .staging import Resumable, Staging, bytes_to_write, copy_files, other_files
+from .writer import assign_shards, kept_slots
 
 log = logging.getLogger("fp8vl.hub")
 JOURNAL = "journal.jsonl"
