@@ -39,8 +39,8 @@ from .plan import Entry
 from .output import Units, _jobs, plan_conversion, write_output
 from .shards import ShardWriter, Slot, TensorInfo, read_header
 from .source import INDEX, OTHER_WEIGHTS, SKIP_DIRS, open_checkpoint
-from .writer import (SHARD_METADATA, Resumable, Staging, assign_shards, bytes_to_write, copy_files, kept_slots,
-                     other_files, shard_names, write_shards)
+from .writer import (SHARD_METADATA, Job, Resumable, Staging, assign_shards, bytes_to_write, copy_files,
+                     kept_slots, other_files, shard_names, write_shards)
 
 log = logging.getLogger("fp8vl.hub")
 JOURNAL = "journal.jsonl"
@@ -413,7 +413,7 @@ def quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions,
     return res
 
 
-def write_by_shard(tmp: Path, entries: tuple[Entry, ...], units: Units, scale_dtype, opts: QuantizeOptions,
+def write_by_shard(tmp: Path, entries: tuple[Entry, ...], units: Units, scale_dtype: torch.dtype, opts: QuantizeOptions,
                    feed: HubFeed, order: list[str], kept: set[str], drift: Drift,
                    progress: Callable[[int, int], None] | None, total: int) -> None:
     """Write every slot not in ``kept``, one source shard at a time in ``order`` (the download order),
@@ -435,7 +435,7 @@ def write_by_shard(tmp: Path, entries: tuple[Entry, ...], units: Units, scale_dt
         if e.name not in kept:
             mine.setdefault(feed.shard(e.source), set()).update(s.name for s in u)
 
-    def jobs_for(slot: Slot) -> list:
+    def jobs_for(slot: Slot) -> list[Job]:
         e = by_name.get(slot.name)      # None for a scale: its weight's jobs write it
         if e is None:
             return []
