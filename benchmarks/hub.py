@@ -10,9 +10,14 @@ each a subprocess with the real huggingface_hub client:
 2. download, then ``fp8vl quantize LOCAL OUTPUT`` (what a user does today);
 3. ``fp8vl quantize ORG/NAME OUTPUT`` (streaming: converts each shard as it lands, deletes it once written).
 
-Wall time and disk peak (all files under the run's folder, sampled every 20 ms) for each.
+Wall time and disk peak (all files under the run's folder, sampled every 20 ms) for each, and a
+timeline line per run: when the first weight bytes were on disk (the start that nothing overlaps),
+each source shard with its size in the order its download ended, and the tail (the run's end after
+the last download ended: for the streaming run, the conversion of the last shard and the final
+steps). ``--baseline SRC`` adds the streaming run of the fp8vl in another source tree (e.g. a
+checkout of main's ``src``), so a change and its base are measured in one run, on one machine state.
 
-    python benchmarks/hub.py --layers 2 --shard-size 1GB --rate 150MB
+    python benchmarks/hub.py --layers 2 --shard-size 1GB --rate 150MB [--baseline ../main/src]
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,25 +60,56 @@ def du(root: Path) -> int:
     return sum(seen.values())
 
 
-def timed(cmds: list[list[str]], env: dict, watch: Path) -> tuple[float, int]:
-    """Run ``cmds`` one after the other; (seconds, disk peak under ``watch``)."""
-    peak, stop = [0], threading.Event()
+@dataclass
+class Run:
+    name: str
+    seconds: float = 0.0
+    peak: int = 0                  # bytes on disk under the run's folder, at most
+    out: int = 0                   # output bytes
+    first: float | None = None     # seconds until more than 1 MB was on disk: the first weight bytes
+    shards: list[tuple[str, float]] = field(default_factory=list)   # (shard, seconds) as downloads ended
+
+
+def timed(run: Run, cmds: list[list[str]], env: dict, watch: Path, server: HubServer) -> None:
+    """Run ``cmds`` one after the other; fill ``run`` (wall time, disk peak under ``watch``, timeline)."""
+    stop = threading.Event()
+    seen = len(server.sent)
 
     def sample():
+        nonlocal seen
         while not stop.is_set():
-            peak[0] = max(peak[0], du(watch))
+            now = time.perf_counter() - t0
+            run.peak = max(run.peak, du(watch))
+            if run.first is None and run.peak > 1 << 20:
+                run.first = now
+            sent = server.sent[seen:]
+            seen += len(sent)
+            run.shards += [(f, now) for f, _, n in sent if f.endswith(".safetensors") and n > 100_001]
             time.sleep(0.02)
+    t0 = time.perf_counter()
     w = threading.Thread(target=sample, daemon=True)
     w.start()
-    t0 = time.perf_counter()
     for cmd in cmds:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if r.returncode:
             sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
-    seconds = time.perf_counter() - t0
+    run.seconds = time.perf_counter() - t0
     stop.set()
     w.join()
-    return seconds, max(peak[0], du(watch))
+    run.peak = max(run.peak, du(watch))
+
+
+def timeline(run: Run, sizes: dict[str, int]) -> str:
+    """When the first weight bytes landed, the shards in the order their downloads ended, the tail."""
+    ended = {}
+    for f, t in run.shards:        # a download continued after a dropped connection: its last part
+        ended[f] = t
+    order = sorted(ended, key=ended.get)
+    shards = ", ".join(f"{f.split('-')[1]} {sizes[f] / 1e9:.2f} GB @{ended[f]:.1f}" for f in order)
+    first = f"{run.first:.1f} s" if run.first is not None else "-"
+    last = max(ended.values(), default=0.0)
+    return (f"- {run.name}: first weight bytes on disk at {first}; downloads ended: {shards}; "
+            f"end {run.seconds:.1f} s, tail after the last download {run.seconds - last:.1f} s")
 
 
 def main() -> None:
@@ -82,6 +119,8 @@ def main() -> None:
     ap.add_argument("--rate", default="150MB", help="link speed, bytes per second (all connections together)")
     ap.add_argument("--workdir", type=Path, default=Path("bench-hub"))
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another fp8vl source tree (its src folder): its streaming run is added, side by side")
     args = ap.parse_args()
 
     work = args.workdir.resolve()
@@ -93,42 +132,55 @@ def main() -> None:
     shards = sorted(src.glob("*.safetensors"))
     print(f"hashing {size / 1e9:.2f} GB for the hub's etags ...", flush=True)
     server = HubServer({REPO: src}, rate=parse_size(args.rate))
-    env = {**hub_env(server, work / "hf-home"), "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = hub_env(server, work / "hf-home")
+
+    def on_path(tree: Path) -> dict:
+        return {**env, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
+    here = Path(__file__).resolve().parents[1] / "src"
     py, fp8vl = sys.executable, [sys.executable, "-m", "fp8vl.cli", "quantize"]
     common = ["--workers", str(args.workers)]
-    rows = []
+    contenders = [
+        ("download alone (hf_hub_download, 8 files at once)", here,
+         lambda d: [[py, "-c", DOWNLOAD, REPO, str(d / "src")]]),
+        ("download, then fp8vl quantize LOCAL", here, lambda d: [
+            [py, "-c", DOWNLOAD, REPO, str(d / "src")],
+            [*fp8vl, str(d / "src"), str(d / "out"), *common]]),
+        ("fp8vl quantize ORG/NAME (--stream)", here, lambda d: [[*fp8vl, REPO, str(d / "out"), *common]]),
+    ]
+    if args.baseline is not None:
+        contenders.append((f"fp8vl quantize ORG/NAME (--stream), baseline {args.baseline}", args.baseline.resolve(),
+                           lambda d: [[*fp8vl, REPO, str(d / "out"), *common]]))
+    runs = []
     try:
-        for name, make in [
-            ("download alone (hf_hub_download, 8 files at once)",
-             lambda d: [[py, "-c", DOWNLOAD, REPO, str(d / "src")]]),
-            ("download, then fp8vl quantize LOCAL", lambda d: [
-                [py, "-c", DOWNLOAD, REPO, str(d / "src")],
-                [*fp8vl, str(d / "src"), str(d / "out"), *common]]),
-            ("fp8vl quantize ORG/NAME (--stream)", lambda d: [[*fp8vl, REPO, str(d / "out"), *common]]),
-        ]:
+        for name, tree, make in contenders:
             d = work / "run"
             shutil.rmtree(d, ignore_errors=True)
             shutil.rmtree(work / "hf-home", ignore_errors=True)
             d.mkdir(parents=True)
             print(f"{name} ...", flush=True)
-            seconds, peak = timed(make(d), env, d)
-            out = sum(p.stat().st_size for p in (d / "out").iterdir()) if (d / "out").is_dir() else 0
-            rows.append((name, seconds, peak, out))
+            run = Run(name)
+            timed(run, make(d), on_path(tree), d, server)
+            run.out = sum(p.stat().st_size for p in (d / "out").iterdir()) if (d / "out").is_dir() else 0
+            runs.append(run)
     finally:
         server.close()
         shutil.rmtree(work / "run", ignore_errors=True)
-    alone = rows[0][1]
-    largest = max(p.stat().st_size for p in shards)
+        shutil.rmtree(work / "hf-home", ignore_errors=True)
+    alone = runs[0].seconds
+    sizes = {p.name: p.stat().st_size for p in shards}
+    largest = max(sizes.values())
     print(f"\nsource {size / 1e9:.2f} GB in {len(shards)} shards (largest {largest / 1e9:.2f} GB), link "
           f"{parse_size(args.rate) / 1e6:.0f} MB/s, {os.cpu_count()} cores, --workers {args.workers}\n")
     print("| run | wall s | vs download alone | disk peak GB |")
     print("|---|---:|---:|---:|")
-    for name, seconds, peak, out in rows:
-        print(f"| {name} | {seconds:.1f} | {seconds / alone:.2f}x | {peak / 1e9:.2f} |")
-    out = rows[2][3]
-    print(f"\noutput {out / 1e9:.2f} GB; streaming disk peak = output + {(rows[2][2] - out) / largest:.2f} "
-          f"x largest source shard")
+    for r in runs:
+        print(f"| {r.name} | {r.seconds:.1f} | {r.seconds / alone:.2f}x | {r.peak / 1e9:.2f} |")
+    print()
+    for r in runs:
+        print(timeline(r, sizes))
+    for r in runs[2:]:
+        print(f"\n{r.name}: output {r.out / 1e9:.2f} GB; disk peak = output + {(r.peak - r.out) / largest:.2f} "
+              f"x largest source shard")
 
 
 if __name__ == "__main__":

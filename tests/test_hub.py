@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from fp8vl import FP8VLError, QuantizeOptions, quantize
 from fp8vl.drift import FILE as ERRORS
+from fp8vl.hub import largest_first
 from fp8vl.verify import verify
 from helpers import INDEX, file_hashes
 from hub_server import HubServer, _sha256, hub_env
@@ -82,6 +83,15 @@ def wide_repo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def stray_repo(tmp_path_factory, tiny_repo) -> Path:
+    """The tiny repo with a file beside its shards that the index does not name and that is no safetensors."""
+    dst = tmp_path_factory.mktemp("hub") / "stray"
+    shutil.copytree(tiny_repo, dst)
+    (dst / "consolidated.safetensors").write_bytes(b"\xff" * 300_000)
+    return dst
+
+
+@pytest.fixture(scope="session")
 def local_fp8(tmp_path_factory, tiny_repo, big_repo, wide_repo):
     """The local conversion of each repo folder, with the error file a hub run always writes: what the
     hub runs must equal."""
@@ -93,11 +103,11 @@ def local_fp8(tmp_path_factory, tiny_repo, big_repo, wide_repo):
 
 
 @pytest.fixture
-def hub(tiny_repo, big_repo, wide_repo, tmp_path, monkeypatch):
+def hub(tiny_repo, big_repo, wide_repo, stray_repo, tmp_path, monkeypatch):
     """The local hub, with this process's huggingface_hub pointed at it and online."""
     import huggingface_hub.constants as C
 
-    server = HubServer({"org/tiny": tiny_repo, "org/big": big_repo, "org/wide": wide_repo})
+    server = HubServer({"org/tiny": tiny_repo, "org/big": big_repo, "org/wide": wide_repo, "org/stray": stray_repo})
     for k, v in hub_env(server, tmp_path / "hf-home").items():
         monkeypatch.setenv(k, v)
     for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -132,8 +142,8 @@ def test_hub_id_converts_to_the_local_conversion_byte_for_byte_and_leaves_no_sou
     assert f"--revision {hub.commit('org/tiny')}" in card and "mean SQNR" in card
 
 
-def test_disk_peak_is_output_plus_two_shards_and_shards_go_in_reading_order(hub, big_repo, local_fp8, tmp_path,
-                                                                           caplog):
+def test_disk_peak_is_output_plus_two_shards_and_shards_go_largest_first(hub, big_repo, local_fp8, tmp_path,
+                                                                         caplog):
     hub.rate = 24e6
     out = tmp_path / "big-fp8"
     staging = tmp_path / ".big-fp8.fp8vl-partial"
@@ -163,16 +173,20 @@ def test_disk_peak_is_output_plus_two_shards_and_shards_go_in_reading_order(hub,
             time.sleep(0.005)
     w = threading.Thread(target=watch)
     w.start()
-    with caplog.at_level(logging.DEBUG, logger="fp8vl.hub"):   # one worker: tensors finish in reading order
-        quantize("org/big", out, QuantizeOptions(max_shard_size=12 << 20, workers=1))
+    with caplog.at_level(logging.DEBUG, logger="fp8vl.hub"):
+        quantize("org/big", out, QuantizeOptions(max_shard_size=12 << 20, workers=2))
     stop.set()
     w.join()
     _same_as_local(out, local_fp8["big"])
-    order = list(dict.fromkeys(json.loads((big_repo / INDEX).read_text())["weight_map"].values()))
+    reading = list(dict.fromkeys(json.loads((big_repo / INDEX).read_text())["weight_map"].values()))
+    size = {f: (big_repo / f).stat().st_size for f in reading}
+    order = sorted(reading, key=lambda f: -size[f])           # largest first, ties in the index's order
     events = [r.getMessage().split()[:2] for r in caplog.records if r.name == "fp8vl.hub"]
     deleted = [f for what, f in events if what == "deleted"]
-    assert deleted == order                                   # the order the index gives, which is not 1..8
-    assert order != sorted(order)
+    assert deleted == order
+    assert len(set(size.values())) == 3 and order != reading and order != sorted(order)   # 12, 8 and ~4 MB
+    downloaded = [f for what, f in events if what == "downloaded"]
+    assert downloaded == order
     for f in order:                                           # each written, then deleted, once
         assert events.count(["downloaded", f]) == 1
         assert events.index(["downloaded", f]) < events.index(["deleted", f])
@@ -180,6 +194,21 @@ def test_disk_peak_is_output_plus_two_shards_and_shards_go_in_reading_order(hub,
     output = sum(p.stat().st_size for p in out.iterdir())
     assert 0 < most[0] <= 2
     assert output < peak[0] <= output + 2 * shard + (1 << 20), (peak[0], output, shard)
+
+
+def test_shards_go_largest_first_with_ties_in_the_index_order():
+    sizes = {"a": 5, "b": 9, "c": 5, "d": 1, "e": 9}
+    assert largest_first(["c", "a", "e", "d", "b"], sizes) == ["e", "b", "c", "a", "d"]
+
+
+def test_a_file_beside_the_shards_that_the_index_does_not_name_is_neither_fatal_nor_downloaded(hub, local_fp8,
+                                                                                               tmp_path):
+    # Its header is asked for while the small files download (before the index says which shards
+    # count); the failed read is never looked at.
+    res = quantize("org/stray", tmp_path / "out", _opts())
+    _same_as_local(tmp_path / "out", local_fp8["tiny"])
+    assert "consolidated.safetensors" in res.skipped
+    assert 0 < hub.bytes_sent("consolidated.safetensors") <= 100_001
 
 
 def test_a_dropped_connection_is_resumed_with_a_range_request(hub, wide_repo, local_fp8, tmp_path):

@@ -129,6 +129,36 @@ def test_write_shards_writes_what_the_jobs_return_in_a_loop_or_on_a_pool(tmp_pat
     assert fresh == [2]                                                   # the default for new threads too
 
 
+def test_write_shards_in_a_given_order_writes_the_same_files(tmp_path):
+    """``order`` (the hub's download order): slots written in that order across shard files, every byte
+    where the shard-after-shard run puts it; an order that misses a slot is a bug, said as one."""
+    from functools import partial
+
+    from fp8vl.errors import InternalError
+    from fp8vl.shards import Slot
+    from fp8vl.writer import Chunk, Job, Piece, write_shards
+
+    data = {n: torch.arange(i * 100, i * 100 + 50 + i, dtype=torch.int32) for i, n in enumerate("abcd")}
+    slots = {n: Slot(n, "I32", tuple(t.shape), t.numel() * 4) for n, t in data.items()}
+    layout = [[slots["a"], slots["b"]], [slots["c"], slots["d"]]]
+
+    def jobs_for(slot: Slot) -> list[Job]:
+        return [Job(slot.nbytes, partial(lambda n, scratch: Chunk((Piece(n, 0, data[n].view(torch.uint8)),)),
+                                         slot.name))]
+    done = []
+    plain, ordered = tmp_path / "plain", tmp_path / "ordered"
+    plain.mkdir(), ordered.mkdir()
+    write_shards(plain, layout, jobs_for, 1, None, 1)
+    wm = write_shards(ordered, layout, jobs_for, 1, None, 1, slot_done=lambda s, p, n: done.append(s.name),
+                      order=["d", "a", "c", "b"])
+    assert done == ["d", "a", "c", "b"]
+    assert wm == {"a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors",
+                  "c": "model-00002-of-00002.safetensors", "d": "model-00002-of-00002.safetensors"}
+    assert file_hashes(plain) == file_hashes(ordered)
+    with pytest.raises(InternalError, match="every slot"):
+        write_shards(tmp_path / "bad", layout, jobs_for, 1, None, 1, order=["d", "a", "c"])
+
+
 def test_one_worker_and_several_write_the_same_bytes_errors_included(dense_src, tmp_path, two_torch_threads):
     import threading
 

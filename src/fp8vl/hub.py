@@ -1,13 +1,14 @@
 """``fp8vl quantize ORG/NAME OUTPUT``: download through huggingface_hub and convert while downloading.
 
 Order of work: ``model_info`` resolves the revision to a commit and lists the files with their
-sizes; the small files (config, index, tokenizer, ...) come first, then every shard's header is read
+sizes; the small files (config, index, tokenizer, ...) download while every shard's header is read
 with a ranged request (huggingface_hub's ``parse_safetensors_file_metadata``), so the plan, the
 output layout and the free-space check exist before any weight byte arrives. Shards then download
-(``hf_hub_download``, in a background thread) one after the other in the order the conversion
-reads them, at most ``in_flight`` of them on disk or downloading at once. The writer waits for a tensor's shard; once
-every tensor of a shard is written, its output bytes are synced, a line goes to the journal and,
-with ``stream``, the shard is deleted, which lets the next download start.
+(``hf_hub_download``, in a background thread) one after the other, largest first, at most
+``in_flight`` of them on disk or downloading at once, and convert in that order, one source shard at
+a time, each tensor at its place in the layout of a local conversion. The writer waits for a
+tensor's shard; once every tensor of a shard is written, its output bytes are synced, a line goes
+to the journal and, with ``stream``, the shard is deleted, which lets the next download start.
 
 Everything lives in OUTPUT's staging folder (staging.Staging): ``source/`` (the downloads, with
 ``stream``), ``output/``, ``resume.json`` (repo, commit, options: what makes a later run's staging
@@ -22,11 +23,13 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Callable
+
+import torch
 
 from .version import __version__
 from .drift import Drift
@@ -122,27 +125,47 @@ def _quiet():
     return Quiet
 
 
-def remote_headers(remote: Remote, shards: list[str], src: Path) -> dict[str, dict[str, TensorInfo]]:
-    """Each shard's tensors from its header alone (two ranged requests at most per shard, 8 at once).
-    ``file`` is where the shard will be; ``offset`` counts from the start of the data section (the
-    header's length is not known yet): the writer reads the downloaded file's own header."""
+def start_headers(remote: Remote, pool: ThreadPoolExecutor) -> dict[str, Future]:
+    """Start reading the header of every top-level shard of the repo (one ranged request each, two at
+    most) on ``pool``: they need only the file list, so they run while the small files (the index
+    among them) download. Which shards the plan needs is known once the index is on disk; a failed
+    read of one it does not need (a stray file beside the shards) is never looked at."""
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=_endpoint())
+    return {f: pool.submit(_header, api, remote, f) for f in remote.shards() if "/" not in f}
 
-    def one(name: str) -> dict[str, TensorInfo]:
-        try:
-            meta = api.parse_safetensors_file_metadata(remote.repo, name, revision=remote.commit)
-        except Exception as e:
-            raise Resumable(f"{remote.repo}: cannot read the header of {name} ({type(e).__name__}: {e}); "
-                            f"check the connection and run again") from e
-        out = {}
-        for t, info in sorted(meta.tensors.items(), key=lambda kv: kv[1].data_offsets[0]):
-            b, e = info.data_offsets
-            out[t] = TensorInfo(t, info.dtype, tuple(info.shape), src / name, b, e - b)
-        return out
-    with ThreadPoolExecutor(8) as pool:
-        return dict(zip(shards, pool.map(one, shards)))
+
+def _header(api, remote: Remote, name: str) -> list[tuple[str, str, tuple[int, ...], int, int]]:
+    """(tensor, dtype, shape, offset from the start of the data section, bytes), in file order."""
+    try:
+        meta = api.parse_safetensors_file_metadata(remote.repo, name, revision=remote.commit)
+    except Exception as e:
+        raise Resumable(f"{remote.repo}: cannot read the header of {name} ({type(e).__name__}: {e}); "
+                        f"check the connection and run again") from e
+    return [(t, info.dtype, tuple(info.shape), info.data_offsets[0], info.data_offsets[1] - info.data_offsets[0])
+            for t, info in sorted(meta.tensors.items(), key=lambda kv: kv[1].data_offsets[0])]
+
+
+def remote_headers(remote: Remote, shards: list[str], src: Path, started: dict[str, Future],
+                   pool: ThreadPoolExecutor) -> dict[str, dict[str, TensorInfo]]:
+    """Each shard's tensors from its header alone (``started`` by start_headers; a shard it did not
+    start, in a subfolder, is read now). ``file`` is where the shard will be; ``offset`` counts from
+    the start of the data section (the header's length is not known yet): the writer reads the
+    downloaded file's own header."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=_endpoint())
+    todo = {f: started[f] if f in started else pool.submit(_header, api, remote, f) for f in shards}
+    return {f: {t: TensorInfo(t, dtype, shape, src / f, b, n) for t, dtype, shape, b, n in fut.result()}
+            for f, fut in todo.items()}
+
+
+def largest_first(files: list[str], sizes: dict[str, int]) -> list[str]:
+    """The order in which shards download and convert: largest first, ties in ``files``' order.
+    Each shard converts while the next one downloads, so what does not overlap the download is the
+    conversion of the last one: the smallest."""
+    return sorted(files, key=lambda f: -sizes.get(f, 0))
 
 
 class Journal:
@@ -173,8 +196,8 @@ class Journal:
 
 
 class Fetcher:
-    """Downloads ``order`` (shard names) in that order, one shard at a time, at most ``in_flight``
-    on disk or downloading.
+    """Downloads ``order`` (shard names, the order the writer reads them: largest_first) in that
+    order, one shard at a time, at most ``in_flight`` on disk or downloading.
 
     One at a time: on one link, two shards downloading side by side each take twice as long, so the
     first one the writer needs arrives later; in order, the writer converts a shard while the next
@@ -320,9 +343,10 @@ def quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions,
         raise FP8VLError(f"{repo}: no config.json at commit {remote.commit[:12]}; SOURCE must be a Hugging Face "
                          f"model repo")
     if opts.dry_run or out is None:       # small files into the cache, headers by ranged requests
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(8) as heads, ThreadPoolExecutor(8) as pool:
+            started = start_headers(remote, heads)
             paths = list(pool.map(lambda f: download(remote, f, None), small))
-        ckpt = _open(remote, _snapshot(paths, small), index)
+            ckpt = _open(remote, _snapshot(paths, small), index, started, heads)
         res = plan_conversion(ckpt, None, opts)[0]
         res.hub, res.commit = repo, remote.commit
         if on_plan is not None:
@@ -339,14 +363,17 @@ def quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions,
         if dest is not None:   # downloads a killed run left half-done: never resumed by huggingface_hub
             for p in (dest / ".cache").rglob("*.incomplete"):
                 p.unlink(missing_ok=True)
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(8) as heads, ThreadPoolExecutor(8) as pool:
+            started = start_headers(remote, heads)
             paths = list(pool.map(lambda f: download(remote, f, dest), small))
-        src = dest if dest is not None else _snapshot(paths, small)
-        ckpt = _open(remote, src, index)
+            src = dest if dest is not None else _snapshot(paths, small)
+            ckpt = _open(remote, src, index, started, heads)
         res, units, scale_dtype = plan_conversion(ckpt, out, opts)
         res.hub, res.commit = repo, remote.commit
         if on_plan is not None:
             on_plan(res)
+        if opts.device.startswith("cuda") and not torch.cuda.is_available():   # as write_output, before downloading
+            raise FP8VLError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
 
         # What an earlier run of this command already wrote, and so which shards are still needed.
         journal = Journal(stage.dir / JOURNAL)
@@ -355,7 +382,8 @@ def quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions,
         entries = res.plan.entries
         slots = {e.name: [s.name for s in u] for e, u in zip(entries, units)}
         todo = [e for e in entries if e.name not in kept]
-        files = list(dict.fromkeys(str(ckpt.tensors[e.source].file.relative_to(src)) for e in todo))
+        files = largest_first(list(dict.fromkeys(str(ckpt.tensors[e.source].file.relative_to(src)) for e in todo)),
+                              remote.sizes)
         for f in set(remote.shards()) - set(files):       # consumed by the earlier run, or unused
             if dest is not None:
                 (dest / f).unlink(missing_ok=True)
@@ -366,14 +394,19 @@ def quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions,
         if stream:
             need += sum(sorted((remote.sizes[f] for f in files), reverse=True)[:opts.in_flight])
         tmp = stage.begin(need)
-        copy_files(src, tmp, copied)
-        res.copied = copied
 
         drift = Drift({n: err for n, err in journal.errors.items() if n in kept})
-        fetcher = Fetcher(remote, dest, files, opts.in_flight, stream).start()
+        fetcher = Fetcher(remote, dest, files, opts.in_flight, stream).start()   # the plan and space are known
         feed = HubFeed(ckpt, todo, slots, fetcher, journal, drift)
         try:
-            write_output(tmp, ckpt, res, units, scale_dtype, opts, progress, t0, feed, kept, drift)
+            copy_files(src, tmp, copied)       # while the first shard downloads
+            res.copied = copied
+            # tensors in download order, each at its place in the local conversion's layout
+            rank = {f: i for i, f in enumerate(files)}
+            order = [s.name for e, u in sorted(zip(entries, units), key=lambda eu: rank.get(feed.shard(eu[0].source),
+                                                                                           len(files)))
+                     for s in u]
+            write_output(tmp, ckpt, res, units, scale_dtype, opts, progress, t0, feed, kept, drift, order)
         finally:
             fetcher.close()
         res.downloaded = fetcher.downloaded
@@ -389,7 +422,7 @@ def _snapshot(paths: list[Path], names: list[str]) -> Path:
     return p.parent
 
 
-def _open(remote: Remote, src: Path, index: bool):
+def _open(remote: Remote, src: Path, index: bool, started: dict[str, Future], pool: ThreadPoolExecutor):
     """The checkpoint as the plan sees it: config and index from disk, shard headers from the hub."""
     if index:
         wmap = json.loads((src / INDEX).read_text()).get("weight_map") or {}
@@ -398,4 +431,5 @@ def _open(remote: Remote, src: Path, index: bool):
         names = [f for f in remote.shards() if "/" not in f]
     if not names:
         raise FP8VLError(f"{remote.repo}: no .safetensors weights at commit {remote.commit[:12]}")
-    return open_checkpoint(src, headers=remote_headers(remote, sorted(set(names), key=names.index), src))
+    return open_checkpoint(src, headers=remote_headers(remote, sorted(set(names), key=names.index), src,
+                                                       started, pool))

@@ -140,9 +140,11 @@ def plan_conversion(ckpt: Checkpoint, out: Path | None, opts: QuantizeOptions) -
 
 def write_output(tmp: Path, ckpt: Checkpoint, res: Result, units: Units, scale_dtype: torch.dtype,
                  opts: QuantizeOptions, progress: Callable[[int, int], None] | None, t0: float,
-                 feed: Feed | None = None, kept: set[str] = frozenset(), drift: Drift | None = None) -> None:
+                 feed: Feed | None = None, kept: set[str] = frozenset(), drift: Drift | None = None,
+                 order: list[str] | None = None) -> None:
     """Shards, index, config, the check after writing, the error file and the card, into ``tmp``.
-    ``kept``: slots already written by an interrupted run (see writer.kept_slots)."""
+    ``kept``: slots already written by an interrupted run (see writer.kept_slots); ``order``: the
+    order to write the slots in (writer.write_shards; the hub's download order)."""
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise FP8VLError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
     plan = res.plan
@@ -169,7 +171,7 @@ def write_output(tmp: Path, ckpt: Checkpoint, res: Result, units: Units, scale_d
             feed.entry_done(e, shard)
 
     shards = assign_shards(units, opts.max_shard_size)
-    weight_map = write_shards(tmp, shards, jobs_for, opts.workers, progress, res.bytes_in, kept, slot_done)
+    weight_map = write_shards(tmp, shards, jobs_for, opts.workers, progress, res.bytes_in, kept, slot_done, order)
     res.shards = sorted(set(weight_map.values()))
     write_index(tmp, weight_map, res.bytes_out)
     write_config(tmp, with_fields({**ckpt.config, "quantization_config":

@@ -113,11 +113,15 @@ SlotDone = Callable[[Slot, Path, list], None]   # (slot, its shard file, its job
 
 def write_shards(tmp: Path, shards: list[list[Slot]], jobs_for: Callable[[Slot], list[Job]], workers: int,
                  progress: Callable[[int, int], None] | None, total: int, kept: set[str] = frozenset(),
-                 slot_done: SlotDone | None = None) -> dict[str, str]:
+                 slot_done: SlotDone | None = None, order: list[str] | None = None) -> dict[str, str]:
     """Write every shard: run each slot's jobs (``jobs_for(slot)``) and write their chunks into the
     slot's shard file; once all of a slot's chunks are written, ``slot_done(slot, shard file, notes)``
     runs on the thread that wrote the last one. Returns the weight map. Slots in ``kept`` (see
     ``kept_slots``) are already in their shard file and are not written again.
+
+    Shard after shard, each closed before the next opens; with ``order`` (every slot's name once),
+    all shard files open first and the slots are written in that order (the bytes do not change:
+    every tensor has its fixed place in its file).
 
     ``workers`` 1: a plain loop on the calling thread. More: a thread pool, at most 2 x workers jobs in
     flight (this bounds memory), torch one thread per job (the parallelism is across jobs). Either way
@@ -125,23 +129,33 @@ def write_shards(tmp: Path, shards: list[list[Slot]], jobs_for: Callable[[Slot],
     (Ctrl-C included) stops the run: jobs not started are cancelled and the error re-raised.
     """
     names = shard_names(len(shards))
+    where = {s.name: (i, s) for i, shard in enumerate(shards) for s in shard}
+    if order is not None and sorted(order) != sorted(where):
+        raise InternalError("write_shards: the order does not list every slot exactly once")
+    # passes: (shard indices opened for it, the slots it writes in turn)
+    passes = [([i], shard) for i, shard in enumerate(shards)] if order is None else \
+        [(list(range(len(shards))), [where[n][1] for n in order])]
     with (_Loop(progress, total) if workers == 1 else _Pool(workers, progress, total)) as run:
-        writer = None
+        writers: dict[int, ShardWriter] = {}
         try:
-            for shard, name in zip(shards, names):
-                writer = ShardWriter(tmp / name, shard, SHARD_METADATA, {s.name for s in shard} & kept)
-                for slot in shard:
+            for opened, slots in passes:
+                for i in opened:
+                    writers[i] = ShardWriter(tmp / names[i], shards[i], SHARD_METADATA,
+                                             {s.name for s in shards[i]} & kept)
+                for slot in slots:
                     if slot.name in kept:
                         continue
+                    writer = writers[where[slot.name][0]]
                     jobs = jobs_for(slot)
                     tally = _Tally(slot, writer.path, len(jobs), slot_done)
                     for i, job in enumerate(jobs):
                         run.submit(job, writer, tally, i)
                 run.drain()
-                writer.close()
+                for i in opened:
+                    writers.pop(i).close()
         except BaseException:
             run.cancel()
-            if writer is not None:
+            for writer in writers.values():
                 writer.abort()
             raise
     return {s.name: names[i] for i, shard in enumerate(shards) for s in shard}
