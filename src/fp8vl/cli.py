@@ -406,10 +406,10 @@ class _Notes(logging.Handler):
 def _usage_error(e: Exception) -> bool:
     """A command-line usage error: click's ClickException, or, in typer releases that vendor click,
     typer's own copy of it (a TyperException with click's ``show``/``exit_code``)."""
-    return isinstance(e, click_exceptions()) and hasattr(e, "show") and hasattr(e, "exit_code")
+    return isinstance(e, _click_exceptions()) and hasattr(e, "show") and hasattr(e, "exit_code")
 
 
-def click_exceptions() -> tuple[type, ...]:
+def _click_exceptions() -> tuple[type, ...]:
     import click
 
     return (click.ClickException, *([typer.TyperException] if hasattr(typer, "TyperException") else []))
