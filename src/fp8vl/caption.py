@@ -42,6 +42,7 @@ CSV_HEADER = ["file_name", "text"]
 # the API of ``fp8vl caption`` (the options, summary and caption cleaning are defined in caption_options)
 __all__ = ["CaptionOptions", "CaptionSummary", "caption", "clean_caption", "find_images", "progress_bar", "sidecar"]
 
+
 # ---------------------------------------------------------------- images
 
 def find_images(paths: str | Path | Iterable[str | Path]) -> list[Path]:
