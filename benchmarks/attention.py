@@ -1,9 +1,10 @@
 """Decode attention block on the GPU: the engine's torch sequence against attention.py's kernels.
 
 Per decoder layer, from the qkv projection's output to the o projection's quantized input, at the
-Qwen3-VL-8B shapes (H=32, KV=8, D=128, q/k norms): the torch reference is engine._decode's
-sequence (split, q/k RMSNorm, rotate_half rotary, two index_put cache writes, SDPA with a boolean
-mask over the static cache, gemm.quantize_activations_gpu); the fused one is
+Qwen3-VL-8B shapes (H=32, KV=8, D=128, q/k norms): the torch reference is what Engine._decode
+runs without the kernels, engine.torch_attention_block (split, q/k RMSNorm, rotate_half rotary, two
+index_put cache writes, SDPA with a boolean mask over the static cache), then
+gemm.quantize_activations_gpu; the fused one is
 ``qk_norm_rope_cache`` + ``decode_attention(quantize=True)``. Every row's length is L - 1 (a full
 cache: the kernels' worst case; the reference reads the whole cache at any length). Timings are
 CUDA-graph replays of back-to-back calls rotating over enough layers' caches to exceed 4x L2
@@ -19,33 +20,21 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import timed  # noqa: E402  (the CUDA-graph timer the kernel tables use)
 
 from fp8vl import attention, gemm  # noqa: E402
-from fp8vl.engine import _rotate_half, rms_norm  # noqa: E402
+from fp8vl.engine import torch_attention_block  # noqa: E402
 
 H, KV, D, HIDDEN, LAYERS, EPS = 32, 8, 128, 4096, 36, 1e-6
 
 
 def reference(qkv, qn, kn, cos, sin, kc, vc, lens, rows, mask):
     """engine._decode's attention block, fused (FP8) mode: -> (out_q, out_s) for the o projection."""
-    b = qkv.shape[0]
-    q, k, v = qkv[:, None].split([H * D, KV * D, KV * D], -1)
-    q, k = q.view(b, 1, H, D), k.view(b, 1, KV, D)
-    q, k = rms_norm(q, qn, EPS), rms_norm(k, kn, EPS)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    v = v.view(b, 1, KV, D).transpose(1, 2)
-    c, s = cos[:, None, None], sin[:, None, None]
-    q = q * c + _rotate_half(q) * s
-    k = k * c + _rotate_half(k) * s
-    kc[rows, :, lens] = k[:, :, 0]
-    vc[rows, :, lens] = v[:, :, 0]
-    a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=D ** -0.5, enable_gqa=True)
-    return gemm.quantize_activations_gpu(a.transpose(1, 2).reshape(b, H * D))
+    a = torch_attention_block(qkv, qn, kn, EPS, cos, sin, kc, vc, lens, D ** -0.5, rows, mask)
+    return gemm.quantize_activations_gpu(a)
 
 
 def fused(qkv, qn, kn, cos, sin, kc, vc, lens):

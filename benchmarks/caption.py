@@ -65,7 +65,7 @@ def build(work: Path, layers: int) -> tuple[Path, Path]:
 
 
 def engine_rows(label: str, path: Path, pics: list[Path], new_tokens: int, batches: list[int]) -> list[dict]:
-    from fp8vl.caption import load_image
+    from fp8vl.images import load_image
     from fp8vl.engine import Engine, EngineOptions, Request, round_up
     from fp8vl.loader import encode, load_any
     from fp8vl.prompts import CAPTION
@@ -117,7 +117,7 @@ def step_rows(label: str, loaded, pics: list[Path], batches: list[int]) -> list[
     """Where the time goes: the prefill (vision tower + prompt) of 1 and of 8 same-length image prompts,
     through Transformers' forward, fp8vl's layers eagerly and in CUDA graphs; one decode step at each
     batch size."""
-    from fp8vl.caption import load_image
+    from fp8vl.images import load_image
     from fp8vl.engine import Engine, EngineOptions
     from fp8vl.loader import encode
     from fp8vl.prompts import CAPTION
@@ -198,7 +198,7 @@ def print_step_tables(rows: list[dict]) -> None:
 
 def old_path_row(label: str, loaded, pics: list[Path], new_tokens: int) -> dict:
     """Transformers' generate, one image at a time: what caption --model did before the engine."""
-    from fp8vl.caption import load_image
+    from fp8vl.images import load_image
     from fp8vl.loader import encode
     from fp8vl.prompts import CAPTION
 

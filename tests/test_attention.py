@@ -2,19 +2,19 @@
 
 CPU: the ``interp`` tests run in a child pytest with TRITON_INTERPRET=1 (as test_gemm_kernels.py
 explains); shapes are small. GPU: the ``gpu`` tests (bigger shapes, CUDA-graph capture) skip
-without a CUDA device. The references are the engine's own ops (engine.rms_norm, _rotate_half,
-F.scaled_dot_product_attention with its boolean mask) and a float64 attention.
+without a CUDA device. The references are the engine's own torch decode attention, the functions
+Engine._decode runs without the kernels (engine.torch_qk_norm_rope_cache, torch_decode_attention,
+torch_attention_block), and a float64 attention.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from helpers import INTERPRETER, qwen3_rmsnorm, run_under_triton_interpreter, same_bits
 from fp8vl import attention
-from fp8vl.engine import _rotate_half, rms_norm
+from fp8vl.engine import torch_attention_block, torch_decode_attention, torch_qk_norm_rope_cache
 from fp8vl.kernel import quantize_activations
 
 interp = pytest.mark.skipif(not INTERPRETER, reason="runs in the TRITON_INTERPRET=1 child process")
@@ -38,31 +38,14 @@ def within_rounding(a: torch.Tensor, b: torch.Tensor, frac: float = 0.02) -> boo
     return a.shape == b.shape and bool(ok.all()) and float((diff > 0).float().mean()) <= frac
 
 
-def reference_rope_cache(qkv, q_norm, k_norm, eps, cos, sin, kc, vc, lens, h, kv, d):
-    """The engine's decode step from the qkv split to the cache writes (engine._decode)."""
-    b = qkv.shape[0]
-    q, k, v = qkv[:, None].split([h * d, kv * d, kv * d], -1)
-    q, k = q.view(b, 1, h, d), k.view(b, 1, kv, d)
-    if q_norm is not None:
-        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    v = v.view(b, 1, kv, d).transpose(1, 2)
-    c, s = cos[:, None, None], sin[:, None, None]
-    q = q * c + _rotate_half(q) * s
-    k = k * c + _rotate_half(k) * s
-    rows = torch.arange(b, device=qkv.device)
-    kc[rows, :, lens] = k[:, :, 0]
-    vc[rows, :, lens] = v[:, :, 0]
-    return q[:, :, 0]
+def reference_rope_cache(qkv, q_norm, k_norm, eps, cos, sin, kc, vc, lens):
+    """The engine's decode step from the qkv split to the cache writes -> q [b, H, D], the kernel's layout."""
+    return torch_qk_norm_rope_cache(qkv, q_norm, k_norm, eps, cos, sin, kc, vc, lens)[:, :, 0]
 
 
 def sdpa_reference(q, kc, vc, lens, scale):
-    """The engine's attention: SDPA with a boolean mask over the whole static cache -> [b, H*D]."""
-    b, h, d = q.shape
-    span = torch.arange(kc.shape[2], device=q.device)
-    mask = (span[None, :] <= lens[:, None])[:, None, None, :]
-    a = F.scaled_dot_product_attention(q[:, :, None], kc[:b], vc[:b], attn_mask=mask, scale=scale, enable_gqa=True)
-    return a.transpose(1, 2).reshape(b, h * d)
+    """The engine's attention (SDPA, boolean mask over the whole static cache) of q [b, H, D] -> [b, H*D]."""
+    return torch_decode_attention(q[:, :, None], kc, vc, lens, scale)
 
 
 def exact_attention(q, kc, vc, lens, scale):
@@ -113,7 +96,7 @@ def test_qk_norm_rope_cache_is_bit_identical_to_the_engine(d, norm):
     qn, kn = (qn, kn) if norm else (None, None)
     kc2, vc2 = kc.clone(), vc.clone()
     q = attention.qk_norm_rope_cache(qkv, qn, kn, 1e-6, cos, sin, kc, vc, lens)
-    q_ref = reference_rope_cache(qkv, qn, kn, 1e-6, cos, sin, kc2, vc2, lens, h, kv, d)
+    q_ref = reference_rope_cache(qkv, qn, kn, 1e-6, cos, sin, kc2, vc2, lens)
     assert same_bits(q, q_ref.contiguous())
     assert same_bits(kc, kc2) and same_bits(vc, vc2)          # the written slots, and nothing else
 
@@ -124,7 +107,7 @@ def test_qk_norm_rope_cache_on_random_input_differs_at_most_by_rare_one_ulp_flip
     qkv, qn, kn, cos, sin, kc, vc, lens = make_inputs(6, h, kv, d, L, [0, 3, 5, 15, 9, 1], 5)
     kc2, vc2 = kc.clone(), vc.clone()
     q = attention.qk_norm_rope_cache(qkv, qn, kn, 1e-6, cos, sin, kc, vc, lens)
-    q_ref = reference_rope_cache(qkv, qn, kn, 1e-6, cos, sin, kc2, vc2, lens, h, kv, d)
+    q_ref = reference_rope_cache(qkv, qn, kn, 1e-6, cos, sin, kc2, vc2, lens)
     for a, r in ((q, q_ref), (kc, kc2)):
         diff = a.view(torch.int16).int() - r.contiguous().view(torch.int16).int()
         assert int(diff.abs().max()) <= 1 and float((diff != 0).float().mean()) < 1e-2
@@ -138,7 +121,7 @@ def test_a_length_past_the_cache_writes_nothing():
     kc2, vc2 = kc.clone(), vc.clone()
     q = attention.qk_norm_rope_cache(qkv, qn, kn, 1e-6, cos, sin, kc, vc, torch.tensor([L, L + 5]))
     assert same_bits(kc, kc2) and same_bits(vc, vc2)
-    q_ref = reference_rope_cache(qkv, qn, kn, 1e-6, cos, sin, kc2, vc2, torch.tensor([0, 0]), h, kv, d)
+    q_ref = reference_rope_cache(qkv, qn, kn, 1e-6, cos, sin, kc2, vc2, torch.tensor([0, 0]))
     assert same_bits(q, q_ref.contiguous())
 
 
@@ -180,9 +163,12 @@ def test_the_whole_attention_block_matches_the_engine_step():
     kc2, vc2 = kc.clone(), vc.clone()
     q = attention.qk_norm_rope_cache(qkv, qn, kn, 1e-6, cos, sin, kc, vc, lens)
     out = attention.decode_attention(q, kc, vc, lens, d ** -0.5)
-    q_ref = reference_rope_cache(qkv, qn, kn, 1e-6, cos, sin, kc2, vc2, lens, h, kv, d)
+    kc3, vc3 = kc2.clone(), vc2.clone()
+    q_ref = reference_rope_cache(qkv, qn, kn, 1e-6, cos, sin, kc2, vc2, lens)
     exact, vmax = exact_attention(q_ref.contiguous(), kc2, vc2, lens, d ** -0.5)
     assert within_bound(out, exact, vmax)
+    block = torch_attention_block(qkv, qn, kn, 1e-6, cos, sin, kc3, vc3, lens, d ** -0.5)   # what _decode runs
+    assert same_bits(kc3, kc2) and same_bits(vc3, vc2) and within_bound(block, exact, vmax)
 
 
 @interp
@@ -231,7 +217,7 @@ def test_gpu_rope_cache_on_8b_shapes(norm):
     qn, kn = (qn, kn) if norm else (None, None)
     kc2, vc2 = kc.clone(), vc.clone()
     q = attention.qk_norm_rope_cache(qkv, qn, kn, 1e-6, cos, sin, kc, vc, lens)
-    q_ref = reference_rope_cache(qkv, qn, kn, 1e-6, cos, sin, kc2, vc2, lens, h, kv, d)
+    q_ref = reference_rope_cache(qkv, qn, kn, 1e-6, cos, sin, kc2, vc2, lens)
     assert same_bits(vc, vc2)
     if norm:   # the q/k RMSNorm's rsqrt on the GPU may round one ulp away from torch's
         assert within_rounding(q, q_ref) and within_rounding(kc, kc2)

@@ -3,12 +3,15 @@ pixel by pixel on real files written and reopened by Pillow."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
+from skimage import data
 
-from fp8vl.caption import load_image
-from fp8vl.images import open_rgb, to_rgb
+from fp8vl.errors import FP8VLError
+from fp8vl.images import load_image, open_rgb, to_rgb
 from fp8vl.prompts import open_image
 
 WHITE = (255, 255, 255)
@@ -24,6 +27,21 @@ def gray(a: np.ndarray) -> np.ndarray:
     """The R channel, after checking R = G = B."""
     assert (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()
     return a[..., 0]
+
+
+def _photo(name: str) -> Image.Image:
+    a = getattr(data, name)()
+    return Image.fromarray(a.astype(np.uint8) * 255 if a.dtype == bool else a)
+
+
+def _exif_rotated(path: Path) -> Path:
+    """A 300x200 (WxH) JPEG, red top-left corner, EXIF orientation 6: shown rotated 90 degrees clockwise."""
+    im = _photo("chelsea").convert("RGB").resize((300, 200))
+    im.paste((255, 0, 0), (0, 0, 60, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(path, exif=exif, quality=95)
+    return path
 
 
 def test_mid_grey_16_bit_png_arrives_mid_grey(tmp_path):
@@ -94,3 +112,20 @@ def test_other_modes_convert_as_pillow_defines_them():
 def test_bundled_photos_of_every_dtype_open_as_rgb(name):
     a = np.asarray(open_image(f"skimage:{name}")).astype(int)
     assert a.ndim == 3 and a.shape[2] == 3 and a.max() > 200 and a.min() < 60   # not blank, not clipped
+
+
+def test_load_image_applies_exif_and_never_upscales(tmp_path):
+    im = load_image(_exif_rotated(tmp_path / "r.jpg"), 512)
+    assert im.size == (200, 300)                                 # stored 300x200, shown upright
+    px = np.asarray(im)
+    assert px[5, -5, 0] > 200 and px[5, -5, 1] < 60              # the red corner went to the top right
+    assert not (px[5, 5, 0] > 200 and px[5, 5, 1] < 60)
+    _photo("coffee").save(tmp_path / "coffee.png")               # 600x400
+    assert load_image(tmp_path / "coffee.png", 300).size == (300, 200)
+    assert load_image(tmp_path / "coffee.png", 4096).size == (600, 400)
+    _photo("logo").save(tmp_path / "logo.png")                   # RGBA: transparent parts on white
+    logo = load_image(tmp_path / "logo.png", 64)
+    assert logo.mode == "RGB" and max(logo.size) == 64 and logo.getpixel((0, 0)) == (255, 255, 255)
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(FP8VLError, match="bad.jpg"):
+        load_image(tmp_path / "bad.jpg")

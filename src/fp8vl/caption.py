@@ -1,11 +1,9 @@
 """``fp8vl caption``: caption a folder of images for LoRA training, through a server or in-process.
 
-Server backend (``endpoint`` set): any OpenAI-compatible server (vLLM, SGLang, ``transformers serve``)
-gets each image, EXIF-rotated and shrunk so its longer side is at most ``max_side``, as a base64 JPEG
-data URL next to the prompt; ``concurrency`` requests in flight; connection errors, timeouts, 429, 5xx
-and 200s whose body is not the JSON asked for (an HTML page from a proxy, an empty or cut-off body)
-are retried with exponential backoff and jitter. Local backend (no endpoint): the model folder is
-loaded once with fp8vl's runtime and images are captioned one after another, greedily.
+Server backend (``endpoint`` set): any OpenAI-compatible server, see caption_server.py. Local backend
+(no endpoint): the model folder is loaded once with fp8vl's runtime and images are captioned by
+fp8vl's engine, greedily. The options, the per-image result and the caption cleaning both backends
+share are in caption_options.py.
 
 Outputs, written by the main thread as each caption arrives, so a killed run loses no finished one:
 a sidecar ``IMAGE.txt`` (written to a temporary file, then renamed), one JSON line per image appended
@@ -13,99 +11,36 @@ to ``jsonl`` ({file, caption, tokens, seconds}; a log: on --overwrite the last l
 and ``csv``, a Hugging Face ImageFolder ``metadata.csv`` (file_name,text): rows are appended as they
 come and the file is rewritten at the end with every known caption exactly once. A rerun skips the
 images already captioned (sidecar present; with txt off, listed in the jsonl or csv) unless
-``overwrite``. An unreadable image, or one that still fails after the retries, is reported and the
-batch goes on; when the server stops answering altogether (``DOWN_AFTER`` images in a row lost to
-connection errors or timeouts), the images not yet sent are reported too. Ctrl-C stops at once:
-the captions already written stay, in-flight requests are dropped, a rerun does the rest.
+``overwrite``. An unreadable image, or one that a backend fails on, is reported and the batch goes
+on. Ctrl-C stops at once: the captions already written stay, in-flight requests are dropped, a rerun
+does the rest.
 """
 
 from __future__ import annotations
 
-import base64
 import csv as csvlib
 import io
 import json
 import os
-import queue
-import random
-import re
 import tempfile
-import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
-from urllib.parse import urlsplit
 
+from .caption_options import CaptionOptions, CaptionSummary, _Result, clean_caption
+from .caption_server import _base_url, _serve
 from .errors import FP8VLError, out_of_memory
-from .images import open_rgb
-from .prompts import CAPTION
+from .images import load_image
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 CSV_HEADER = ["file_name", "text"]
-DOWN_AFTER = 3  # consecutive images lost to connection errors or timeouts: the server is gone, stop sending
 
-
-@dataclass(frozen=True)
-class CaptionOptions:
-    endpoint: str | None = None      # OpenAI-compatible base URL (http://127.0.0.1:8000/v1); None: in-process
-    model: str | None = None         # server: model name (default: first of /v1/models); local: model folder
-    prompt: str = CAPTION
-    trigger: str | None = None       # put before each caption ("ohwx" -> "ohwx, <caption>")
-    max_side: int = 512              # longer image side sent to the model (never upscaled)
-    concurrency: int = 8             # requests in flight (server backend)
-    max_tokens: int = 128
-    temperature: float = 0.0         # 0: greedy, the same caption on every run
-    txt: bool = True                 # sidecar IMAGE.txt, the layout LoRA trainers read
-    jsonl: Path | None = None        # append {file, caption, tokens, seconds} a line
-    csv: Path | None = None          # ImageFolder metadata.csv (file_name relative to its folder)
-    overwrite: bool = False          # recaption images that already have a caption
-    retries: int = 4                 # extra attempts on connection errors, timeouts, 429 and 5xx
-    backoff: float = 0.5             # first retry delay in seconds; doubles each time, with jitter
-    timeout: float = 120.0           # seconds per request
-    api_key: str | None = None       # default: $OPENAI_API_KEY, else "EMPTY"
-    device: str = "cpu"              # local backend
-    mode: str = "auto"               # local backend FP8 runtime: auto, scaled_mm, triton, w8a8 or dequant
-    batch_size: int | None = None    # local backend: sequences decoded together (None: as many as fit)
-    gpu_memory: int | None = None    # local backend: bytes of GPU memory the run may use (None: the card)
-
-
-@dataclass
-class CaptionSummary:
-    done: int = 0                    # images captioned by this run
-    skipped: int = 0                 # already captioned, left alone
-    failed: list[tuple[Path, str]] = field(default_factory=list)   # (image, reason)
-    tokens: int = 0                  # generated tokens
-    seconds: float = 0.0             # wall time of the run, model loading included
-    model: str = ""
-    load_seconds: float = 0.0        # in-process: loading the model and sizing the engine (part of seconds)
-
-    @property
-    def images_per_s(self) -> float:
-        return self.done / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def captioning_images_per_s(self) -> float:
-        """images/s once the model is loaded (the rate a long run converges to)."""
-        busy = self.seconds - self.load_seconds
-        return self.done / busy if busy > 0 else 0.0
-
-
-@dataclass
-class _Result:
-    path: Path
-    caption: str | None = None
-    tokens: int = 0
-    seconds: float = 0.0
-    error: str | None = None
-    down: bool = False               # failed because the server could not be reached
+# the API of ``fp8vl caption`` (the options, summary and caption cleaning are defined in caption_options)
+__all__ = ["CaptionOptions", "CaptionSummary", "caption", "clean_caption", "find_images", "progress_bar", "sidecar"]
 
 
 # ---------------------------------------------------------------- images
@@ -130,35 +65,8 @@ def find_images(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     return list(out)
 
 
-def load_image(path: str | Path, max_side: int = 512):
-    """8-bit RGB PIL image (any mode scaled faithfully, see images.py), EXIF orientation applied,
-    transparency on white, longer side <= ``max_side``."""
-    from PIL import Image
-
-    im = open_rgb(path)
-    if max(im.size) > max_side:
-        im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    return im
-
-
-def image_data_url(image, quality: int = 90) -> str:
-    """A PIL image as a base64 JPEG data URL, the form OpenAI-compatible servers take."""
-    buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=quality)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def sidecar(image: Path) -> Path:
     return image.with_suffix(".txt")
-
-
-def clean_caption(text: str | None, trigger: str | None = None) -> str:
-    """One line: reasoning blocks dropped, whitespace collapsed, trigger in front ("", if nothing left)."""
-    text = " ".join(re.sub(r"<think>.*?</think>", "", text or "", flags=re.S).split())
-    if not text or not trigger or not trigger.strip():
-        return text
-    t = trigger.strip()
-    return f"{t}{' ' if t[-1] in ',;:.' else ', '}{text}"
 
 
 # ---------------------------------------------------------------- outputs
@@ -281,143 +189,7 @@ def _check(images: list[Path], opts: CaptionOptions) -> None:
                                  f"to metadata.csv, so put the csv in the images' folder or a parent")
 
 
-# ---------------------------------------------------------------- backends
-
-def _base_url(endpoint: str) -> str:
-    u = urlsplit(endpoint)
-    if u.scheme not in ("http", "https") or not u.netloc:
-        raise FP8VLError(f"--endpoint {endpoint}: expected a URL like http://127.0.0.1:8000/v1")
-    return endpoint.rstrip("/") + ("/v1" if u.path in ("", "/") else "")
-
-
-class BadReply(Exception):
-    """A 2xx answer whose body is not what was asked for: an HTML page from a proxy, an empty or cut-off
-    body, JSON of another shape. Retried like a 5xx: the server (or what stands before it) is answering."""
-
-
-def _json_reply(raw, shape: Callable[[dict], object]):
-    """``shape(body)`` of a raw openai response; any failure to read it is a :class:`BadReply`."""
-    text = raw.text
-    try:
-        return shape(json.loads(text))
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-        snippet = " ".join(text[:80].split()) or "an empty body"
-        raise BadReply(f"server answered {raw.status_code} with a body that is not the JSON asked for "
-                       f"({snippet!r}{'...' if len(text) > 80 else ''})") from e
-
-
-def _completion(body: dict) -> tuple[str | None, int]:
-    """(message text, completion tokens) of a chat completion body; raises on any other shape."""
-    choices = body["choices"]
-    text = choices[0]["message"]["content"] if choices else None
-    tokens = int((body.get("usage") or {}).get("completion_tokens") or 0)
-    if text is not None and not isinstance(text, str):
-        raise TypeError(f"message content is {type(text).__name__}")
-    return text, tokens
-
-
-def _retry(call: Callable, opts: CaptionOptions, stop: threading.Event):
-    """``call()`` with retries on connection errors, timeouts, 429, 5xx and bad replies (exponential
-    backoff, jitter); gives up at once when ``stop`` is set."""
-    import openai
-
-    for attempt in range(opts.retries + 1):
-        try:
-            return call()
-        except (openai.APIConnectionError, openai.APIStatusError, BadReply) as e:
-            status = getattr(e, "status_code", None)
-            if (status is not None and status < 500 and status not in (408, 429)) or attempt == opts.retries:
-                raise
-            if stop.wait(min(60.0, opts.backoff * 2 ** attempt * random.uniform(0.5, 1.5))):
-                raise
-
-
-def _failure(path: Path, e: Exception, opts: CaptionOptions, seconds: float) -> _Result:
-    import openai
-
-    if isinstance(e, openai.APIStatusError):
-        return _Result(path, seconds=seconds, error=f"server answered {e.status_code}: {e.message}")
-    if isinstance(e, BadReply):
-        return _Result(path, seconds=seconds, error=f"{e} (after {opts.retries + 1} attempts)")
-    # connection errors and timeouts (APITimeoutError is an APIConnectionError) both say "not answering"
-    return _Result(path, seconds=seconds, error=f"{opts.endpoint}: {e} (after {opts.retries + 1} attempts)",
-                   down=True)
-
-
-def _server_one(client, model: str, path: Path, opts: CaptionOptions, stop: threading.Event) -> _Result:
-    import openai
-
-    t0 = time.perf_counter()
-    if stop.is_set():
-        return _Result(path, error=f"not sent: {opts.endpoint} stopped answering; rerun to caption it")
-    try:
-        url = image_data_url(load_image(path, opts.max_side))
-    except FP8VLError as e:
-        return _Result(path, error=str(e))
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                             {"type": "text", "text": opts.prompt}]}]
-    try:
-        text, tokens = _retry(lambda: _json_reply(client.chat.completions.with_raw_response.create(
-            model=model, messages=messages, max_tokens=opts.max_tokens, temperature=opts.temperature),
-            _completion), opts, stop)
-    except (openai.APIError, BadReply) as e:
-        return _failure(path, e, opts, time.perf_counter() - t0)
-    text = clean_caption(text, opts.trigger)
-    return _Result(path, text or None, tokens, time.perf_counter() - t0,
-                   None if text else "the model returned an empty caption")
-
-
-def _serve(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Result]:
-    """Results in the order they arrive, from ``concurrency`` worker threads.
-
-    The workers are daemon threads, not a ThreadPoolExecutor: the interpreter joins an executor's
-    threads at exit, so a request blocked on a hung server would hold Ctrl-C for up to the timeout.
-    On close (end, error, Ctrl-C) the client is closed and no further request is sent."""
-    from openai import OpenAI
-
-    client = OpenAI(base_url=_base_url(opts.endpoint), api_key=opts.api_key or os.environ.get("OPENAI_API_KEY")
-                    or "EMPTY", timeout=opts.timeout, max_retries=0)
-    stop = threading.Event()
-    try:
-        try:
-            ids = _retry(lambda: _json_reply(client.models.with_raw_response.list(),
-                                             lambda body: [str(m["id"]) for m in body["data"]]), opts, stop)
-        except Exception as e:
-            raise FP8VLError(f"{opts.endpoint}: cannot list models ({e}); start the server or fix --endpoint") from e
-        model = info["model"] = opts.model or (ids[0] if ids else None)
-        if not model:
-            raise FP8VLError(f"{opts.endpoint}: the server lists no model; pass --model NAME")
-        lock, down, pending = threading.Lock(), [0], iter(todo)
-        results: queue.SimpleQueue = queue.SimpleQueue()
-
-        def work() -> None:
-            while True:
-                with lock:
-                    path = next(pending, None)
-                if path is None:
-                    return
-                try:
-                    r = _server_one(client, model, path, opts, stop)
-                except BaseException as e:  # handed to the main thread, which re-raises it
-                    results.put(e)
-                    return
-                with lock:  # counted as results come, so that no later image is sent to a dead server
-                    down[0] = down[0] + 1 if r.down else 0 if r.caption else down[0]
-                    if down[0] >= DOWN_AFTER:
-                        stop.set()
-                results.put(r)
-
-        for i in range(min(opts.concurrency, len(todo))):
-            threading.Thread(target=work, name=f"fp8vl-caption-{i}", daemon=True).start()
-        for _ in todo:
-            r = results.get()
-            if isinstance(r, BaseException):
-                raise r
-            yield r
-    finally:
-        stop.set()
-        client.close()  # in-flight requests end with the connections; the daemon threads are not waited for
-
+# ---------------------------------------------------------------- in-process backend
 
 def _local(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Result]:
     """In-process: fp8vl's engine, continuous batching; images are read and encoded by two threads

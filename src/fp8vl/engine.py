@@ -310,9 +310,8 @@ class Engine:
         tok, ln, rows = self.tok[:b], self.len[:b], self.rows[:b]
         x = self.embed(tok)[:, None]                                        # [b, 1, H]
         cos, sin = self._rope(x, b)
-        cos, sin = cos[:, None], sin[:, None]                               # [b, 1, 1, hd]
-        mask = (self.span[None, :] <= ln[:, None])[:, None, None, :]        # [b, 1, 1, L]
-        nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        cos, sin = cos[:, 0], sin[:, 0]                                     # [b, hd]
+        mask = (self.span[None, :] <= ln[:, None])[:, None, None, :]        # [b, 1, 1, L]: once for all layers
         if self.fused:
             from .gemm import fp8_gemm, quantize_activations_gpu, rmsnorm_quant, silu_mul_quant
 
@@ -320,28 +319,17 @@ class Engine:
                 return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, self.dtype, m.bias, self.fused, m.counters)
         for i, L in enumerate(self.layers):
             if self.fused:
-                qkv = lin(L.qkv, rmsnorm_quant(x.view(b, -1), L.ln1, L.eps))[:, None]
+                qkv = lin(L.qkv, rmsnorm_quant(x.view(b, -1), L.ln1, L.eps))
             else:
-                qkv = L.qkv(rms_norm(x, L.ln1, L.eps))
-            q, k, v = qkv.split([nq, nk, nk], -1)
-            q, k = q.view(b, 1, self.n_heads, self.head_dim), k.view(b, 1, self.n_kv, self.head_dim)
-            if L.q_norm is not None:
-                q, k = rms_norm(q, L.q_norm, L.eps), rms_norm(k, L.k_norm, L.eps)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)                     # [b, heads, 1, hd]
-            v = v.view(b, 1, self.n_kv, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            kc, vc = self.k[i][:b], self.v[i][:b]
-            kc[rows, :, ln] = k[:, :, 0]
-            vc[rows, :, ln] = v[:, :, 0]
-            a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=L.scaling, enable_gqa=True)
-            a = a.transpose(1, 2).reshape(b, 1, nq)
+                qkv = L.qkv(rms_norm(x, L.ln1, L.eps))[:, 0]
+            a = torch_attention_block(qkv, L.q_norm, L.k_norm, L.eps, cos, sin, self.k[i][:b], self.v[i][:b], ln,
+                                      L.scaling, rows, mask)                # [b, heads * hd]
             if self.fused:
-                x = x + lin(L.o, quantize_activations_gpu(a.view(b, nq)))[:, None]
+                x = x + lin(L.o, quantize_activations_gpu(a))[:, None]
                 gu = lin(L.gate_up, rmsnorm_quant(x.view(b, -1), L.ln2, L.eps))
                 x = x + lin(L.down, silu_mul_quant(gu))[:, None]
                 continue
-            x = x + L.o(a)
+            x = x + L.o(a[:, None])
             h = rms_norm(x, L.ln2, L.eps)
             if L.mlp is not None:
                 x = x + L.mlp(h)
@@ -477,6 +465,56 @@ class Engine:
             self.len[:1].fill_(n + j)
             rows.append(self._step(1)[0].float().cpu())
         return torch.stack(rows)
+
+
+# ---------------------------------------------------------------- the decode attention block, in torch
+# What Engine._decode runs between the qkv projection and the o projection when fp8vl's Triton kernels
+# (attention.py: qk_norm_rope_cache, decode_attention) do not apply; the kernels' tests and benchmark
+# judge them against these. Shapes: b rows, H query heads, KV key/value heads, D head_dim, L cache length.
+
+def torch_qk_norm_rope_cache(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                             cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                             lens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """qkv [b, (H + 2 KV) D] -> q [b, H, 1, D], RMSNormed per head (q_norm, k_norm [D], or both None)
+    and rotated (cos, sin [b, D]); k (normed, rotated) and v are written in place at position lens[r]
+    of cache row r (kc, vc [>= b, KV, L, D]). ``rows``: arange(b), when the caller keeps one."""
+    b, kv, d = qkv.shape[0], kc.shape[1], kc.shape[3]
+    h = qkv.shape[1] // d - 2 * kv
+    q, k, v = qkv[:, None].split([h * d, kv * d, kv * d], -1)
+    q, k = q.view(b, 1, h, d), k.view(b, 1, kv, d)
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)                             # [b, heads, 1, D]
+    v = v.view(b, 1, kv, d).transpose(1, 2)
+    c, s = cos[:, None, None], sin[:, None, None]                           # [b, 1, 1, D]
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    rows = torch.arange(b, device=qkv.device) if rows is None else rows
+    kc[rows, :, lens] = k[:, :, 0]
+    vc[rows, :, lens] = v[:, :, 0]
+    return q
+
+
+def torch_decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, lens: torch.Tensor, scale: float,
+                           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Grouped-query SDPA of q [b, H, 1, D] over cache rows [0, b) of kc, vc [>= b, KV, L, D], positions
+    0..lens[r] of row r -> [b, H * D]. ``mask``: the boolean [b, 1, 1, L] of those positions, when the
+    caller builds it once for all layers."""
+    b, h, _, d = q.shape
+    if mask is None:
+        mask = (torch.arange(kc.shape[2], device=q.device)[None, :] <= lens[:, None])[:, None, None, :]
+    a = F.scaled_dot_product_attention(q, kc[:b], vc[:b], attn_mask=mask, scale=scale, enable_gqa=True)
+    return a.transpose(1, 2).reshape(b, h * d)
+
+
+def torch_attention_block(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                          cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, lens: torch.Tensor,
+                          scale: float, rows: torch.Tensor | None = None,
+                          mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One decoder layer's decode attention: qkv [b, (H + 2 KV) D] -> [b, H * D], the o projection's
+    input; writes this step's k, v into the cache (see the two functions above for shapes)."""
+    q = torch_qk_norm_rope_cache(qkv, q_norm, k_norm, eps, cos, sin, kc, vc, lens, rows)
+    return torch_decode_attention(q, kc, vc, lens, scale, mask)
 
 
 def limit_gpu_memory(device: str, nbytes: int | None) -> None:

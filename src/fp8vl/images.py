@@ -3,7 +3,8 @@
 PIL's own ``convert("RGB")`` clips wider modes instead of scaling them: a mid-grey 16-bit PNG
 (32768 of 65535) becomes 255, white. Here 16-bit and 32-bit integer and float images are scaled
 to 0-255 first; transparency goes onto white (what a captioner should describe is the drawing,
-not a black background). Shared by ``caption`` and by ``eval``'s prompt images.
+not a black background). Shared by ``caption`` (load_image: also shrunk to the side sent) and by
+``eval``'s prompt images.
 """
 
 from __future__ import annotations
@@ -69,3 +70,14 @@ def open_rgb(path: str | Path):
             return to_rgb(ImageOps.exif_transpose(im))
     except Exception as e:  # any decoder failure: the caller decides whether the batch goes on
         raise FP8VLError(f"{path}: cannot read image ({type(e).__name__}: {e}); replace or remove it") from e
+
+
+def load_image(path: str | Path, max_side: int = 512):
+    """8-bit RGB PIL image as :func:`open_rgb` gives it (EXIF orientation applied, transparency on
+    white), shrunk so that its longer side is <= ``max_side`` (never upscaled)."""
+    from PIL import Image
+
+    im = open_rgb(path)
+    if max(im.size) > max_side:
+        im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return im
