@@ -2,7 +2,7 @@
 
 Per decoder layer, from the qkv projection's output to the o projection's quantized input, at the
 Qwen3-VL-8B shapes (H=32, KV=8, D=128, q/k norms): the torch reference is what Engine._decode
-runs without the kernels, engine.torch_attention_block (split, q/k RMSNorm, rotate_half rotary, two
+runs without the kernels, layers.torch_attention_block (split, q/k RMSNorm, rotate_half rotary, two
 index_put cache writes, SDPA with a boolean mask over the static cache), then
 gemm.quantize_activations_gpu; the fused one is
 ``qk_norm_rope_cache`` + ``decode_attention(quantize=True)``. Every row's length is L - 1 (a full
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import timed  # noqa: E402  (the CUDA-graph timer the kernel tables use)
 
 from fp8vl import attention, gemm  # noqa: E402
-from fp8vl.engine import torch_attention_block  # noqa: E402
+from fp8vl.layers import torch_attention_block  # noqa: E402
 
 H, KV, D, HIDDEN, LAYERS, EPS = 32, 8, 128, 4096, 36, 1e-6
 

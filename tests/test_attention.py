@@ -3,7 +3,7 @@
 CPU: the ``interp`` tests run in a child pytest with TRITON_INTERPRET=1 (as test_gemm_kernels.py
 explains); shapes are small. GPU: the ``gpu`` tests (bigger shapes, CUDA-graph capture) skip
 without a CUDA device. The references are the engine's own torch decode attention, the functions
-Engine._decode runs without the kernels (engine.torch_qk_norm_rope_cache, torch_decode_attention,
+Engine._decode runs without the kernels (layers.torch_qk_norm_rope_cache, torch_decode_attention,
 torch_attention_block), and a float64 attention.
 """
 
@@ -14,7 +14,7 @@ import torch
 
 from helpers import INTERPRETER, qwen3_rmsnorm, run_under_triton_interpreter, same_bits
 from fp8vl import attention
-from fp8vl.engine import torch_attention_block, torch_decode_attention, torch_qk_norm_rope_cache
+from fp8vl.layers import torch_attention_block, torch_decode_attention, torch_qk_norm_rope_cache
 from fp8vl.kernel import quantize_activations
 
 interp = pytest.mark.skipif(not INTERPRETER, reason="runs in the TRITON_INTERPRET=1 child process")

@@ -2,7 +2,9 @@
 
 ``_decoder_layers`` reads each layer of a Transformers model into a ``_Layer`` (RMSNorm weights,
 fused qkv and gate_up linears, q/k norms, the MoE block as is); ``rms_norm`` and ``_rotate_half``
-are Transformers' own math. Used by engine.py (decode) and prefill.py (prefill).
+are Transformers' own math; ``torch_attention_block`` (and its two halves) is the decode attention
+block in torch ops, what ``Engine._decode`` runs where the Triton kernels do not apply and what
+those kernels are tested against. Used by engine.py (decode) and prefill.py (prefill).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .runtime import FP8Linear
 
@@ -104,3 +107,48 @@ def _decoder_layers(model: torch.nn.Module) -> list[_Layer] | None:
                           gate_up, mlp.down_proj if dense else None, mlp.act_fn if dense else None,
                           None if dense else mlp, attn.scaling))
     return out
+
+
+def torch_qk_norm_rope_cache(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                             cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                             lens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """qkv [b, (H + 2 KV) D] -> q [b, H, 1, D], RMSNormed per head (q_norm, k_norm [D], or both None)
+    and rotated (cos, sin [b, D]); k (normed, rotated) and v are written in place at position lens[r]
+    of cache row r (kc, vc [>= b, KV, L, D]). ``rows``: arange(b), when the caller keeps one."""
+    b, kv, d = qkv.shape[0], kc.shape[1], kc.shape[3]
+    h = qkv.shape[1] // d - 2 * kv
+    q, k, v = qkv[:, None].split([h * d, kv * d, kv * d], -1)
+    q, k = q.view(b, 1, h, d), k.view(b, 1, kv, d)
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)                             # [b, heads, 1, D]
+    v = v.view(b, 1, kv, d).transpose(1, 2)
+    c, s = cos[:, None, None], sin[:, None, None]                           # [b, 1, 1, D]
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    rows = torch.arange(b, device=qkv.device) if rows is None else rows
+    kc[rows, :, lens] = k[:, :, 0]
+    vc[rows, :, lens] = v[:, :, 0]
+    return q
+
+
+def torch_decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, lens: torch.Tensor, scale: float,
+                           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Grouped-query SDPA of q [b, H, 1, D] over cache rows [0, b) of kc, vc [>= b, KV, L, D], positions
+    0..lens[r] of row r -> [b, H * D]. ``mask``: the boolean [b, 1, 1, L] of those positions, when the
+    caller builds it once for all layers."""
+    b, h, _, d = q.shape
+    if mask is None:
+        mask = (torch.arange(kc.shape[2], device=q.device)[None, :] <= lens[:, None])[:, None, None, :]
+    a = F.scaled_dot_product_attention(q, kc[:b], vc[:b], attn_mask=mask, scale=scale, enable_gqa=True)
+    return a.transpose(1, 2).reshape(b, h * d)
+
+
+def torch_attention_block(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                          cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, lens: torch.Tensor,
+                          scale: float, rows: torch.Tensor | None = None,
+                          mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One decoder layer's decode attention: qkv [b, (H + 2 KV) D] -> [b, H * D], the o projection's
+    input; writes this step's k, v into the cache (see the two functions above for shapes)."""
+    q = torch_qk_norm_rope_cache(qkv, q_norm, k_norm, eps, cos, sin, kc, vc, lens, rows)
+    return torch_decode_attention(q, kc, vc, lens, scale, mask)
