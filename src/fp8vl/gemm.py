@@ -53,8 +53,8 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _m_bucket(m: int) -> int:
-    """Autotune's M key: 1 (a single token), 16 (the rest of decode: the GEMV pads to 16 rows
-    anyway), then powers of two up to 4096."""
+    """The block GEMM autotune's M key: powers of two up to 4096 (1 and 16 for the decode sizes, which
+    the GEMV takes: it pads to 16 rows anyway)."""
     return 1 if m == 1 else 16 if m <= DECODE_MAX_M else min(triton.next_power_of_2(m), 4096)
 
 
@@ -85,7 +85,7 @@ def prefill_config(m: int, n: int, k: int, sm_count: int, a_fp8: bool = True) ->
 
 
 def _bench(fn, quantiles):
-    # few reps: the autotune pass runs once per shape, and decode kernels take microseconds
+    # few reps: the autotune pass runs once per shape, on the eager first call
     return triton.testing.do_bench(fn, warmup=3, rep=15, quantiles=quantiles)
 
 
