@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fp8vl.engine import capture_graph
 from fp8vl.kernel import quantize_weight
 from fp8vl.runtime import FP8Linear
 
@@ -122,7 +123,7 @@ def prefill_tps(model: Decoder, tokens: int, reps: int = 5) -> float:
     caches = caches_for(model, 1, tokens)
     ids = torch.randint(0, VOCAB, (1, tokens), device="cuda")
     pos = torch.arange(tokens, device="cuda")
-    graph = _capture(lambda: model(ids, pos, caches, prefill=True))[0]
+    graph = capture_graph(lambda: model(ids, pos, caches, prefill=True), warmups=3)[0]
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -131,27 +132,13 @@ def prefill_tps(model: Decoder, tokens: int, reps: int = 5) -> float:
     return tokens * reps / (time.perf_counter() - t0)
 
 
-def _capture(fn):
-    """Warm ``fn`` up on a side stream (Triton compiles, cuBLAS picks kernels), then capture it."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 @torch.no_grad()
 def decode_tps(model: Decoder, batch: int, context: int = 1024, steps: int = 128) -> float:
     """Greedy decode steps replayed from one CUDA graph, after a prompt of ``context`` tokens."""
     caches = caches_for(model, batch, context + steps + 16)
     tok = torch.randint(0, VOCAB, (batch, 1), device="cuda")
     pos = torch.tensor([context], device="cuda")
-    graph, nxt = _capture(lambda: model(tok, pos, caches).argmax(-1))
+    graph, nxt = capture_graph(lambda: model(tok, pos, caches).argmax(-1), warmups=3)
 
     def step():
         graph.replay()

@@ -39,6 +39,7 @@ from convert import write_synthetic  # noqa: E402  (benchmarks/convert.py)
 from hub_server import HubServer, hub_env  # noqa: E402
 
 from fp8vl.options import parse_size  # noqa: E402
+from fp8vl.staging import disk_usage  # noqa: E402
 
 REPO = "bench/qwen3-vl-synthetic"
 DOWNLOAD = ("import sys; from concurrent.futures import ThreadPoolExecutor; "
@@ -46,18 +47,6 @@ DOWNLOAD = ("import sys; from concurrent.futures import ThreadPoolExecutor; "
             "info = HfApi().model_info(sys.argv[1], files_metadata=True); "
             "list(ThreadPoolExecutor(8).map(lambda s: hf_hub_download(sys.argv[1], s.rfilename, revision=info.sha, "
             "local_dir=sys.argv[2]), info.siblings))")
-
-
-def du(root: Path) -> int:
-    seen = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            try:
-                st = os.lstat(os.path.join(dirpath, f))
-            except OSError:
-                continue
-            seen[st.st_ino] = st.st_blocks * 512
-    return sum(seen.values())
 
 
 @dataclass
@@ -79,7 +68,7 @@ def timed(run: Run, cmds: list[list[str]], env: dict, watch: Path, server: HubSe
         nonlocal seen
         while not stop.is_set():
             now = time.perf_counter() - t0
-            run.peak = max(run.peak, du(watch))
+            run.peak = max(run.peak, disk_usage(watch))
             if run.first is None and run.peak > 1 << 20:
                 run.first = now
             sent = server.sent[seen:]
@@ -96,7 +85,7 @@ def timed(run: Run, cmds: list[list[str]], env: dict, watch: Path, server: HubSe
     run.seconds = time.perf_counter() - t0
     stop.set()
     w.join()
-    run.peak = max(run.peak, du(watch))
+    run.peak = max(run.peak, disk_usage(watch))
 
 
 def timeline(run: Run, sizes: dict[str, int]) -> str:

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from fp8vl import gemm
+from fp8vl.engine import capture_graph
 from fp8vl.kernel import dequantize_weight, fake_quantize_activations, quantize_activations, quantize_weight
 
 # (hidden, intermediate, attention heads, kv heads), head_dim 128, from the models' published
@@ -59,16 +60,7 @@ def timed(fn, copies: int, calls: int = 0, reps: int = 7) -> float:
     calls = calls or max(copies, 12)
     for i in range(min(copies, 2)):
         fn(i)
-    side = torch.cuda.Stream()   # one more run on a side stream, as torch.cuda.graphs recommends
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn(0)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i % copies)
+    graph = capture_graph(lambda: [fn(i % copies) for i in range(calls)])[0]
     graph.replay()
     torch.cuda.synchronize()
     times = []
@@ -82,17 +74,23 @@ def timed(fn, copies: int, calls: int = 0, reps: int = 7) -> float:
     return statistics.median(times)
 
 
-def read_ceiling(l2: int) -> float:
-    """GB/s of reads of the best of a few configs of the pure-read kernel over >= 4x L2 (>= 1 GiB)."""
-    words = max(4 * l2, 1 << 30) // 4
-    src = torch.ones(words, dtype=torch.int32, device="cuda")
-    best = 0.0
-    for block, iters, warps in ((2048, 8, 4), (4096, 8, 8), (4096, 16, 8), (8192, 4, 8)):
+def read_floor(nbytes: int, l2: int, configs=((1024, 4, 4), (2048, 4, 4), (2048, 8, 4), (4096, 4, 8))) -> float:
+    """ms of the fastest pure-read kernel (``configs``: block, iterations, warps) over ``nbytes``,
+    rotated over copies exceeding 4x L2: the least any kernel reading that many bytes takes."""
+    words = nbytes // 4
+    bufs = [torch.ones(words, dtype=torch.int32, device="cuda") for _ in range(copies_for(nbytes, l2))]
+    best = float("inf")
+    for block, iters, warps in configs:
         out = torch.empty(triton.cdiv(words, block * iters), dtype=torch.int32, device="cuda")
-        ms = timed(lambda i: _read_kernel[(out.numel(),)](src, out, words, BLOCK=block, ITERS=iters,
-                                                           num_warps=warps), 1, 3, 5)
-        best = max(best, words * 4 / ms / 1e6)
+        best = min(best, timed(lambda i: _read_kernel[(out.numel(),)](bufs[i], out, words, BLOCK=block,
+                                                                       ITERS=iters, num_warps=warps), len(bufs)))
     return best
+
+
+def read_ceiling(l2: int) -> float:
+    """GB/s of reads of the pure-read kernel over a buffer >= 4x L2 (>= 1 GiB): the decode ceiling."""
+    nbytes = max(4 * l2, 1 << 30)
+    return nbytes / read_floor(nbytes, l2, ((2048, 8, 4), (4096, 8, 8), (4096, 16, 8), (8192, 4, 8))) / 1e6
 
 
 def copies_for(nbytes: int, l2: int) -> int:

@@ -22,19 +22,7 @@ import torch.nn.functional as F
 import triton
 
 from fp8vl import gemm
-from kernels import MODELS, _read_kernel, copies_for, shapes, timed, weight_copies  # benchmarks/kernels.py
-
-
-def read_floor(nbytes: int, l2: int) -> float:
-    """ms of the fastest pure-read kernel over ``nbytes``, rotated over copies exceeding 4x L2."""
-    words = nbytes // 4
-    bufs = [torch.ones(words, dtype=torch.int32, device="cuda") for _ in range(copies_for(nbytes, l2))]
-    best = float("inf")
-    for block, iters, warps in ((1024, 4, 4), (2048, 4, 4), (2048, 8, 4), (4096, 4, 8)):
-        out = torch.empty(triton.cdiv(words, block * iters), dtype=torch.int32, device="cuda")
-        best = min(best, timed(lambda i: _read_kernel[(out.numel(),)](bufs[i], out, words, BLOCK=block,
-                                                                       ITERS=iters, num_warps=warps), len(bufs)))
-    return best
+from kernels import MODELS, read_floor, shapes, timed, weight_copies  # benchmarks/kernels.py
 
 
 def gemv_configs(k: int):

@@ -257,3 +257,11 @@ def grouped_gemm_case(experts: int, n: int, k: int, ids: list[int], device: str 
     y = gemm.fp8_grouped_gemm(xq, xs, torch.stack([q for q, _ in weights]), torch.stack([s for _, s in weights]),
                               torch.tensor(ids, device=device))
     return y, [None if e < 0 else w8a8_reference(x[r:r + 1], *weights[e])[0] for r, e in enumerate(ids)]
+
+
+def pad_tokens(t: torch.Tensor, n_pad: int, dim: int = 1) -> torch.Tensor:
+    """``t`` with zeros appended along its token axis ``dim`` up to ``n_pad`` positions: what the
+    engine's prefill graphs read past a prompt."""
+    shape = list(t.shape)
+    shape[dim] = n_pad - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim)

@@ -14,6 +14,7 @@ import torch
 
 from helpers import INTERPRETER, qwen3_rmsnorm, run_under_triton_interpreter, same_bits
 from fp8vl import attention
+from fp8vl.engine import capture_graph
 from fp8vl.layers import torch_attention_block, torch_decode_attention, torch_qk_norm_rope_cache
 from fp8vl.kernel import quantize_activations
 
@@ -263,14 +264,7 @@ def test_gpu_cuda_graph_replay_equals_eager_as_lens_change(b):
         q = attention.qk_norm_rope_cache(qkv, qn, kn, 1e-6, cos, sin, kc, vc, lens)
         return attention.decode_attention(q, kc, vc, lens, d ** -0.5, quantize=True)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        oq, os_ = step()
+    graph, (oq, os_) = capture_graph(step)
     for new in ([7] * b, torch.randint(0, L, (b,)).tolist(), [L - 1] * b):
         lens.copy_(torch.tensor(new, device="cuda"))
         kc.copy_(kc0)

@@ -23,6 +23,7 @@ from fp8vl.evaluate import kl_stats
 from fp8vl.loader import Loaded, encode, eos_ids, load_processor
 from fp8vl.loader import load_model
 from fp8vl.runtime import FP8Linear, fp8_mode
+from helpers import pad_tokens
 
 
 def _image(seed: int, h: int, w: int) -> Image.Image:
@@ -302,7 +303,7 @@ def test_gpu_prefill_graph_replays_the_eager_layers(which, dense_src, dense_fp8)
     layers compute eagerly on the same padded inputs: hidden states and cache entries; and the
     engine's logits with graphs stay within bf16 rounding of the unpadded eager prefill."""
     from fp8vl.engine import PREFILL_PAD, round_up
-    from fp8vl.prefill import decoder_inputs, dense_deepstack, pad_tokens, run_layers
+    from fp8vl.prefill import decoder_inputs, dense_deepstack, run_layers
 
     path = dense_src if which == "src" else dense_fp8.out
     L = Loaded(load_model(path, "cuda"), load_processor(path, True), True, path)

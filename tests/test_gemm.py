@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import grouped_gemm_case, qwen3_rmsnorm, rel, w8a8_reference
+from fp8vl.engine import capture_graph
 from fp8vl.kernel import dequantize_weight, quantize_activations, quantize_weight
 
 pytestmark = pytest.mark.gpu
@@ -125,14 +126,7 @@ def test_cuda_graph_replays_the_tuned_kernels(m):
     if m > 16:
         assert gemm._tuned(gemm._BLOCK_GEMM_TUNED, _args(m, xq, xs, q, s, b)) is not None, \
             "autotune cache key not found"
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = capture_graph(run)
     graph.replay()
     torch.cuda.synchronize()
     for a, b_ in zip(out, eager):

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from fp8vl import FP8VLError, QuantizeOptions, quantize
 from fp8vl.drift import FILE as ERRORS
 from fp8vl.hub import largest_first
+from fp8vl.staging import disk_usage
 from fp8vl.verify import verify
 from helpers import INDEX, file_hashes
 from hub_server import HubServer, _sha256, hub_env
@@ -151,25 +152,19 @@ def test_disk_peak_is_output_plus_two_shards_and_shards_go_largest_first(hub, bi
     sha = {p.name: _sha256(p) for p in big_repo.glob("*.safetensors")}   # a shard's etag on the hub
 
     def watch():
-        # Downloads in progress are listed before the shards, and files counted once by inode: a shard
-        # renamed into place, or deleted just as the next download starts, is never counted twice.
+        # Source shards on disk or downloading, by name (a download in progress is named by its etag);
+        # the disk counted once per inode, downloads in progress first: a shard renamed into place, or
+        # deleted just as the next download starts, is never counted twice.
         while not stop.is_set():
-            seen, shards = {}, set()
-            for root in (staging / "source" / ".cache", staging, out):
-                for dirpath, _, files in os.walk(root):
-                    for f in files:
-                        try:
-                            st = os.lstat(os.path.join(dirpath, f))
-                        except OSError:
-                            continue
-                        seen[st.st_ino] = st.st_blocks * 512
-                        if "source" not in Path(dirpath).relative_to(tmp_path).parts:
-                            continue
-                        if f.endswith(".safetensors"):
-                            shards.add(sha[f])
-                        elif f.endswith(".incomplete") and any(p in sha.values() for p in f.split(".")):
-                            shards.add(next(p for p in f.split(".") if p in sha.values()))   # named by etag
-            peak[0], most[0] = max(peak[0], sum(seen.values())), max(most[0], len(shards))
+            shards = set()
+            for _, _, files in os.walk(staging / "source"):
+                for f in files:
+                    if f.endswith(".safetensors"):
+                        shards.add(sha[f])
+                    elif f.endswith(".incomplete") and any(p in sha.values() for p in f.split(".")):
+                        shards.add(next(p for p in f.split(".") if p in sha.values()))   # named by etag
+            used = disk_usage(staging / "source" / ".cache", staging, out)
+            peak[0], most[0] = max(peak[0], used), max(most[0], len(shards))
             time.sleep(0.005)
     w = threading.Thread(target=watch)
     w.start()

@@ -13,8 +13,9 @@ from fp8vl.engine import PREFILL_PAD, Engine, EngineOptions, round_up
 from fp8vl.evaluate import kl_stats
 from fp8vl.layers import _decoder_layers
 from fp8vl.loader import Loaded, encode, load_model, load_processor
-from fp8vl.prefill import decoder_inputs, dense_deepstack, pad_tokens, run_layers
+from fp8vl.prefill import decoder_inputs, dense_deepstack, run_layers
 from fp8vl.tiny import build_tiny
+from helpers import pad_tokens
 
 VLM = {"qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl"}
 

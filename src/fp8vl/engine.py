@@ -234,15 +234,7 @@ class Engine:
             def run() -> torch.Tensor:
                 return run_layers(self.layers, bufs["x"], bufs["cos"], bufs["sin"], bufs["ds"], self.k, self.v,
                                   bufs["slots"], self.fused)
-            # warm up off the capture (Triton autotuning, cuBLAS handles), then capture
-            s = torch.cuda.Stream(self.device)
-            s.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(s):
-                run()
-            torch.cuda.current_stream(self.device).wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.prefill_pool):
-                out = run()
+            g, out = capture_graph(run, self.device, self.prefill_pool)
             self.prefill_pool = self.prefill_pool or g.pool()
             self.prefill_graphs[key] = (g, out)
         g, out = self.prefill_graphs[key]
@@ -354,18 +346,8 @@ class Engine:
         if not self._use_graphs():
             return self._decode(b)
         if b not in self.graphs:
-            # warm up off the capture (Triton autotuning, cuBLAS handles), then capture
-            s = torch.cuda.Stream(self.device)
-            s.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    self._decode(b)
-            torch.cuda.current_stream(self.device).wait_stream(s)
-            g = torch.cuda.CUDAGraph()
             pool = next(iter(self.graphs.values()))[0].pool() if self.graphs else None
-            with torch.cuda.graph(g, pool=pool):
-                out = self._decode(b)
-            self.graphs[b] = (g, out)
+            self.graphs[b] = capture_graph(lambda: self._decode(b), self.device, pool, warmups=2)
         g, out = self.graphs[b]
         g.replay()
         return out
@@ -470,6 +452,22 @@ class Engine:
 # What Engine._decode runs between the qkv projection and the o projection when fp8vl's Triton kernels
 # (attention.py: qk_norm_rope_cache, decode_attention) do not apply; the kernels' tests and benchmark
 # judge them against these. Shapes: b rows, H query heads, KV key/value heads, D head_dim, L cache length.
+
+def capture_graph(fn, device: torch.device | str = "cuda", pool=None, warmups: int = 1):
+    """Run ``fn()`` ``warmups`` times on a side stream (Triton compiles and autotunes, cuBLAS picks its
+    kernels: nothing a capture may not do), then capture one call -> (CUDA graph, its output). ``pool``:
+    a graph memory pool to share (graphs replayed one at a time may)."""
+    s = torch.cuda.Stream(device)
+    s.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(s):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
 
 def limit_gpu_memory(device: str, nbytes: int | None) -> None:
     """Cap what this process may allocate on ``device`` (emulates a smaller card on a larger one)."""

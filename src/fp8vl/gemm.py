@@ -234,7 +234,7 @@ def _gemv(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | Non
     args = dict(x_ptr=x, xs_ptr=xs if a_fp8 else ws, w_ptr=w, ws_ptr=ws, b_ptr=bias, y_ptr=y,
                 part_ptr=torch.empty(0, dtype=torch.float32, device=x.device),
                 cnt_ptr=torch.empty(0, dtype=torch.int32, device=x.device),
-                M=m, N=n, K=k, M_BUCKET=_m_bucket(m),
+                M=m, N=n, K=k,
                 stride_xm=x.stride(0), stride_xsm=xs.stride(0) if a_fp8 else 0,
                 stride_xsk=xs.stride(1) if a_fp8 else 0, stride_wsn=ws.stride(0),
                 A_FP8=a_fp8, HAS_BIAS=bias is not None, ON_CPU=x.device.type == "cpu", M_PAD=DECODE_MAX_M,

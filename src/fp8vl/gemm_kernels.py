@@ -114,8 +114,8 @@ def silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, I, stride_gm, stride_sm, stride_
     tl.store(s_ptr + row * stride_sm + g * stride_sk, scale, mask=live)
 
 
-@triton.jit(do_not_specialize=["M", "M_BUCKET", "SPLIT_K"])
-def gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, M_BUCKET, SPLIT_K,
+@triton.jit(do_not_specialize=["M", "SPLIT_K"])
+def gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, SPLIT_K,
                 stride_xm, stride_xsm, stride_xsk, stride_wsn,
                 A_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, ON_CPU: tl.constexpr,
                 M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, FUSED_REDUCE: tl.constexpr):

@@ -106,13 +106,6 @@ def dense_deepstack(d: DecoderInputs) -> torch.Tensor | None:
     return out
 
 
-def pad_tokens(t: torch.Tensor, n_pad: int, dim: int = 1) -> torch.Tensor:
-    """``t`` with zeros appended along its token axis ``dim`` up to ``n_pad`` positions."""
-    shape = list(t.shape)
-    shape[dim] = n_pad - t.shape[dim]
-    return torch.cat([t, t.new_zeros(shape)], dim)
-
-
 def run_layers(layers: list[_Layer], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                deepstack: torch.Tensor | None, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
                slots: torch.Tensor, fused: str | None = None) -> torch.Tensor:

@@ -70,16 +70,20 @@ class Resumable(FP8VLError):
     resumable Staging keeps its folder for it, as for Ctrl-C, SIGTERM or a full disk."""
 
 
-def _du(path: Path) -> int:
-    """Bytes on disk under ``path`` (allocated blocks: the output shards are sparse until written)."""
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_blocks * 512
-            except OSError:
-                pass
-    return total
+def disk_usage(*roots: Path) -> int:
+    """Bytes on disk under ``roots``: allocated blocks (the output shards are sparse until written),
+    each file counted once by inode (a file renamed or linked between two of the roots), files that
+    vanish during the walk skipped."""
+    seen: dict[int, int] = {}
+    for root in roots:
+        for dirpath, _, files in os.walk(root):
+            for f in files:
+                try:
+                    st = os.lstat(os.path.join(dirpath, f))
+                except OSError:
+                    continue
+                seen[st.st_ino] = st.st_blocks * 512
+    return sum(seen.values())
 
 
 class Staging:
@@ -163,7 +167,7 @@ class Staging:
             if self.resume is not None and manifest == self.resume and self.dir.is_dir() and \
                     not self.dir.is_symlink():
                 self.resumed = True
-                log.warning(f"resuming from {self.dir} ({_size(_du(self.dir))} kept): left by an fp8vl run of "
+                log.warning(f"resuming from {self.dir} ({_size(disk_usage(self.dir))} kept): left by an fp8vl run of "
                             f"the same source, commit and options that did not finish ({owner})")
             else:
                 why = " (another source, commit or options)" if manifest is not None else ""
@@ -192,7 +196,7 @@ class Staging:
         """Check that ``need`` bytes fit beside OUTPUT (less what a resumed staging folder already holds);
         create the staging folder; return where to write."""
         free = shutil.disk_usage(self.out.parent).free
-        have = _du(self.dir) if self.dir.is_dir() else 0
+        have = disk_usage(self.dir) if self.dir.is_dir() else 0
         if need - have > free:
             raise FP8VLError(f"{self.out}: needs {_size(need - have)} but {self.out.parent} has {_size(free)} free; "
                              f"free some space or choose an OUTPUT on another disk")
@@ -217,7 +221,7 @@ class Staging:
                 and (not isinstance(exc, FP8VLError) or isinstance(exc, Resumable)))
         try:
             if keep:
-                log.warning(f"kept {self.dir} ({_size(_du(self.dir))}: complete downloads and finished output "
+                log.warning(f"kept {self.dir} ({_size(disk_usage(self.dir))}: complete downloads and finished output "
                             f"parts): run the same command again to resume, or delete it")
             else:
                 _remove(self.dir)
