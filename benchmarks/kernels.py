@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from fp8vl import gemm
+from fp8vl import gemm_kernels as gk
 from fp8vl.engine import capture_graph
 from fp8vl.kernel import dequantize_weight, fake_quantize_activations, quantize_activations, quantize_weight
 
@@ -44,13 +45,19 @@ def shapes(model: str) -> dict[str, tuple[int, int]]:
 
 
 @triton.jit
-def _read_kernel(src, out, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    """Each program sums ITERS x BLOCK int32 words (the sum is stored so the loads stay)."""
+def _read_kernel(src, out, n, BLOCK: tl.constexpr, ITERS: tl.constexpr, PDL: tl.constexpr):
+    """Each program sums ITERS x BLOCK int32 words (the sum is stored so the loads stay). PDL:
+    launched with programmatic dependent launch, as the GEMV is: it reads while the kernel before
+    it finishes and waits for it only before its store, then lets its own dependent start (the
+    GEMV's rule: one kernel ahead at most), the floor of a PDL-launched reader."""
     base = tl.program_id(0).to(tl.int64) * BLOCK * ITERS
     acc = tl.zeros((BLOCK,), dtype=tl.int32)
     for i in range(ITERS):
         offs = base + i * BLOCK + tl.arange(0, BLOCK)
         acc += tl.load(src + offs, mask=offs < n, other=0)
+    if PDL:
+        gk.gdc_wait()
+        gk.release_dependents(PDL)
     tl.store(out + tl.program_id(0), tl.sum(acc, axis=0))
 
 
@@ -74,16 +81,20 @@ def timed(fn, copies: int, calls: int = 0, reps: int = 7) -> float:
     return statistics.median(times)
 
 
-def read_floor(nbytes: int, l2: int, configs=((1024, 4, 4), (2048, 4, 4), (2048, 8, 4), (4096, 4, 8))) -> float:
+def read_floor(nbytes: int, l2: int, configs=((1024, 4, 4), (2048, 4, 4), (2048, 8, 4), (4096, 4, 8)),
+               pdl: bool = False) -> float:
     """ms of the fastest pure-read kernel (``configs``: block, iterations, warps) over ``nbytes``,
-    rotated over copies exceeding 4x L2: the least any kernel reading that many bytes takes."""
+    rotated over copies exceeding 4x L2: the least any kernel reading that many bytes takes
+    (``pdl``: launched with programmatic dependent launch, overlapping the previous call's tail)."""
     words = nbytes // 4
     bufs = [torch.ones(words, dtype=torch.int32, device="cuda") for _ in range(copies_for(nbytes, l2))]
+    extra = {"launch_pdl": True} if pdl else {}
     best = float("inf")
     for block, iters, warps in configs:
         out = torch.empty(triton.cdiv(words, block * iters), dtype=torch.int32, device="cuda")
-        best = min(best, timed(lambda i: _read_kernel[(out.numel(),)](bufs[i], out, words, BLOCK=block,
-                                                                       ITERS=iters, num_warps=warps), len(bufs)))
+        best = min(best, timed(lambda i: _read_kernel[(out.numel(),)](bufs[i], out, words, BLOCK=block, ITERS=iters,
+                                                                       PDL=pdl, num_warps=warps, **extra),
+                               len(bufs)))
     return best
 
 
@@ -117,12 +128,14 @@ def decode_rows(label: str, n: int, k: int, l2: int, ceiling: float, ms_list) ->
         # split-K arrival counters per weight copy, as each FP8Linear owns them (gemm.gemv_counters)
         cnt = [gemm.gemv_counters(n, "cuda") for _ in range(c8)]
         t8 = timed(lambda i: gemm.fp8_gemm(xq, xs, *qs[i], counters=cnt[i]), c8)
+        t8p = timed(lambda i: gemm._gemv(xq, xs, *qs[i], torch.bfloat16, None, True, counters=cnt[i], use_pdl=False),
+                    c8)
         t8q = timed(lambda i: gemm.fp8_linear(x, *qs[i], counters=cnt[i]), c8)
         ta16 = timed(lambda i: gemm.w8a16_linear(x, *qs[i], counters=cnt[i]), c8)
         gbs = (n * k + s.numel() * 4) / t8 / 1e6
-        print(f"| {label} {n}x{k} | {m} | {t16:.4f} | {t8:.4f} | {t8q:.4f} | {ta16:.4f} | {t16 / t8:.2f}x | "
-              f"{t16 / t8q:.2f}x | {t16 / ta16:.2f}x | {gbs:.0f} ({gbs / ceiling:.0%}) | {n * k / 2**20:.0f} |",
-              flush=True)
+        print(f"| {label} {n}x{k} | {m} | {t16:.4f} | {t8:.4f} | {t8p:.4f} | {t8q:.4f} | {ta16:.4f} | "
+              f"{t16 / t8:.2f}x | {t16 / t8p:.2f}x | {t16 / t8q:.2f}x | {t16 / ta16:.2f}x | "
+              f"{gbs:.0f} ({gbs / ceiling:.0%}) | {n * k / 2**20:.0f} |", flush=True)
 
 
 def prefill_rows(label: str, n: int, k: int, l2: int, sm90: bool, ms_list) -> None:
@@ -133,10 +146,12 @@ def prefill_rows(label: str, n: int, k: int, l2: int, sm90: bool, ms_list) -> No
         t16 = timed(lambda i: F.linear(x, ws16[i]), c16, reps=5)
         tc = timed(lambda i: gemm.fp8_gemm(xq, xs, *qs[i], backend="cublas"), c8, reps=5) if sm90 else float("nan")
         tt = timed(lambda i: gemm.fp8_gemm(xq, xs, *qs[i], backend="triton"), c8, reps=5)
+        tp = timed(lambda i: gemm._block_gemm(xq, xs, *qs[i], torch.bfloat16, None, True, tma=False), c8, reps=5)
         tq = timed(lambda i: gemm.quantize_activations_gpu(x), 1, reps=5)
         tf = 2 * m * n * k / 1e9
         print(f"| {label} {n}x{k} | {m} | {t16:.4f} ({tf / t16:.0f}) | {tc:.4f} ({tf / tc:.0f}) | "
-              f"{tt:.4f} ({tf / tt:.0f}) | {tq:.4f} | {t16 / tc:.2f}x | {t16 / tt:.2f}x |", flush=True)
+              f"{tt:.4f} ({tf / tt:.0f}) | {tp:.4f} ({tf / tp:.0f}) | {tq:.4f} | {t16 / tc:.2f}x | {t16 / tt:.2f}x | "
+              f"{t16 / tp:.2f}x |", flush=True)
 
 
 def moe_rows(l2: int, ceiling: float) -> None:
@@ -235,9 +250,10 @@ def main() -> None:
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     peak = 2 * 8192**3 / timed(lambda i: x @ x, 1, 3, 5) / 1e9
     print(f"\nceilings: pure read {ceiling:.0f} GB/s (buffer >= 4x L2); BF16 cuBLAS 8192^3 matmul {peak:.0f} TFLOP/s\n")
-    print("| linear (N x K) | M | BF16 ms | W8A8 ms | W8A8 + act-quant ms | W8A16 ms | W8A8 speed-up "
-          "| W8A8+quant speed-up | W8A16 speed-up | W8A8 GB/s (% of read ceiling) | FP8 MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| linear (N x K) | M | BF16 ms | W8A8 ms | W8A8 plain launch ms | W8A8 + act-quant ms | W8A16 ms "
+          "| W8A8 speed-up | plain launch speed-up | W8A8+quant speed-up | W8A16 speed-up "
+          "| W8A8 GB/s (% of read ceiling) | FP8 MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model in a.models:
         for name, (n, k) in shapes(model).items():
             decode_rows(f"{model} {name}", n, k, l2, ceiling, (1, 8))
@@ -245,8 +261,9 @@ def main() -> None:
     moe_rows(l2, ceiling)
     sm90 = torch.cuda.get_device_capability() == (9, 0)
     print("\n| prefill linear (N x K) | M | BF16 ms (TFLOP/s) | cuBLAS scaled_mm ms (TFLOP/s) "
-          "| Triton block GEMM ms (TFLOP/s) | act-quant ms | cuBLAS speed-up | Triton speed-up |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| Triton block GEMM ms (TFLOP/s) | same, pointer loads (8.9 cards) ms (TFLOP/s) | act-quant ms "
+          "| cuBLAS speed-up | Triton speed-up | pointer-load speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (n, k) in shapes("8B").items():
         prefill_rows(f"8B {name}", n, k, l2, sm90, (512, 2048))
     if not ok:

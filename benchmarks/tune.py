@@ -26,10 +26,20 @@ from kernels import MODELS, read_floor, shapes, timed, weight_copies  # benchmar
 
 
 def gemv_configs(k: int):
-    for bn, split, (unroll, stages), warps in itertools.product(
-            (16, 32, 64), (1, 2, 4, 8), ((2, 4), (4, 3), (8, 2)), (4, 8)):
+    """48 GEMV configs. An earlier 72-config sweep (16-row tiles, 8 warps, 8 K blocks per step too)
+    never picked those; PREFETCH (K blocks pulled into L2 before waiting for the producer) is new."""
+    for bn, split, (unroll, stages), prefetch in itertools.product(
+            (32, 64), (1, 2, 4, 8), ((2, 4), (4, 3)), (0, 4, 16)):
         if split == 1 or (k // 128) // split >= unroll:
-            yield gemm.LaunchConfig({"BLOCK_N": bn, "SPLIT_K": split, "UNROLL": unroll}, warps, stages)
+            yield gemm.LaunchConfig({"BLOCK_N": bn, "SPLIT_K": split, "UNROLL": unroll, "PREFETCH": prefetch}, 4,
+                                    stages)
+
+
+def tma_configs():
+    for bm, warps, stages, group in itertools.product((64, 128), (4, 8), (3, 4, 5), (8, 32)):
+        if bm == 128 and warps == 4:
+            continue   # too many accumulator registers per thread
+        yield gemm.LaunchConfig({"BLOCK_M": bm, "GROUP_M": group}, warps, stages)
 
 
 def gemm_configs():
@@ -66,14 +76,15 @@ def main() -> None:
     l2, sms = props.L2_cache_size, props.multi_processor_count
     print(f"device: {props.name}, {sms} SMs, L2 {l2 / 2**20:.0f} MiB; torch {torch.__version__}, "
           f"triton {triton.__version__}\n", flush=True)
-    print("| linear (N x K) | M | BF16 ms | read floor ms | best GEMV ms (fused reduce) | same, 2-launch reduce ms "
-          "| table config ms | best config | best/BF16 | floor/best |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| linear (N x K) | M | BF16 ms | read floor ms | read floor, PDL ms | table config, plain launch ms "
+          "| table config ms | best GEMV ms | best config | table/BF16 | best/BF16 | PDL floor/best |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for model in a.models:
         for lname, (n, k) in shapes(model).items():
             s, c16, c8, ws16, qs = weight_copies(n, k, l2)
             floor = read_floor(n * k + s.numel() * 4, l2)
+            floor_pdl = read_floor(n * k + s.numel() * 4, l2, pdl=True)
             counters = gemm.gemv_counters(n, "cuda")
             for m in a.decode_m:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -82,21 +93,23 @@ def main() -> None:
                 res = sweep(lambda i, cfg: gemm._gemv(xq, xs, *qs[i], torch.bfloat16, None, True, cfg, counters),
                             gemv_configs(k), c8)
                 best_t, best = res[0]
-                two = timed(lambda i: gemm._gemv(xq, xs, *qs[i], torch.bfloat16, None, True, best, counters,
-                                                 fused_reduce=False), c8)
                 table = gemm.decode_config(m, n, k, sms)
+                tp = timed(lambda i: gemm._gemv(xq, xs, *qs[i], torch.bfloat16, None, True, table, counters,
+                                                use_pdl=False), c8)
                 tt = timed(lambda i: gemm._gemv(xq, xs, *qs[i], torch.bfloat16, None, True, table, counters), c8)
-                print(f"| {model} {lname} {n}x{k} | {m} | {t16:.4f} | {floor:.4f} | {best_t:.4f} | {two:.4f} | "
-                      f"{tt:.4f} | {name(best)} | {t16 / best_t:.2f}x | {floor / best_t:.0%} |", flush=True)
+                print(f"| {model} {lname} {n}x{k} | {m} | {t16:.4f} | {floor:.4f} | {floor_pdl:.4f} | {tp:.4f} | "
+                      f"{tt:.4f} | {best_t:.4f} | {name(best)} | {t16 / tt:.2f}x | {t16 / best_t:.2f}x | "
+                      f"{floor_pdl / best_t:.0%} |", flush=True)
                 rows += [(model, lname, m, t, cfg) for t, cfg in res]
             for m in a.prefill_m if model == a.models[-1] else ():
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 xq, xs = gemm.quantize_activations_gpu(x)
                 t16 = timed(lambda i: F.linear(x, ws16[i]), c16, reps=5)
+                tma = gemm.use_tma(x.device)   # SM90+: the TMA kernel's configs; else the pointer kernel's
                 res = sweep(lambda i, cfg: gemm._block_gemm(xq, xs, *qs[i], torch.bfloat16, None, True, cfg),
-                            gemm_configs(), c8)
+                            tma_configs() if tma else gemm_configs(), c8)
                 best_t, best = res[0]
-                table = gemm.prefill_config(m, n, k, sms)
+                table = gemm.tma_config(m) if tma else gemm.prefill_config(m, n, k, sms)
                 tt = timed(lambda i: gemm._block_gemm(xq, xs, *qs[i], torch.bfloat16, None, True, table), c8, reps=5)
                 tf = 2 * m * n * k / 1e9
                 print(f"| {model} {lname} {n}x{k} | {m} | {t16:.4f} ({tf / t16:.0f} TFLOP/s) | | "

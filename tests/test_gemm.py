@@ -123,7 +123,7 @@ def test_cuda_graph_replays_the_tuned_kernels(m):
     run = lambda: (gemm.fp8_linear(x, q, s, b, backend="triton"), gemm.w8a16_linear(x, q, s))  # noqa: E731
     eager = run()
     xq, xs = gemm.quantize_activations_gpu(x)
-    if m > 16:
+    if m > 16 and not gemm.use_tma(x.device):   # W8A8 on SM90+ takes the TMA kernel: a fixed config
         assert gemm._tuned(gemm._BLOCK_GEMM_TUNED, _args(m, xq, xs, q, s, b)) is not None, \
             "autotune cache key not found"
     graph, out = capture_graph(run)
@@ -156,6 +156,53 @@ def test_split_k_sum_in_the_kernel_equals_the_second_launch_over_graph_replays(s
     assert not counters.any()
 
 
+@pytest.mark.skipif(not gemm.pdl(torch.device("cuda")), reason="programmatic dependent launch needs SM90+")
+@pytest.mark.parametrize("split", [1, 4])
+def test_pdl_gemv_waits_for_its_producer_over_graph_replays(split):
+    """With programmatic dependent launch the GEMV starts (and prefetches its weight) while the
+    producer of its input still runs: chained producer -> GEMV pairs, captured and replayed, give
+    exactly the plainly launched results, also after the inputs change in place."""
+    q, s = quantize_weight(torch.randn(6144, 4096, device="cuda") * 0.02)
+    norm = (torch.randn(4096, device="cuda") * 0.1 + 1).to(torch.bfloat16)
+    xs = [torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16) * (i + 1) for i in range(6)]
+    cfg = gemm.LaunchConfig({"BLOCK_N": 32, "SPLIT_K": split, "UNROLL": 2, "PREFETCH": 4}, num_warps=4, num_stages=4)
+    counters = gemm.gemv_counters(6144, "cuda")
+
+    def run(use_pdl):
+        return [gemm._gemv(*gemm.rmsnorm_quant(x, norm, 1e-6), q, s, torch.bfloat16, None, True, cfg, counters,
+                           use_pdl=use_pdl) for x in xs]
+
+    plain = run(False)
+    graph, outs = capture_graph(lambda: run(True))
+    for _ in range(10):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(y, p) for y, p in zip(outs, plain))
+    for x in xs:
+        x.mul_(-0.5)
+    plain = run(False)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(y, p) for y, p in zip(outs, plain))
+    assert not counters.any()
+
+
+@pytest.mark.skipif(not gemm.use_tma(torch.device("cuda")), reason="the TMA needs SM90+")
+@pytest.mark.parametrize("m, n", [(17, 200), (300, 384), (2048, 1024)])
+def test_tma_block_gemm_matches_the_simulation_and_the_pointer_kernel(m, n):
+    """The TMA block GEMM (tiles zero-filled past M and N) against the W8A8 simulation and against
+    the pointer-load kernel, which computes the same per-K-block products."""
+    k = 1536
+    q, s = quantize_weight(torch.randn(n, k, device="cuda") * 0.02)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    xq, xs = gemm.quantize_activations_gpu(x)
+    y = gemm._block_gemm(xq, xs, q, s, torch.bfloat16, b, True, tma=True)
+    ptr = gemm._block_gemm(xq, xs, q, s, torch.bfloat16, b, True, tma=False)
+    assert rel(y, w8a8_reference(x, q, s) + b.float()) < 5e-3
+    assert rel(y, ptr) < 1e-3
+
+
 def _args(m, xq, xs, q, s, b):
     """The argument dict gemm.py hands the block GEMM's autotuner for a W8A8 call (to look its cache up)."""
     y = torch.empty((m, q.shape[0]), dtype=torch.bfloat16, device="cuda")
@@ -168,11 +215,12 @@ def test_capture_of_an_untuned_shape_uses_the_default_table():
     x = torch.randn(40, 1408, device="cuda", dtype=torch.bfloat16)
     xq, xs = gemm.quantize_activations_gpu(x)
     table = gemm.prefill_config(40, 2944, 1408, torch.cuda.get_device_properties(0).multi_processor_count)
-    eager = gemm._block_gemm(xq, xs, q, s, torch.bfloat16, None, True, table)   # compiled outside the capture
+    # the pointer-load kernel (on SM90+ W8A8 takes the TMA one, which has no autotune)
+    eager = gemm._block_gemm(xq, xs, q, s, torch.bfloat16, None, True, table, tma=False)   # compiled outside
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = gemm.fp8_gemm(xq, xs, q, s, backend="triton")
+        y = gemm._block_gemm(xq, xs, q, s, torch.bfloat16, None, True, tma=False)
     graph.replay()
     torch.cuda.synchronize()
     assert gemm._tuned(gemm._BLOCK_GEMM_TUNED, _args(40, xq, xs, q, s, None)) is None   # autotune did not run

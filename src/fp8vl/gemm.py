@@ -32,6 +32,11 @@ import torch
 import torch.nn.functional as F
 import triton
 
+try:  # host-side tensor-memory-accelerator descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the pointer-load block GEMM everywhere
+    TensorDescriptor = None
+
 from . import gemm_kernels as gk
 from .kernel import BLOCK, FP8
 
@@ -58,20 +63,33 @@ def _m_bucket(m: int) -> int:
     return 1 if m == 1 else 16 if m <= DECODE_MAX_M else min(triton.next_power_of_2(m), 4096)
 
 
+def pdl(device: torch.device) -> bool:
+    """Whether kernels on ``device`` launch with programmatic dependent launch (SM90 and newer,
+    a Triton with griddepcontrol): the decode GEMV starts streaming its weight while the kernel
+    before it (its input's producer) still runs."""
+    return device.type == "cuda" and gk.HAS_PDL and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def decode_config(m: int, n: int, k: int, sm_count: int) -> LaunchConfig:
     """The GEMV's launch config (M <= 16), from ``benchmarks/tune.py`` on an H200 (132 SMs; the
-    winners at every Qwen3-VL-8B shape, M = 1 and 8, weights streamed from HBM): 32-row weight
-    tiles (64 for N >= 16384), two K blocks per step over 4 pipeline stages, K split in 2..8 while
-    there are < 1.5 programs per SM or > 32 K blocks per split, each split keeping >= 4 K blocks.
+    winners at every Qwen3-VL-8B shape, M = 1 and 8, weights streamed from HBM, launched with
+    programmatic dependent launch): 32-row weight tiles (64 for N >= 16384 or K >= 8192), two K
+    blocks per step over 4 pipeline stages (four over 3 for K >= 8192: with two, the long-K
+    split-K launch ran 20% slower once launched early), K split in 2..8 while there are < 1.5
+    programs per SM or > 32 K blocks per split, each split keeping >= 4 K blocks; 4 K blocks
+    prefetched into L2 before waiting for the producer on matrices >= 32 MiB (on smaller ones it
+    made no difference or cost a little).
     A table, not autotune: autotune times one eager launch per config, whose noise and launch cost
     (~5 us) outweigh the 1-2 us between configs of a 10 us kernel (it picked 10-20% slower ones)."""
-    block_n = 64 if n >= 16384 else 32
+    long_k = k >= 8192
+    block_n = 64 if n >= 16384 or long_k else 32
     tiles = triton.cdiv(n, block_n)
     kbs = k // BLOCK
     split = 1
     while split < 8 and kbs // (split * 2) >= 4 and (tiles * split < 1.5 * sm_count or kbs // split > 32):
         split *= 2
-    return LaunchConfig({"BLOCK_N": block_n, "SPLIT_K": split, "UNROLL": 2}, num_warps=4, num_stages=4)
+    return LaunchConfig({"BLOCK_N": block_n, "SPLIT_K": split, "UNROLL": 4 if long_k else 2,
+                         "PREFETCH": 4 if n * k >= 32 << 20 else 0}, num_warps=4, num_stages=3 if long_k else 4)
 
 
 def prefill_config(m: int, n: int, k: int, sm_count: int, a_fp8: bool = True) -> LaunchConfig:
@@ -122,8 +140,9 @@ def _pick(tuner, table: LaunchConfig, args: dict) -> LaunchConfig | None:
     return cfg or table
 
 
-def _run(kernel, grid, cfg: LaunchConfig, args: dict) -> None:
-    kernel[grid(cfg.kwargs)](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+def _run(kernel, grid, cfg: LaunchConfig, args: dict, launch_pdl: bool = False) -> None:
+    extra = {"launch_pdl": True} if launch_pdl else {}
+    kernel[grid(cfg.kwargs)](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
 
 
 def _reduce(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
@@ -169,7 +188,7 @@ def quantize_activations_gpu(x: torch.Tensor, rows: int | None = None) -> tuple[
     q = torch.empty((rows or m, k), dtype=FP8, device=x.device)
     s = _col_major_scales(rows or m, k // BLOCK, x.device)
     gk.act_quant_kernel[(triton.cdiv(m, 32), k // BLOCK)](x, q, s, m, k, x.stride(0), s.stride(0), s.stride(1),
-                                                          BLOCK_M=32)
+                                                          BLOCK_M=32, PDL=pdl(x.device))
     return q, s
 
 
@@ -191,7 +210,7 @@ def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[to
     inv_k = float(torch.tensor(1.0, dtype=torch.float32) / k)   # float32(1/K), as torch's CUDA mean
     gk.rmsnorm_quant_kernel[(m,)](x, weight.contiguous(), q, s, k, x.stride(0), s.stride(0), s.stride(1), inv_k,
                                   eps, GROUPS=triton.next_power_of_2(k // BLOCK), ON_CPU=x.device.type == "cpu",
-                                  num_warps=8 if k >= 4096 else 4)
+                                  PDL=pdl(x.device), num_warps=8 if k >= 4096 else 4)
     return q, s
 
 
@@ -212,7 +231,7 @@ def silu_mul_quant(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     groups = 4
     gk.silu_mul_quant_kernel[(m, triton.cdiv(i // BLOCK, groups))](
         gate_up, q, s, i, gate_up.stride(0), s.stride(0), s.stride(1), GROUPS=groups,
-        ON_CPU=gate_up.device.type == "cpu")
+        ON_CPU=gate_up.device.type == "cpu", PDL=pdl(gate_up.device))
     return q, s
 
 
@@ -224,10 +243,11 @@ def gemv_counters(n: int, device) -> torch.Tensor:
 
 
 def _gemv(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | None = None,
-          counters: torch.Tensor | None = None, fused_reduce: bool = True) -> torch.Tensor:
+          counters: torch.Tensor | None = None, fused_reduce: bool = True,
+          use_pdl: bool | None = None) -> torch.Tensor:
     """Decode path (M <= 16), W8A8 (``a_fp8``) or W8A16; ``config`` overrides the choice (tests);
     ``counters`` from ``gemv_counters`` (made here when None); ``fused_reduce`` False sums split-K
-    partials in a second launch (benchmarks compare the two)."""
+    partials in a second launch, ``use_pdl`` False launches plainly (benchmarks compare them)."""
     m, n, k = _check(x, w, ws, "fp8 decode GEMM")
     w, ws = w.contiguous(), ws.contiguous()
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
@@ -245,16 +265,49 @@ def _gemv(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | Non
         args["part_ptr"] = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         use = counters is not None and counters.numel() >= triton.cdiv(n, 16)
         args["cnt_ptr"] = counters if use else gemv_counters(n, x.device)
-    _run(gk.gemv_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split), cfg, args)
+    args["PDL"] = pdl(x.device) if use_pdl is None else use_pdl and pdl(x.device)
+    _run(gk.gemv_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split), cfg, args, args["PDL"])
     if split > 1 and not fused_reduce:
         _reduce(args["part_ptr"][:split], bias, y)
     return y
 
 
-def _block_gemm(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | None = None) -> torch.Tensor:
-    """Triton block-scaled GEMM for any M, W8A8 (``a_fp8``) or W8A16."""
+def use_tma(device: torch.device) -> bool:
+    """Whether the W8A8 block GEMM fetches its tiles with the tensor-memory accelerator (SM90+)."""
+    return device.type == "cuda" and TensorDescriptor is not None and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def tma_config(m: int) -> LaunchConfig:
+    """The TMA block GEMM's config, from ``benchmarks/tune.py`` on an H200: 64-row tiles, 4 warps,
+    3 stages at every Qwen3-VL-8B shape and M = 512..2048 (128-row tiles and warp specialization
+    were slower: each K block's product is rescaled before it joins the accumulator)."""
+    return LaunchConfig({"BLOCK_M": 64, "GROUP_M": 32 if m >= 2048 else 8}, num_warps=4, num_stages=3)
+
+
+def _tma_block_gemm(x, xs, w, ws, out_dtype, bias, config: LaunchConfig | None = None) -> torch.Tensor:
+    m, n, k = x.shape[0], w.shape[0], x.shape[1]
+    cfg = config or tma_config(m)
+    x = x if x.stride(1) == 1 and (x.stride(0) % 16 == 0) and x.data_ptr() % 16 == 0 else x.contiguous()
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    x_desc = TensorDescriptor.from_tensor(x, [cfg.kwargs["BLOCK_M"], BLOCK])
+    w_desc = TensorDescriptor.from_tensor(w, [BLOCK, BLOCK])
+    grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * triton.cdiv(n, BLOCK),)
+    gk.block_gemm_tma_kernel[grid](x_desc, xs, w_desc, ws, bias, y, m, n, k, xs.stride(0), xs.stride(1), ws.stride(0),
+                                   HAS_BIAS=bias is not None, **cfg.kwargs, num_warps=cfg.num_warps,
+                                   num_stages=cfg.num_stages)
+    return y
+
+
+def _block_gemm(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | None = None,
+                tma: bool | None = None) -> torch.Tensor:
+    """Triton block-scaled GEMM for any M, W8A8 (``a_fp8``) or W8A16. ``tma`` (default: W8A8 on
+    SM90+, Hopper and Blackwell) fetches tiles with the TMA (``block_gemm_tma_kernel``, ``config``
+    as ``tma_config``); else pointer loads (``block_gemm_kernel``: 8.9 cards, W8A16, the
+    interpreter; ``config`` as ``prefill_config``)."""
     m, n, k = _check(x, w, ws, "fp8 block GEMM")
     w, ws = w.contiguous(), ws.contiguous()
+    if a_fp8 and (use_tma(x.device) if tma is None else tma):
+        return _tma_block_gemm(x, xs, w, ws, out_dtype, bias, config)
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     args = dict(x_ptr=x, xs_ptr=xs if a_fp8 else ws, w_ptr=w, ws_ptr=ws, b_ptr=bias, y_ptr=y, M=m, N=n, K=k,
                 M_BUCKET=_m_bucket(m), stride_xm=x.stride(0), stride_xsm=xs.stride(0) if a_fp8 else 0,
