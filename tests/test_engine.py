@@ -102,10 +102,20 @@ def test_batch_1_and_batch_n_give_the_same_greedy_answers(which, dense_src, dens
     if which == "fp8":
         hf = Engine(L.model, eos, EngineOptions(max_len=256, max_new_tokens=12, max_batch=3, restated_prefill=False))
         got_many = {r.tag: ids for r, ids in hf.generate(reqs)}
+    # Where the two answers part, it must be at a near-tie of Transformers' own logits on the shared
+    # prefix (within 2% of their range): the same FP8 checkpoint gave the same answers on this CPU
+    # but parted at such a tie on another one (its float32 reductions run in another order).
     for req in reqs[:2]:
         out = L.model.generate(**req.inputs, do_sample=False, max_new_tokens=12, eos_token_id=eos)
-        ids = out[0, req.inputs["input_ids"].shape[1]:].tolist()
-        assert got_many[req.tag] == [t for t in ids if t not in eos][:len(got_many[req.tag])]
+        ids = [t for t in out[0, req.inputs["input_ids"].shape[1]:].tolist() if t not in eos]
+        mine = got_many[req.tag]
+        part = next((i for i, (a, b) in enumerate(zip(mine, ids)) if a != b), None)
+        if part is None:
+            assert mine == ids[:len(mine)]
+            continue
+        lg = _forward_logits(L.model, req.inputs, mine[:part + 1])[part]
+        gap = float((lg[mine[part]] - lg[ids[part]]).abs())
+        assert gap <= 0.02 * float(lg.max() - lg.min()), (req.tag, part, gap, float(lg.max() - lg.min()))
 
 
 def test_continuous_batching_refills_freed_slots(dense_src):
