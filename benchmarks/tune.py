@@ -77,7 +77,7 @@ def main() -> None:
     print(f"device: {props.name}, {sms} SMs, L2 {l2 / 2**20:.0f} MiB; torch {torch.__version__}, "
           f"triton {triton.__version__}\n", flush=True)
     print("| linear (N x K) | M | BF16 ms | read floor ms | read floor, PDL ms | table config, plain launch ms "
-          "| table config ms | best GEMV ms | best config | table/BF16 | best/BF16 | PDL floor/best |")
+          "| table config, PDL ms | best GEMV, PDL ms | best config | table PDL/BF16 | best/BF16 | PDL floor/best |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for model in a.models:
@@ -90,13 +90,13 @@ def main() -> None:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 xq, xs = gemm.quantize_activations_gpu(x)
                 t16 = timed(lambda i: F.linear(x, ws16[i]), c16)
-                res = sweep(lambda i, cfg: gemm._gemv(xq, xs, *qs[i], torch.bfloat16, None, True, cfg, counters),
-                            gemv_configs(k), c8)
+                res = sweep(lambda i, cfg: gemm._gemv(xq, xs, *qs[i], torch.bfloat16, None, True, cfg, counters,
+                                                      use_pdl=True), gemv_configs(k), c8)
                 best_t, best = res[0]
-                table = gemm.decode_config(m, n, k, sms)
-                tp = timed(lambda i: gemm._gemv(xq, xs, *qs[i], torch.bfloat16, None, True, table, counters,
-                                                use_pdl=False), c8)
-                tt = timed(lambda i: gemm._gemv(xq, xs, *qs[i], torch.bfloat16, None, True, table, counters), c8)
+                plain, table = gemm.decode_config(m, n, k, sms), gemm.decode_config(m, n, k, sms, pdl=True)
+                tp = timed(lambda i: gemm._gemv(xq, xs, *qs[i], torch.bfloat16, None, True, plain, counters), c8)
+                tt = timed(lambda i: gemm._gemv(xq, xs, *qs[i], torch.bfloat16, None, True, table, counters,
+                                                use_pdl=True), c8)
                 print(f"| {model} {lname} {n}x{k} | {m} | {t16:.4f} | {floor:.4f} | {floor_pdl:.4f} | {tp:.4f} | "
                       f"{tt:.4f} | {best_t:.4f} | {name(best)} | {t16 / tt:.2f}x | {t16 / best_t:.2f}x | "
                       f"{floor_pdl / best_t:.0%} |", flush=True)

@@ -8,15 +8,25 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .hub import quantize_hub
 from .options import QuantizeOptions
-from .output import Result, plan_conversion, write_output
 from .source import is_hub_id, open_checkpoint, resolve
 from .staging import Staging, bytes_to_write, check_paths, copy_files, other_files
 
+if TYPE_CHECKING:
+    from .output import Result
+
 __all__ = ["Result", "quantize"]
+
+
+def __getattr__(name: str):
+    # output.py imports torch: loaded when a conversion needs it (hub.py imports it on a thread)
+    if name == "Result":
+        from .output import Result
+        return Result
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def quantize(source: str | Path, output: str | Path | None, opts: QuantizeOptions = QuantizeOptions(),
@@ -34,6 +44,8 @@ def quantize(source: str | Path, output: str | Path | None, opts: QuantizeOption
         res = quantize_hub(str(source), output, opts, progress, on_plan)
         if res is not None:
             return res
+    from .output import plan_conversion, write_output
+
     src = resolve(source, opts.revision)
     out = Path(output).expanduser().resolve() if output is not None else None
     if out is not None:

@@ -49,6 +49,8 @@ class EngineOptions:
     decode_kernels: bool = True          # fp8vl's Triton decode kernels where they apply (CUDA, bf16)
     restated_prefill: bool = True        # prefill through fp8vl's own layers (False: Transformers' forward)
     prefill_graphs: bool = True          # ... captured in CUDA graphs (CUDA, dense layers, cuda_graphs on)
+    pdl: bool = False                    # decode GEMVs start while their input's producer runs (SM90+;
+                                         # 2-3% slower whole steps on the H200, so off: BENCHMARKS.md)
 
 
 @dataclass
@@ -270,7 +272,8 @@ class Engine:
             from .gemm import fp8_gemm, rmsnorm_quant, silu_mul_quant
 
             def lin(m: FP8Linear, xq_xs) -> torch.Tensor:
-                return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, self.dtype, m.bias, self.fused, m.counters)
+                return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, self.dtype, m.bias, self.fused, m.counters,
+                                self.opts.pdl)
             h = rmsnorm_quant(x, self.layers[0].ln1, self.layers[0].eps)
         for i, L in enumerate(self.layers):
             kc, vc = self.k[i][:b], self.v[i][:b]
@@ -307,7 +310,8 @@ class Engine:
             from .gemm import fp8_gemm, quantize_activations_gpu, rmsnorm_quant, silu_mul_quant
 
             def lin(m: FP8Linear, xq_xs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:   # [b, N]
-                return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, self.dtype, m.bias, self.fused, m.counters)
+                return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, self.dtype, m.bias, self.fused, m.counters,
+                                self.opts.pdl)
         for i, L in enumerate(self.layers):
             if self.fused:
                 qkv = lin(L.qkv, rmsnorm_quant(x.view(b, -1), L.ln1, L.eps))

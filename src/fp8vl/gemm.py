@@ -9,18 +9,20 @@ Numerics, by entry point:
   converted in registers: weight-only error (runtime.py's ``dequant`` simulation), not a server's.
 
 Paths: M <= DECODE_MAX_M runs the Triton GEMV (gemm_kernels.gemv_kernel, split-K when the matrix
-is too narrow to keep the GPU's memory busy) on every card. Larger M runs cuBLAS' block-scaled
-``scaled_mm`` on SM90 (the only arch PyTorch allows it on) and the Triton block GEMM on every
-other FP8 card (8.9 Ada, 10.x/12.x Blackwell); ``backend="triton"`` forces Triton anywhere.
+is too narrow to keep the GPU's memory busy) on every card, optionally with programmatic dependent
+launch (``pdl``). Larger M runs cuBLAS' block-scaled ``scaled_mm`` on SM90 (the only arch PyTorch
+allows it on) and the Triton block GEMM on every other FP8 card: its tiles fetched by the TMA on
+10.x/12.x Blackwell, by pointer loads on 8.9 Ada; ``backend="triton"`` forces Triton anywhere.
 The fused producers (``rmsnorm_quant``, ``silu_mul_quant``) emit the quantized input of the next
 linear in one pass. CPU tensors run the same kernels under ``TRITON_INTERPRET=1`` (tests).
 
 Launch configs: the GEMV's come from a small table keyed by SM count and shape
-(``decode_config``, built from ``benchmarks/tune.py`` sweeps with weights streamed from HBM). The
-block GEMM's come from Triton autotune (keyed on N, K and an M bucket) on the first eager call per
-shape, and from ``prefill_config``'s table where autotune cannot run: on CPU tensors and inside a
-CUDA-graph capture that meets a shape not tuned yet (autotune must time kernels, which a capture
-forbids). Rule for callers that capture: run every shape once eagerly first (the usual warm-up).
+(``decode_config``, built from ``benchmarks/tune.py`` sweeps with weights streamed from HBM), the
+TMA block GEMM's from ``tma_config``. The pointer-load block GEMM's come from Triton autotune
+(keyed on N, K and an M bucket) on the first eager call per shape, and from ``prefill_config``'s
+table where autotune cannot run: on CPU tensors and inside a CUDA-graph capture that meets a shape
+not tuned yet (autotune must time kernels, which a capture forbids). Rule for callers that
+capture: run every shape once eagerly first (the usual warm-up).
 """
 
 from __future__ import annotations
@@ -70,18 +72,17 @@ def pdl(device: torch.device) -> bool:
     return device.type == "cuda" and gk.HAS_PDL and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def decode_config(m: int, n: int, k: int, sm_count: int) -> LaunchConfig:
+def decode_config(m: int, n: int, k: int, sm_count: int, pdl: bool = False) -> LaunchConfig:
     """The GEMV's launch config (M <= 16), from ``benchmarks/tune.py`` on an H200 (132 SMs; the
-    winners at every Qwen3-VL-8B shape, M = 1 and 8, weights streamed from HBM, launched with
-    programmatic dependent launch): 32-row weight tiles (64 for N >= 16384 or K >= 8192), two K
-    blocks per step over 4 pipeline stages (four over 3 for K >= 8192: with two, the long-K
-    split-K launch ran 20% slower once launched early), K split in 2..8 while there are < 1.5
-    programs per SM or > 32 K blocks per split, each split keeping >= 4 K blocks; 4 K blocks
-    prefetched into L2 before waiting for the producer on matrices >= 32 MiB (on smaller ones it
-    made no difference or cost a little).
+    winners at every Qwen3-VL-8B shape, M = 1 and 8, weights streamed from HBM): 32-row weight
+    tiles (64 for N >= 16384), two K blocks per step over 4 pipeline stages, K split in 2..8 while
+    there are < 1.5 programs per SM or > 32 K blocks per split, each split keeping >= 4 K blocks.
+    Launched with programmatic dependent launch (``pdl``), long K (>= 8192) takes 64-row tiles and
+    four K blocks per step over 3 stages (with two, it ran 20% slower launched early), and matrices
+    >= 32 MiB prefetch 4 K blocks into L2 before waiting for the producer (smaller ones gain nothing).
     A table, not autotune: autotune times one eager launch per config, whose noise and launch cost
     (~5 us) outweigh the 1-2 us between configs of a 10 us kernel (it picked 10-20% slower ones)."""
-    long_k = k >= 8192
+    long_k = pdl and k >= 8192
     block_n = 64 if n >= 16384 or long_k else 32
     tiles = triton.cdiv(n, block_n)
     kbs = k // BLOCK
@@ -89,7 +90,8 @@ def decode_config(m: int, n: int, k: int, sm_count: int) -> LaunchConfig:
     while split < 8 and kbs // (split * 2) >= 4 and (tiles * split < 1.5 * sm_count or kbs // split > 32):
         split *= 2
     return LaunchConfig({"BLOCK_N": block_n, "SPLIT_K": split, "UNROLL": 4 if long_k else 2,
-                         "PREFETCH": 4 if n * k >= 32 << 20 else 0}, num_warps=4, num_stages=3 if long_k else 4)
+                         "PREFETCH": 4 if pdl and n * k >= 32 << 20 else 0}, num_warps=4,
+                        num_stages=3 if long_k else 4)
 
 
 def prefill_config(m: int, n: int, k: int, sm_count: int, a_fp8: bool = True) -> LaunchConfig:
@@ -244,10 +246,11 @@ def gemv_counters(n: int, device) -> torch.Tensor:
 
 def _gemv(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | None = None,
           counters: torch.Tensor | None = None, fused_reduce: bool = True,
-          use_pdl: bool | None = None) -> torch.Tensor:
+          use_pdl: bool = False) -> torch.Tensor:
     """Decode path (M <= 16), W8A8 (``a_fp8``) or W8A16; ``config`` overrides the choice (tests);
     ``counters`` from ``gemv_counters`` (made here when None); ``fused_reduce`` False sums split-K
-    partials in a second launch, ``use_pdl`` False launches plainly (benchmarks compare them)."""
+    partials in a second launch; ``use_pdl`` launches with programmatic dependent launch where the
+    card has it (benchmarks compare them)."""
     m, n, k = _check(x, w, ws, "fp8 decode GEMM")
     w, ws = w.contiguous(), ws.contiguous()
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
@@ -259,14 +262,15 @@ def _gemv(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | Non
                 stride_xsk=xs.stride(1) if a_fp8 else 0, stride_wsn=ws.stride(0),
                 A_FP8=a_fp8, HAS_BIAS=bias is not None, ON_CPU=x.device.type == "cpu", M_PAD=DECODE_MAX_M,
                 FUSED_REDUCE=fused_reduce)
-    cfg = config or decode_config(m, n, k, _sm_count(x.device))
+    use_pdl = use_pdl and pdl(x.device)
+    cfg = config or decode_config(m, n, k, _sm_count(x.device), use_pdl)
     split = cfg.kwargs["SPLIT_K"]
     if split > 1:
         args["part_ptr"] = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         use = counters is not None and counters.numel() >= triton.cdiv(n, 16)
         args["cnt_ptr"] = counters if use else gemv_counters(n, x.device)
-    args["PDL"] = pdl(x.device) if use_pdl is None else use_pdl and pdl(x.device)
-    _run(gk.gemv_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split), cfg, args, args["PDL"])
+    args["PDL"] = use_pdl
+    _run(gk.gemv_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split), cfg, args, use_pdl)
     if split > 1 and not fused_reduce:
         _reduce(args["part_ptr"][:split], bias, y)
     return y
@@ -359,16 +363,18 @@ def _use_cublas(device: torch.device, n: int, backend: str) -> bool:
 
 def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
              out_dtype: torch.dtype = torch.bfloat16, bias: torch.Tensor | None = None,
-             backend: str = "auto", counters: torch.Tensor | None = None) -> torch.Tensor:
+             backend: str = "auto", counters: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """W8A8 GEMM on already-quantized activations (from ``rmsnorm_quant``, ``silu_mul_quant`` or
     ``quantize_activations_gpu``): xq [M, K] e4m3, xs [M, K/128] -> [M, N] ``out_dtype``.
 
-    M <= 16: the Triton GEMV on every card (``counters``: see ``gemv_counters``). Larger M: cuBLAS
-    on SM90 (``backend="auto"``, N a multiple of 128), the Triton block GEMM elsewhere or with
+    M <= 16: the Triton GEMV on every card (``counters``: see ``gemv_counters``; ``pdl``: launched
+    with programmatic dependent launch where the card has it: faster back to back, 2-3% slower in
+    the engine's decode step on the H200, so off by default). Larger M: cuBLAS on SM90
+    (``backend="auto"``, N a multiple of 128), the Triton block GEMM elsewhere or with
     ``backend="triton"``.
     """
     if xq.shape[0] <= DECODE_MAX_M and backend != "cublas":
-        return _gemv(xq, xs, w, ws, out_dtype, bias, True, counters=counters)
+        return _gemv(xq, xs, w, ws, out_dtype, bias, True, counters=counters, use_pdl=pdl)
     if _use_cublas(xq.device, w.shape[0], backend):
         return _cublas_block_gemm(xq, xs, w, ws, out_dtype, bias)
     return _block_gemm(xq, xs, w, ws, out_dtype, bias, True)

@@ -18,6 +18,7 @@ that stops is resumed by running the same command again.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -27,20 +28,23 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from .version import __version__
-from .drift import Drift
 from .errors import FP8VLError
 from .options import QuantizeOptions
 from .plan import Entry
-from .output import plan_conversion, write_output
 from .shards import TensorInfo, read_header
 from .source import INDEX, OTHER_WEIGHTS, SKIP_DIRS, open_checkpoint
 from .staging import Resumable, Staging, bytes_to_write, copy_files, other_files
-from .writer import assign_shards, kept_slots
+
+if TYPE_CHECKING:
+    from .drift import Drift
+
+# The converter (output.py, drift.py, writer.py: torch among them) is imported inside quantize_hub,
+# on a thread of its own while the hub answers: torch's import (1.5-2.5 s) is most of the start that
+# the download cannot overlap otherwise.
+CONVERTER = "fp8vl.output"
 
 log = logging.getLogger("fp8vl.hub")
 JOURNAL = "journal.jsonl"
@@ -333,6 +337,7 @@ def quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions,
                  on_plan: Callable | None = None):
     """``quantize`` for a hub id; None when the hub is unreachable (the caller falls back to the cache)."""
     t0 = time.perf_counter()
+    threading.Thread(target=importlib.import_module, args=(CONVERTER,), daemon=True).start()
     remote = remote_info(repo, opts.revision)
     if remote is None:
         return None
@@ -347,6 +352,7 @@ def quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions,
             started = start_headers(remote, heads)
             paths = list(pool.map(lambda f: download(remote, f, None), small))
             ckpt = _open(remote, _snapshot(paths, small), index, started, heads)
+        from .output import plan_conversion   # waits for the import started above, if still running
         res = plan_conversion(ckpt, None, opts)[0]
         res.hub, res.commit = repo, remote.commit
         if on_plan is not None:
@@ -368,6 +374,12 @@ def quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions,
             paths = list(pool.map(lambda f: download(remote, f, dest), small))
             src = dest if dest is not None else _snapshot(paths, small)
             ckpt = _open(remote, src, index, started, heads)
+        import torch   # the converter's import, started above, waited for here if still running
+
+        from .drift import Drift
+        from .output import plan_conversion, write_output
+        from .writer import assign_shards, kept_slots
+
         res, units, scale_dtype = plan_conversion(ckpt, out, opts)
         res.hub, res.commit = repo, remote.commit
         if on_plan is not None:
