@@ -69,3 +69,17 @@ def test_no_import_circle_between_modules():
 
 def test_the_check_sees_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
+
+
+def test_the_cli_and_the_hub_path_import_without_torch():
+    """A hub conversion imports torch on a thread while the hub answers (hub.py); that only overlaps
+    anything if reaching ``quantize_hub`` does not import torch first."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fp8vl.cli, fp8vl.convert, fp8vl.hub; "
+            "print(sorted(m for m in ('torch', 'fp8vl.output', 'fp8vl.writer') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT.parent)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout

@@ -66,9 +66,9 @@ def _m_bucket(m: int) -> int:
 
 
 def pdl(device: torch.device) -> bool:
-    """Whether kernels on ``device`` launch with programmatic dependent launch (SM90 and newer,
-    a Triton with griddepcontrol): the decode GEMV starts streaming its weight while the kernel
-    before it (its input's producer) still runs."""
+    """Whether kernels on ``device`` can launch with programmatic dependent launch (SM90 and newer,
+    a Triton with griddepcontrol): a GEMV so launched starts streaming its weight while the kernel
+    before it (its input's producer) still runs. The producers always let it (a no-op otherwise)."""
     return device.type == "cuda" and gk.HAS_PDL and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
