@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from fp8vl.drift import chunk_error
 from fp8vl.kernel import BLOCK, quantize_weight
 from fp8vl.options import parse_size
 from fp8vl.output import CHUNK_BYTES
@@ -111,8 +112,9 @@ def llmc_cmd(python: str, src: Path, dst: Path, workers: int, device: str) -> li
     return [python, "-c", LLMC, str(src), str(dst), str(workers), device]
 
 
-def quantizer_gbps(workers: int, repeats: int = 3) -> tuple[float, float]:
-    """In-memory GB/s of BF16 input on a [12288, 4096] weight: converter's loop vs one call."""
+def quantizer_gbps(workers: int, repeats: int = 3) -> tuple[float, float, float]:
+    """In-memory GB/s of BF16 input on a [12288, 4096] weight: converter's loop, the same with each
+    chunk's error measured (drift.chunk_error: hub ids and --record-error), one whole-tensor call."""
     w = (torch.randn(I, H) * 0.02).to(torch.bfloat16)
     gb = w.numel() * 2 / 1e9
     rows = max(BLOCK, (CHUNK_BYTES // (H * 2)) // BLOCK * BLOCK)
@@ -124,15 +126,32 @@ def quantizer_gbps(workers: int, repeats: int = 3) -> tuple[float, float]:
             list(ex.map(lambda r: quantize_weight(w[r:r + rows]), range(0, I, rows)))
         torch.set_num_threads(threads)
 
+    def measured() -> None:
+        def one(r: int) -> None:
+            q, s = quantize_weight(w[r:r + rows])
+            chunk_error(w[r:r + rows], q, s)
+        torch.set_num_threads(1)
+        with ThreadPoolExecutor(workers) as ex:
+            list(ex.map(one, range(0, I, rows)))
+        torch.set_num_threads(threads)
+
     def whole() -> None:
         quantize_weight(w)
 
     out = []
-    for fn in (chunked, whole):
+    for fn in (chunked, measured, whole):
         fn()
         best = min(_timed(fn) for _ in range(repeats))
         out.append(gb / best)
-    return out[0], out[1]
+    return out[0], out[1], out[2]
+
+
+def quantizer_table(chunked: float, measured: float, whole: float, workers: int) -> None:
+    print("| in-memory quantizer, [12288, 4096] BF16 | GB/s |")
+    print("|---|---|")
+    print(f"| fp8vl's chunked loop ({workers} threads) | {chunked:.2f} |")
+    print(f"| the same, each chunk's error measured in line (hub ids, --record-error) | {measured:.2f} |")
+    print(f"| one whole-tensor call (multi-pass torch) | {whole:.2f} |")
 
 
 def _timed(fn) -> float:
@@ -155,7 +174,11 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
     ap.add_argument("--fp8-headers", type=Path, metavar="DIR",
                     help="only write a header-only Qwen3-VL-8B-shaped FP8 checkpoint to DIR (for fp8vl plan)")
+    ap.add_argument("--quantizer-only", action="store_true", help="only the in-memory quantizer table")
     a = ap.parse_args()
+    if a.quantizer_only:
+        quantizer_table(*quantizer_gbps(a.workers), a.workers)
+        return
     if a.fp8_headers:
         write_header_only(a.fp8_headers, qwen3_vl_8b_config_dict(a.layers), qwen3_vl_8b_shapes(a.layers))
         return
@@ -185,7 +208,7 @@ def main() -> None:
             prev = best.get(name, (1e9, 0.0))
             best[name] = (min(prev[0], t), max(prev[1], rss))
             shutil.rmtree(dst, ignore_errors=True)
-    q_chunked, q_whole = quantizer_gbps(a.workers)
+    q_gbps = quantizer_gbps(a.workers)
     floor = best["I/O floor"][0]
     n_src = len(list(src.glob("*.safetensors")))
     print()
@@ -197,10 +220,7 @@ def main() -> None:
     for name, (t, rss) in best.items():
         print(f"| {name} | {t:.2f} | {t / floor:.2f} | {bytes_in / t / 1e9:.2f} | {rss:.2f} |")
     print()
-    print("| in-memory quantizer, [12288, 4096] BF16 | GB/s |")
-    print("|---|---|")
-    print(f"| fp8vl's chunked loop ({a.workers} threads) | {q_chunked:.2f} |")
-    print(f"| one whole-tensor call (multi-pass torch) | {q_whole:.2f} |")
+    quantizer_table(*q_gbps, a.workers)
     shutil.rmtree(floor_dir, ignore_errors=True)
     if not a.keep:
         shutil.rmtree(src, ignore_errors=True)

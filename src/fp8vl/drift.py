@@ -37,38 +37,57 @@ def _absmax(x: torch.Tensor) -> float:
     return max(-float(lo), float(hi))
 
 
+SLAB = 1 << 18   # elements per temporary (1 MiB of float32): stays in the cache and the allocator's heap
+
+
 def chunk_error(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block: int = BLOCK) -> Part:
     """Error of one quantized chunk: w [N, K] source, q [N, K] e4m3 codes, scale [cdiv(N,b), cdiv(K,b)].
 
     Runs next to the quantizer on every chunk, so it is written for speed: the codes become floats
-    through a 256-entry table (torch converts float8 element by element on CPUs, 5x slower), in
-    place. A chunk whose largest weight is so small (or large) that its float32 squares would
-    underflow (overflow) is rescaled first.
+    through a 256-entry table (torch converts float8 element by element on CPUs, 5x slower), and
+    the work goes in slabs of rows of SLAB elements: full-size float32 temporaries were fresh
+    mappings that page-faulted in, which cost as much as the arithmetic. A chunk whose largest
+    weight is so small (or large) that its float32 squares would underflow (overflow) is rescaled.
     """
     n, k = w.shape
     kb = cdiv(k, block)
-    codes = _e4m3_values().to(q.device).index_select(0, q.reshape(-1).view(torch.uint8).int())
+    amax = _absmax(w)
+    exact = amax == 0 or not math.isfinite(amax)          # nothing to measure (or nothing finite)
+    f = 1.0 if exact or 1e-15 < amax < 1e15 else 1.0 / amax
+    lut = _e4m3_values().to(q.device)
+    codes = q.reshape(n, k).view(torch.uint8)
     s_rows = scale.float().repeat_interleave(block, 0)[:n]                     # [N, kb]
-    if k % block:        # partial last column tile: pad the codes to whole tiles
-        codes = torch.nn.functional.pad(codes.view(n, k), (0, kb * block - k))
-    e = codes.view(n, kb, block).mul_(s_rows[:, :, None]).view(n, kb * block)[:, :k]
-    wf = w.float()
-    e = e.sub_(wf) if not k % block else e - wf                               # W' - W, [N, K]
-    amax, max_err = _absmax(wf), _absmax(e)
-    if amax == 0 or not math.isfinite(amax):
+    err2: list[float] = []
+    sig2: list[float] = []
+    maxima: list[float] = []
+    step = max(1, SLAB // (kb * block))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        c = lut.index_select(0, codes[r0:r1].reshape(-1).int())
+        if k % block:    # partial last column tile: pad the codes to whole tiles
+            c = torch.nn.functional.pad(c.view(r1 - r0, k), (0, kb * block - k))
+        e = c.view(r1 - r0, kb, block).mul_(s_rows[r0:r1, :, None]).view(r1 - r0, kb * block)[:, :k]
+        ws = w[r0:r1]
+        e = e.sub_(ws) if not k % block else e - ws                          # W' - W, [rows, K]
+        maxima.append(_absmax(e))
+        if not exact:
+            if f != 1.0:
+                e, ws = e * f, ws.float() * f
+            err2 += _row_squares(e, block)
+            sig2 += _row_squares(ws, block)
+    max_err = float("nan") if any(math.isnan(m) for m in maxima) else max(maxima, default=0.0)
+    if exact:
         return 0.0, 0.0, max_err, amax
-    f = 1.0 if 1e-15 < amax < 1e15 else 1.0 / amax
-    if f != 1.0:
-        e, wf = e * f, wf * f
-    return _sum_squares(e, block) / f / f, _sum_squares(wf, block) / f / f, max_err, amax
+    return math.fsum(err2) / f / f, math.fsum(sig2) / f / f, max_err, amax
 
 
-def _sum_squares(x: torch.Tensor, block: int) -> float:
-    """sum(x^2), the same bits whatever torch's thread count: float32 sums of 128-element rows (one
-    thread each), then an exact sum of those (math.fsum). A whole-tensor reduction splits its work
-    by thread count, so ``--workers`` would change the last digits of the error file."""
-    rows = x.reshape(-1, block) if x.numel() % block == 0 else x.reshape(x.shape[0], -1)
-    return math.fsum((rows * rows).sum(dim=1).tolist())
+def _row_squares(x: torch.Tensor, block: int) -> list[float]:
+    """Each 128-element row's sum of squares (whole rows when K is not a multiple of 128), the same
+    bits whatever torch's thread count: float32 norms, one thread per row, squared in float64. The
+    caller sums them exactly (math.fsum): a whole-tensor reduction splits its work by thread count,
+    so ``--workers`` would change the last digits of the error file."""
+    rows = x.reshape(-1, block) if x.shape[-1] % block == 0 else x
+    return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).double().square().tolist()
 
 
 def _short(x: float) -> float:
