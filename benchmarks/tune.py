@@ -80,6 +80,7 @@ def main() -> None:
           "| table config, PDL ms | best GEMV, PDL ms | best config | table PDL/BF16 | best/BF16 | PDL floor/best |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
+    prefill_header = False
     for model in a.models:
         for lname, (n, k) in shapes(model).items():
             s, c16, c8, ws16, qs = weight_copies(n, k, l2)
@@ -112,9 +113,12 @@ def main() -> None:
                 table = gemm.tma_config(m) if tma else gemm.prefill_config(m, n, k, sms)
                 tt = timed(lambda i: gemm._block_gemm(xq, xs, *qs[i], torch.bfloat16, None, True, table), c8, reps=5)
                 tf = 2 * m * n * k / 1e9
-                print(f"| {model} {lname} {n}x{k} | {m} | {t16:.4f} ({tf / t16:.0f} TFLOP/s) | | "
-                      f"{best_t:.4f} ({tf / best_t:.0f} TFLOP/s) | | {tt:.4f} | {name(best)} | "
-                      f"{t16 / best_t:.2f}x | |", flush=True)
+                if not prefill_header:
+                    prefill_header = True
+                    print("\n| prefill linear (N x K) | M | BF16 ms (TFLOP/s) | best block GEMM ms (TFLOP/s) "
+                          "| table config ms | best config | best/BF16 | table/BF16 |\n|---|---|---|---|---|---|---|---|")
+                print(f"| {model} {lname} {n}x{k} | {m} | {t16:.4f} ({tf / t16:.0f}) | {best_t:.4f} ({tf / best_t:.0f}) | "
+                      f"{tt:.4f} | {name(best)} | {t16 / best_t:.2f}x | {t16 / tt:.2f}x |", flush=True)
                 rows += [(model, lname, m, t, cfg) for t, cfg in res]
 
     if a.all:

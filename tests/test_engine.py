@@ -288,6 +288,20 @@ def test_gpu_moe_decode_is_captured_and_matches_eager(moe_fp8):
     assert float((fast.float() - slow.float()).norm() / slow.float().norm()) < 2e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch needs SM90+")
+def test_gpu_engine_with_pdl_gives_the_answers_of_plain_launches(dense_fp8):
+    """EngineOptions(pdl=True) changes when each decode GEMV starts, not what it computes (same
+    configs at these shapes): the same greedy answers as plain launches, decode in CUDA graphs."""
+    L = Loaded(load_model(dense_fp8.out, "cuda"), load_processor(dense_fp8.out, True), True, dense_fp8.out)
+    reqs = [Request({k: v.cpu() for k, v in r.inputs.items()}, r.tag) for r in _requests(L)]
+    plain = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=12, max_batch=4))
+    early = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=12, max_batch=4, pdl=True))
+    assert early._use_graphs() and early.fused
+    assert {r.tag: i for r, i in plain.generate(reqs)} == {r.tag: i for r, i in early.generate(reqs)}
+
+
 @pytest.mark.parametrize("which", ["src", "fp8"])
 def test_restated_prefill_gives_the_answers_of_transformers_prefill(which, dense_src, dense_fp8):
     """bf16 generation with the prefill through fp8vl's layers and through Transformers' forward
