@@ -452,10 +452,7 @@ class Engine:
         return torch.stack(rows)
 
 
-# ---------------------------------------------------------------- the decode attention block, in torch
-# What Engine._decode runs between the qkv projection and the o projection when fp8vl's Triton kernels
-# (attention.py: qk_norm_rope_cache, decode_attention) do not apply; the kernels' tests and benchmark
-# judge them against these. Shapes: b rows, H query heads, KV key/value heads, D head_dim, L cache length.
+# ---------------------------------------------------------------- CUDA graphs and memory
 
 def capture_graph(fn, device: torch.device | str = "cuda", pool=None, warmups: int = 1):
     """Run ``fn()`` ``warmups`` times on a side stream (Triton compiles and autotunes, cuBLAS picks its

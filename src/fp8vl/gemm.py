@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,7 @@ def _m_bucket(m: int) -> int:
     return 1 if m == 1 else 16 if m <= DECODE_MAX_M else min(triton.next_power_of_2(m), 4096)
 
 
+@cache   # asked on every producer and GEMV call
 def pdl(device: torch.device) -> bool:
     """Whether kernels on ``device`` can launch with programmatic dependent launch (SM90 and newer,
     a Triton with griddepcontrol): a GEMV so launched starts streaming its weight while the kernel
@@ -276,6 +278,7 @@ def _gemv(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | Non
     return y
 
 
+@cache
 def use_tma(device: torch.device) -> bool:
     """Whether the W8A8 block GEMM fetches its tiles with the tensor-memory accelerator (SM90+)."""
     return device.type == "cuda" and TensorDescriptor is not None and torch.cuda.get_device_capability(device) >= (9, 0)
