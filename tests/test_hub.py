@@ -206,6 +206,56 @@ def test_a_file_beside_the_shards_that_the_index_does_not_name_is_neither_fatal_
     assert 0 < hub.bytes_sent("consolidated.safetensors") <= 100_001
 
 
+# Run in the child below: torch's import, on the thread hub.py imports the converter on, is held
+# until a source shard is on disk or downloading (or 30 s have passed); it says which came first.
+# A shard downloading is named by its etag, a sha256 (a small file's is a 40-digit git blob id).
+# (It waits in the loader: a finder runs under the interpreter's global import lock.)
+HOLD_TORCH = """
+import importlib.abc, importlib.machinery, re, sys, threading, time
+from pathlib import Path
+staging, said = Path(sys.argv.pop(1)), Path(sys.argv.pop(1))
+
+class Held(importlib.abc.Loader):
+    def __init__(self, real):
+        self.real = real
+    def create_module(self, spec):
+        return self.real.create_module(spec)
+    def exec_module(self, module):
+        end = time.monotonic() + 30
+        while time.monotonic() < end and not any(p.name.endswith(".safetensors") or
+                                                 re.search("[0-9a-f]{64}[.]incomplete$", p.name)
+                                                 for p in staging.rglob("*")):
+            time.sleep(0.01)
+        said.write_text("downloading" if time.monotonic() < end else "no download while torch waited")
+        self.real.exec_module(module)
+
+class Hold(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch" or threading.current_thread().name != "fp8vl-import":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        spec.loader = Held(spec.loader)
+        return spec
+
+sys.meta_path.insert(0, Hold())
+from fp8vl.cli import main
+sys.exit(main())
+"""
+
+
+def test_the_first_shard_downloads_while_torch_is_imported(hub, local_fp8, tmp_path):
+    # torch's import (1.5-2.5 s) is the start a download cannot overlap but for the shard the plan
+    # reads first: that one is known from the headers alone, before torch is there.
+    out, said = tmp_path / "out", tmp_path / "said"
+    r = subprocess.run([sys.executable, "-c", HOLD_TORCH, str(tmp_path / ".out.fp8vl-partial"), str(said),
+                        "quantize", "org/tiny", str(out), "--workers", "2", "--max-shard-size", str(SHARD)],
+                       env=hub_env(hub, tmp_path / "hf-home"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert said.read_text() == "downloading"
+    _same_as_local(out, local_fp8["tiny"])
+
+
 def test_a_dropped_connection_is_resumed_with_a_range_request(hub, wide_repo, local_fp8, tmp_path):
     name = "model-00002-of-00002.safetensors"
     size = (wide_repo / name).stat().st_size

@@ -3,8 +3,10 @@
 Order of work: ``model_info`` resolves the revision to a commit and lists the files with their
 sizes; the small files (config, index, tokenizer, ...) download while every shard's header is read
 with a ranged request (huggingface_hub's ``parse_safetensors_file_metadata``), so the plan, the
-output layout and the free-space check exist before any weight byte arrives. Shards then download
-(``hf_hub_download``, in a background thread) one after the other, largest first, at most
+output layout and the free-space check exist before any weight byte arrives. The largest shard the
+plan reads starts downloading as soon as the headers are read (the plan needs no torch: its import
+overlaps that download); once the plan is made, the others follow (``hf_hub_download``, in a
+background thread) one after the other, largest first, at most
 ``in_flight`` of them on disk or downloading at once, and convert in that order, one source shard at
 a time, each tensor at its place in the layout of a local conversion. The writer waits for a
 tensor's shard; once every tensor of a shard is written, its output bytes are synced, a line goes
@@ -31,9 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .version import __version__
-from .errors import FP8VLError
+from .errors import FP8VLError, InternalError
 from .options import QuantizeOptions
-from .plan import Entry
+from .plan import Entry, make_plan
 from .shards import TensorInfo, read_header
 from .source import INDEX, OTHER_WEIGHTS, SKIP_DIRS, open_checkpoint
 from .staging import Resumable, Staging, bytes_to_write, copy_files, other_files
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
 # on a thread of its own while the hub answers: torch's import (1.5-2.5 s) is most of the start that
 # the download cannot overlap otherwise.
 CONVERTER = "fp8vl.output"
+IMPORTER = "fp8vl-import"      # that thread's name
 
 log = logging.getLogger("fp8vl.hub")
 JOURNAL = "journal.jsonl"
@@ -165,6 +168,16 @@ def remote_headers(remote: Remote, shards: list[str], src: Path, started: dict[s
             for f, fut in todo.items()}
 
 
+def first_shard(ckpt, src: Path, opts: QuantizeOptions, done: set[str], sizes: dict[str, int]) -> str | None:
+    """The shard the writer reads first, known from the headers alone (the plan needs no torch): the
+    largest holding a tensor of the plan, of those no earlier run finished (``done``). None when
+    there is none."""
+    plan = make_plan(ckpt.config, {n: t.shape for n, t in ckpt.tensors.items()}, opts)
+    files = [f for f in dict.fromkeys(str(ckpt.tensors[e.source].file.relative_to(src)) for e in plan.entries)
+             if f not in done]
+    return largest_first(files, sizes)[0] if files else None
+
+
 def largest_first(files: list[str], sizes: dict[str, int]) -> list[str]:
     """The order in which shards download and convert: largest first, ties in ``files``' order.
     Each shard converts while the next one downloads, so what does not overlap the download is the
@@ -179,15 +192,17 @@ class Journal:
     def __init__(self, path: Path):
         self.path = path
         self.slots: set[str] = set()
+        self.shards: set[str] = set()
         self.errors: dict[str, dict] = {}
         self._lock = threading.Lock()
         if path.is_file():
             for line in path.read_text().splitlines():
                 try:
                     d = json.loads(line)
-                    slots, errors = set(d["slots"]), dict(d["errors"])
+                    shard, slots, errors = str(d["shard"]), set(d["slots"]), dict(d["errors"])
                 except (ValueError, KeyError, TypeError):
                     continue
+                self.shards.add(shard)
                 self.slots |= slots
                 self.errors.update(errors)
 
@@ -200,9 +215,11 @@ class Journal:
 
 
 class Fetcher:
-    """Downloads ``order`` (shard names, the order the writer reads them: largest_first) in that
-    order, one shard at a time, at most ``in_flight`` on disk or downloading.
+    """Downloads shard names in the order the writer reads them (largest_first), one shard at a time,
+    at most ``in_flight`` on disk or downloading.
 
+    ``order`` may start as its head alone (the shard known to come first before torch is imported,
+    so that its download overlaps the import); ``plan(files)`` gives the rest once the plan is made.
     One at a time: on one link, two shards downloading side by side each take twice as long, so the
     first one the writer needs arrives later; in order, the writer converts a shard while the next
     one downloads. A slot is freed when
@@ -212,11 +229,12 @@ class Fetcher:
     """
 
     def __init__(self, remote: Remote, dest: Path | None, order: list[str], in_flight: int, stream: bool):
-        self.remote, self.dest, self.order, self.in_flight, self.stream = remote, dest, order, in_flight, stream
+        self.remote, self.dest, self.order, self.in_flight, self.stream = remote, dest, list(order), in_flight, stream
         self.cond = threading.Condition()
         self.ready: dict[str, Path] = {}
         self.failed: tuple[str, BaseException] | None = None
         self.busy = 0
+        self.planned = False
         self.closed = False
         self.downloaded = 0
 
@@ -224,13 +242,26 @@ class Fetcher:
         threading.Thread(target=self._schedule, name="fp8vl-fetch", daemon=True).start()
         return self
 
+    def plan(self, files: list[str]) -> list[str]:
+        """The whole order: the shards already given keep their place at its head, ``files`` follow.
+        Returns it: the order the writer must read them in."""
+        with self.cond:
+            self.order += [f for f in files if f not in self.order]
+            self.planned = True
+            self.cond.notify_all()
+            return list(self.order)
+
     def _schedule(self) -> None:
-        for name in self.order:
+        i = 0
+        while True:
             with self.cond:
-                while self.busy >= self.in_flight and not self.closed:
+                while not self.closed and not self.failed and \
+                        (self.busy >= self.in_flight or (i == len(self.order) and not self.planned)):
                     self.cond.wait()
-                if self.closed or self.failed:
+                if self.closed or self.failed or i == len(self.order):
                     return
+                name = self.order[i]
+                i += 1
                 self.busy += 1
             self._fetch(name)
 
@@ -337,7 +368,7 @@ def quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions,
                  on_plan: Callable | None = None):
     """``quantize`` for a hub id; None when the hub is unreachable (the caller falls back to the cache)."""
     t0 = time.perf_counter()
-    threading.Thread(target=importlib.import_module, args=(CONVERTER,), daemon=True).start()
+    threading.Thread(target=importlib.import_module, args=(CONVERTER,), name=IMPORTER, daemon=True).start()
     remote = remote_info(repo, opts.revision)
     if remote is None:
         return None
@@ -374,49 +405,57 @@ def quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions,
             paths = list(pool.map(lambda f: download(remote, f, dest), small))
             src = dest if dest is not None else _snapshot(paths, small)
             ckpt = _open(remote, src, index, started, heads)
-        import torch   # the converter's import, started above, waited for here if still running
-
-        from .drift import Drift
-        from .output import plan_conversion, write_output
-        from .writer import assign_shards, kept_slots
-
-        res, units, scale_dtype = plan_conversion(ckpt, out, opts)
-        res.hub, res.commit = repo, remote.commit
-        if on_plan is not None:
-            on_plan(res)
-        if opts.device.startswith("cuda") and not torch.cuda.is_available():   # as write_output, before downloading
-            raise FP8VLError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
-
-        # What an earlier run of this command already wrote, and so which shards are still needed.
+        # The shard read first is known from the headers alone: its download starts now, while torch's
+        # import (started above) may still be running.
         journal = Journal(stage.dir / JOURNAL)
-        shards = assign_shards(units, opts.max_shard_size)
-        kept = kept_slots(stage.dir / "output", shards, journal.slots) if stage.resumed else set()
-        entries = res.plan.entries
-        slots = {e.name: [s.name for s in u] for e, u in zip(entries, units)}
-        todo = [e for e in entries if e.name not in kept]
-        files = largest_first(list(dict.fromkeys(str(ckpt.tensors[e.source].file.relative_to(src)) for e in todo)),
-                              remote.sizes)
-        for f in set(remote.shards()) - set(files):       # consumed by the earlier run, or unused
-            if dest is not None:
-                (dest / f).unlink(missing_ok=True)
-        copied, res.skipped = other_files(src, ckpt.weight_files)
-        res.skipped += [f for f in remote.shards() if src / f not in ckpt.weight_files]
-        res.skipped = list(dict.fromkeys(res.skipped + [f for f in remote.sizes if f.endswith(OTHER_WEIGHTS)]))
-        need = bytes_to_write(src, copied, res.bytes_out, len(units) + 1)
-        if stream:
-            need += sum(sorted((remote.sizes[f] for f in files), reverse=True)[:opts.in_flight])
-        tmp = stage.begin(need)
-
-        drift = Drift({n: err for n, err in journal.errors.items() if n in kept})
-        fetcher = Fetcher(remote, dest, files, opts.in_flight, stream).start()   # the plan and space are known
-        feed = HubFeed(ckpt, todo, slots, fetcher, journal, drift)
+        first = first_shard(ckpt, src, opts, journal.shards, remote.sizes)
+        if first is not None:
+            stage.begin(remote.sizes[first] if stream else 0)
+        fetcher = Fetcher(remote, dest, [first] if first else [], opts.in_flight, stream).start()
         try:
+            import torch   # the converter's import, started above, waited for here if still running
+
+            from .drift import Drift
+            from .output import plan_conversion, write_output
+            from .writer import assign_shards, kept_slots
+
+            res, units, scale_dtype = plan_conversion(ckpt, out, opts)
+            res.hub, res.commit = repo, remote.commit
+            if on_plan is not None:
+                on_plan(res)
+            if opts.device.startswith("cuda") and not torch.cuda.is_available():   # as write_output
+                raise FP8VLError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+
+            # What an earlier run of this command already wrote, and so which shards are still needed.
+            shards = assign_shards(units, opts.max_shard_size)
+            kept = kept_slots(stage.dir / "output", shards, journal.slots) if stage.resumed else set()
+            entries = res.plan.entries
+            slots = {e.name: [s.name for s in u] for e, u in zip(entries, units)}
+            todo = [e for e in entries if e.name not in kept]
+            files = largest_first(list(dict.fromkeys(str(ckpt.tensors[e.source].file.relative_to(src))
+                                                     for e in todo)), remote.sizes)
+            if first is not None and first not in files:
+                raise InternalError(f"{first}: downloading, but the plan reads nothing from it")
+            files = fetcher.plan(files)        # ``first`` stays at the head
+            for f in set(remote.shards()) - set(files):       # consumed by the earlier run, or unused
+                if dest is not None:
+                    (dest / f).unlink(missing_ok=True)
+            copied, res.skipped = other_files(src, ckpt.weight_files)
+            res.skipped += [f for f in remote.shards() if src / f not in ckpt.weight_files]
+            res.skipped = list(dict.fromkeys(res.skipped + [f for f in remote.sizes if f.endswith(OTHER_WEIGHTS)]))
+            need = bytes_to_write(src, copied, res.bytes_out, len(units) + 1)
+            if stream:
+                need += sum(sorted((remote.sizes[f] for f in files), reverse=True)[:opts.in_flight])
+            tmp = stage.begin(need)
+
+            drift = Drift({n: err for n, err in journal.errors.items() if n in kept})
+            feed = HubFeed(ckpt, todo, slots, fetcher, journal, drift)
             copy_files(src, tmp, copied)       # while the first shard downloads
             res.copied = copied
             # tensors in download order, each at its place in the local conversion's layout
             rank = {f: i for i, f in enumerate(files)}
-            order = [s.name for e, u in sorted(zip(entries, units), key=lambda eu: rank.get(feed.shard(eu[0].source),
-                                                                                           len(files)))
+            order = [s.name for e, u in sorted(zip(entries, units),
+                                               key=lambda eu: rank.get(feed.shard(eu[0].source), len(files)))
                      for s in u]
             write_output(tmp, ckpt, res, units, scale_dtype, opts, progress, t0, feed, kept, drift, order)
         finally:
