@@ -14,8 +14,9 @@ Wall time and disk peak (all files under the run's folder, sampled every 20 ms) 
 timeline line per run: when the first weight bytes were on disk (the start that nothing overlaps),
 each source shard with its size in the order its download ended, and the tail (the run's end after
 the last download ended: for the streaming run, the conversion of the last shard and the final
-steps). ``--baseline SRC`` adds the streaming run of the fp8vl in another source tree (e.g. a
-checkout of main's ``src``), so a change and its base are measured in one run, on one machine state.
+steps). ``--baseline SRC`` (repeatable) adds the streaming run of the fp8vl in another source tree
+(e.g. a checkout of main's ``src``), so a change and its base are measured in one run, on one
+machine state.
 
     python benchmarks/hub.py --layers 2 --shard-size 1GB --rate 150MB [--baseline ../main/src]
 """
@@ -108,8 +109,9 @@ def main() -> None:
     ap.add_argument("--rate", default="150MB", help="link speed, bytes per second (all connections together)")
     ap.add_argument("--workdir", type=Path, default=Path("bench-hub"))
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--baseline", type=Path, default=None,
-                    help="another fp8vl source tree (its src folder): its streaming run is added, side by side")
+    ap.add_argument("--baseline", type=Path, action="append", default=[],
+                    help="another fp8vl source tree (its src folder): its streaming run is added, side by side "
+                         "(repeatable)")
     args = ap.parse_args()
 
     work = args.workdir.resolve()
@@ -136,8 +138,8 @@ def main() -> None:
             [*fp8vl, str(d / "src"), str(d / "out"), *common]]),
         ("fp8vl quantize ORG/NAME (--stream)", here, lambda d: [[*fp8vl, REPO, str(d / "out"), *common]]),
     ]
-    if args.baseline is not None:
-        contenders.append((f"fp8vl quantize ORG/NAME (--stream), baseline {args.baseline}", args.baseline.resolve(),
+    for base in args.baseline:
+        contenders.append((f"fp8vl quantize ORG/NAME (--stream), baseline {base}", base.resolve(),
                            lambda d: [[*fp8vl, REPO, str(d / "out"), *common]]))
     runs = []
     try:

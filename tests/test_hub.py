@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -168,7 +169,7 @@ def test_disk_peak_is_output_plus_two_shards_and_shards_go_largest_first(hub, bi
             time.sleep(0.005)
     w = threading.Thread(target=watch)
     w.start()
-    with caplog.at_level(logging.DEBUG, logger="fp8vl.hub"):
+    with caplog.at_level(logging.DEBUG, logger="fp8vl.fetch"):
         quantize("org/big", out, QuantizeOptions(max_shard_size=12 << 20, workers=2))
     stop.set()
     w.join()
@@ -176,7 +177,7 @@ def test_disk_peak_is_output_plus_two_shards_and_shards_go_largest_first(hub, bi
     reading = list(dict.fromkeys(json.loads((big_repo / INDEX).read_text())["weight_map"].values()))
     size = {f: (big_repo / f).stat().st_size for f in reading}
     order = sorted(reading, key=lambda f: -size[f])           # largest first, ties in the index's order
-    events = [r.getMessage().split()[:2] for r in caplog.records if r.name == "fp8vl.hub"]
+    events = [r.getMessage().split()[:2] for r in caplog.records if r.name == "fp8vl.fetch"]
     deleted = [f for what, f in events if what == "deleted"]
     assert deleted == order
     assert len(set(size.values())) == 3 and order != reading and order != sorted(order)   # 12, 8 and ~4 MB
@@ -223,7 +224,7 @@ class Held(importlib.abc.Loader):
     def exec_module(self, module):
         end = time.monotonic() + 30
         while time.monotonic() < end and not any(p.name.endswith(".safetensors") or
-                                                 re.search("[0-9a-f]{64}[.]incomplete$", p.name)
+                                                 re.search("[.][0-9a-f]{64}[.]([0-9a-f]+[.])?incomplete$", p.name)
                                                  for p in staging.rglob("*")):
             time.sleep(0.01)
         said.write_text("downloading" if time.monotonic() < end else "no download while torch waited")
@@ -269,6 +270,30 @@ def test_a_dropped_connection_is_resumed_with_a_range_request(hub, wide_repo, lo
     assert gets == [(0, 15 << 20), (10 << 20, size - (10 << 20))]
 
 
+def _downloading(staging: Path) -> bool:
+    """A source shard is downloading into ``staging``: huggingface_hub's temporary file, named by the
+    shard's etag (a sha256; a small file's is a 40-digit git blob id), is there."""
+    return any(re.search("[.][0-9a-f]{64}[.]([0-9a-f]+[.])?incomplete$", f.name) for f in staging.rglob("*"))
+
+
+def _download_processes(home: Path, wait: float = 2.0) -> list[int]:
+    """The fp8vl download processes (multiprocessing children) of runs pointed at ``home`` that are
+    still alive after ``wait`` seconds (Linux's /proc; elsewhere none are seen)."""
+    end = time.monotonic() + wait
+    while True:
+        pids = []
+        for d in Path("/proc").glob("[0-9]*"):
+            try:
+                if b"spawn_main" in (d / "cmdline").read_bytes() and \
+                        f"HF_HOME={home}".encode() in (d / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+        if not pids or time.monotonic() > end:
+            return pids
+        time.sleep(0.05)
+
+
 def test_killed_run_resumes_without_downloading_finished_shards(hub, big_repo, local_fp8, tmp_path):
     hub.rate = 8e6
     out = tmp_path / "big-fp8"
@@ -279,11 +304,14 @@ def test_killed_run_resumes_without_downloading_finished_shards(hub, big_repo, l
                          stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and p.poll() is None and \
-            (not journal.is_file() or len(journal.read_text().splitlines()) < 3):
+            (not journal.is_file() or len(journal.read_text().splitlines()) < 3 or not _downloading(journal.parent)):
         time.sleep(0.02)
+    hub.rate = 1e6      # the download in progress would outlast the test if it went on
     p.send_signal(signal.SIGKILL)
-    p.communicate(timeout=60)
+    p.wait(timeout=60)       # not communicate(): that would wait for a download process holding the pipes
     assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert _download_processes(tmp_path / "hf-home") == [], "a download went on after its run was killed"
+    p.communicate(timeout=60)
     finished = [json.loads(line)["shard"] for line in journal.read_text().splitlines()]
     assert len(finished) >= 3 and not out.exists()
     hub.sent.clear()
@@ -296,6 +324,26 @@ def test_killed_run_resumes_without_downloading_finished_shards(hub, big_repo, l
     for name in finished:                           # only its header was read again (one ranged request)
         assert hub.bytes_sent(name) <= 100_001, name
     assert not any(p.name.startswith(".big-fp8") for p in tmp_path.iterdir())
+
+
+def test_ctrl_c_during_a_download_keeps_the_staging_and_ends_the_download(hub, big_repo, tmp_path):
+    # As a terminal sends it: SIGINT to the whole process group, the download process included.
+    hub.rate = 8e6
+    out = tmp_path / "big-fp8"
+    staging = tmp_path / ".big-fp8.fp8vl-partial"
+    p = subprocess.Popen([sys.executable, "-m", "fp8vl.cli", "quantize", "org/big", str(out), "--workers", "2",
+                          "--max-shard-size", str(12 << 20)], env=hub_env(hub, tmp_path / "hf-home"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p.poll() is None and not _downloading(staging):
+        time.sleep(0.01)
+    os.killpg(p.pid, signal.SIGINT)
+    p.wait(timeout=60)       # not communicate(): that would wait for a download process holding the pipes
+    assert _download_processes(tmp_path / "hf-home", wait=0) == [], "a download went on after Ctrl-C"
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr and "run the same command again" in stderr
+    assert staging.is_dir() and not out.exists()
 
 
 def test_keep_source_downloads_into_the_hub_cache_and_a_cached_repo_is_not_streamed(hub, local_fp8, tmp_path):

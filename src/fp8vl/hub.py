@@ -2,13 +2,13 @@
 
 Order of work: ``model_info`` resolves the revision to a commit and lists the files with their
 sizes; the small files (config, index, tokenizer, ...) download while every shard's header is read
-with a ranged request (huggingface_hub's ``parse_safetensors_file_metadata``), so the plan, the
-output layout and the free-space check exist before any weight byte arrives. The largest shard the
-plan reads starts downloading as soon as the headers are read (the plan needs no torch: its import
-overlaps that download); once the plan is made, the others follow (``hf_hub_download``, in a
-background thread) one after the other, largest first, at most
-``in_flight`` of them on disk or downloading at once, and convert in that order, one source shard at
-a time, each tensor at its place in the layout of a local conversion. The writer waits for a
+with a ranged request (huggingface_hub's ``parse_safetensors_file_metadata``), so the plan and the
+output layout exist before any weight byte arrives. The largest shard the plan reads starts
+downloading as soon as the headers are read (the plan needs no torch, whose import runs meanwhile);
+once the plan is made and the free space checked, the others follow, one after the other, largest
+first, at most ``in_flight`` of them on disk or downloading at once (fetch.Fetcher:
+``hf_hub_download`` in a process of its own), and convert in that order, one source shard at a
+time, each tensor at its place in the layout of a local conversion. The writer waits for a
 tensor's shard; once every tensor of a shard is written, its output bytes are synced, a line goes
 to the journal and, with ``stream``, the shard is deleted, which lets the next download start.
 
@@ -27,17 +27,17 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import cache
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .version import __version__
 from .errors import FP8VLError, InternalError
+from .fetch import Downloader, Fetcher, Remote, _endpoint, download
 from .options import QuantizeOptions
 from .plan import Entry, make_plan
 from .shards import TensorInfo, read_header
-from .source import INDEX, OTHER_WEIGHTS, SKIP_DIRS, open_checkpoint
+from .source import INDEX, OTHER_WEIGHTS, open_checkpoint
 from .staging import Resumable, Staging, bytes_to_write, copy_files, other_files
 
 if TYPE_CHECKING:
@@ -51,26 +51,6 @@ IMPORTER = "fp8vl-import"      # that thread's name
 
 log = logging.getLogger("fp8vl.hub")
 JOURNAL = "journal.jsonl"
-
-
-@dataclass(frozen=True)
-class Remote:
-    repo: str
-    commit: str
-    sizes: dict[str, int]        # every file of the repo at that commit -> bytes
-
-    def shards(self) -> list[str]:
-        return [f for f in self.sizes if f.endswith(".safetensors")]
-
-    def small_files(self) -> list[str]:
-        """Everything but weights: what a local conversion copies or reads (config, index, tokenizer...)."""
-        return [f for f in self.sizes if not f.endswith(".safetensors") and not f.endswith(OTHER_WEIGHTS)
-                and not set(f.split("/")[:-1]) & SKIP_DIRS]
-
-
-def _endpoint() -> str | None:
-    # Read at call time: huggingface_hub reads HF_ENDPOINT once, when it is imported.
-    return os.environ.get("HF_ENDPOINT") or None
 
 
 def remote_info(repo: str, revision: str | None) -> Remote | None:
@@ -107,29 +87,6 @@ def in_cache(remote: Remote, files: list[str]) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     return all(isinstance(try_to_load_from_cache(remote.repo, f, revision=remote.commit), str) for f in files)
-
-
-def download(remote: Remote, name: str, dest: Path | None) -> Path:
-    """One file at the resolved commit: into ``dest`` (a local dir: the staging folder), or into the
-    hub cache. huggingface_hub resumes a broken connection with a Range request and skips a file it
-    already has at this commit."""
-    from huggingface_hub import hf_hub_download
-
-    return Path(hf_hub_download(remote.repo, name, revision=remote.commit, endpoint=_endpoint(),
-                                local_dir=dest, tqdm_class=_quiet()))
-
-
-@cache
-def _quiet():
-    from huggingface_hub.utils import tqdm
-
-    class Quiet(tqdm):
-        """No per-file bars: fp8vl shows one progress line for the whole run."""
-
-        def __init__(self, *args, **kwargs):
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-    return Quiet
 
 
 def start_headers(remote: Remote, pool: ThreadPoolExecutor) -> dict[str, Future]:
@@ -214,104 +171,6 @@ class Journal:
             os.fsync(f.fileno())
 
 
-class Fetcher:
-    """Downloads shard names in the order the writer reads them (largest_first), one shard at a time,
-    at most ``in_flight`` on disk or downloading.
-
-    ``order`` may start as its head alone (the shard known to come first before torch is imported,
-    so that its download overlaps the import); ``plan(files)`` gives the rest once the plan is made.
-    One at a time: on one link, two shards downloading side by side each take twice as long, so the
-    first one the writer needs arrives later; in order, the writer converts a shard while the next
-    one downloads. A slot is freed when
-    ``release(name)`` deletes a consumed shard (``stream``) or, keeping the source, as soon as a
-    download completes. Threads are daemons: Ctrl-C does not wait for a download in progress
-    (huggingface_hub writes to a temporary name, so nothing half-done looks complete).
-    """
-
-    def __init__(self, remote: Remote, dest: Path | None, order: list[str], in_flight: int, stream: bool):
-        self.remote, self.dest, self.order, self.in_flight, self.stream = remote, dest, list(order), in_flight, stream
-        self.cond = threading.Condition()
-        self.ready: dict[str, Path] = {}
-        self.failed: tuple[str, BaseException] | None = None
-        self.busy = 0
-        self.planned = False
-        self.closed = False
-        self.downloaded = 0
-
-    def start(self) -> "Fetcher":
-        threading.Thread(target=self._schedule, name="fp8vl-fetch", daemon=True).start()
-        return self
-
-    def plan(self, files: list[str]) -> list[str]:
-        """The whole order: the shards already given keep their place at its head, ``files`` follow.
-        Returns it: the order the writer must read them in."""
-        with self.cond:
-            self.order += [f for f in files if f not in self.order]
-            self.planned = True
-            self.cond.notify_all()
-            return list(self.order)
-
-    def _schedule(self) -> None:
-        i = 0
-        while True:
-            with self.cond:
-                while not self.closed and not self.failed and \
-                        (self.busy >= self.in_flight or (i == len(self.order) and not self.planned)):
-                    self.cond.wait()
-                if self.closed or self.failed or i == len(self.order):
-                    return
-                name = self.order[i]
-                i += 1
-                self.busy += 1
-            self._fetch(name)
-
-    def _fetch(self, name: str) -> None:
-        had = self.dest is not None and (self.dest / name).is_file()
-        try:
-            path = download(self.remote, name, self.dest)
-        except BaseException as e:         # noqa: BLE001 (reported on the main thread by wait())
-            with self.cond:
-                self.failed = self.failed or (name, e)
-                self.cond.notify_all()
-            return
-        log.debug(f"downloaded {name}")
-        with self.cond:
-            self.ready[name] = path
-            self.downloaded += 0 if had else self.remote.sizes.get(name, 0)
-            if not self.stream:
-                self.busy -= 1
-            self.cond.notify_all()
-
-    def wait(self, name: str) -> Path:
-        """``name`` once it is on disk; a failed download becomes a Resumable error."""
-        with self.cond:
-            while name not in self.ready:
-                if self.failed:
-                    which, e = self.failed
-                    raise Resumable(f"downloading {which} from {self.remote.repo} failed ({type(e).__name__}: "
-                                    f"{e}); run the same command again: complete downloads and finished "
-                                    f"output parts are kept") from e
-                self.cond.wait(0.5)
-            return self.ready[name]
-
-    def release(self, name: str) -> None:
-        """Every tensor of ``name`` is written: delete it (``stream``) and free its slot."""
-        if not self.stream:
-            return
-        with self.cond:
-            path = self.ready.pop(name)
-        path.unlink(missing_ok=True)
-        log.debug(f"deleted {name}")
-        with self.cond:
-            self.busy -= 1
-            self.cond.notify_all()
-
-    def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-
-
 class HubFeed:
     """The writer's source (convert.Feed) during a download: waits for shards, reads their real
     headers, and when the last entry of a shard is written, syncs, journals and releases it."""
@@ -369,6 +228,13 @@ def quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions,
     """``quantize`` for a hub id; None when the hub is unreachable (the caller falls back to the cache)."""
     t0 = time.perf_counter()
     threading.Thread(target=importlib.import_module, args=(CONVERTER,), name=IMPORTER, daemon=True).start()
+    # The download process starts now as well: its start overlaps the requests to the hub.
+    with Downloader() if output is not None and not opts.dry_run else nullcontext() as downloader:
+        return _quantize_hub(repo, output, opts, progress, on_plan, t0, downloader)
+
+
+def _quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions, progress, on_plan, t0: float,
+                  downloader: Downloader | None):
     remote = remote_info(repo, opts.revision)
     if remote is None:
         return None
@@ -411,7 +277,7 @@ def quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions,
         first = first_shard(ckpt, src, opts, journal.shards, remote.sizes)
         if first is not None:
             stage.begin(remote.sizes[first] if stream else 0)
-        fetcher = Fetcher(remote, dest, [first] if first else [], opts.in_flight, stream).start()
+        fetcher = Fetcher(remote, dest, [first] if first else [], opts.in_flight, stream, downloader).start()
         try:
             import torch   # the converter's import, started above, waited for here if still running
 
