@@ -36,13 +36,13 @@ def test_the_download_process_fetches_files_and_reports_a_failure_by_name(repo, 
     server, folder, remote = repo
     dest = tmp_path / "dest"
     with Downloader() as download:
-        assert download.proc.pid != os.getpid() and download.proc.is_alive()
+        assert download.proc.pid != os.getpid() and download.proc.poll() is None
         path = download(remote, "b.safetensors", dest)
         assert path == dest / "b.safetensors" and path.read_bytes() == (folder / "b.safetensors").read_bytes()
         with pytest.raises(DownloadFailed, match="EntryNotFound|404"):
             download(remote, "missing.safetensors", dest)
         assert download(remote, "c.safetensors", dest).read_bytes() == (folder / "c.safetensors").read_bytes()
-    assert not download.proc.is_alive()
+    assert download.proc.poll() is not None
 
 
 def test_the_head_downloads_before_the_plan_and_the_rest_follows_in_order_two_on_disk(repo, tmp_path):

@@ -257,6 +257,19 @@ def test_the_first_shard_downloads_while_torch_is_imported(hub, local_fp8, tmp_p
     _same_as_local(out, local_fp8["tiny"])
 
 
+def test_a_script_without_a_main_guard_can_call_quantize(hub, local_fp8, tmp_path):
+    # The download process must not run the caller's script again (as multiprocessing's spawn would).
+    script = tmp_path / "convert_it.py"
+    script.write_text(f"from fp8vl import QuantizeOptions, quantize\n"
+                      f"quantize('org/tiny', {str(tmp_path / 'out')!r}, QuantizeOptions(max_shard_size={SHARD}))\n"
+                      f"print('converted')\n")
+    r = subprocess.run([sys.executable, str(script)], env=hub_env(hub, tmp_path / "hf-home"), capture_output=True,
+                       text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("converted") == 1
+    _same_as_local(tmp_path / "out", local_fp8["tiny"])
+
+
 def test_a_dropped_connection_is_resumed_with_a_range_request(hub, wide_repo, local_fp8, tmp_path):
     name = "model-00002-of-00002.safetensors"
     size = (wide_repo / name).stat().st_size
@@ -277,14 +290,14 @@ def _downloading(staging: Path) -> bool:
 
 
 def _download_processes(home: Path, wait: float = 2.0) -> list[int]:
-    """The fp8vl download processes (multiprocessing children) of runs pointed at ``home`` that are
+    """The fp8vl download processes (``python -m fp8vl.fetch``) of runs pointed at ``home`` that are
     still alive after ``wait`` seconds (Linux's /proc; elsewhere none are seen)."""
     end = time.monotonic() + wait
     while True:
         pids = []
         for d in Path("/proc").glob("[0-9]*"):
             try:
-                if b"spawn_main" in (d / "cmdline").read_bytes() and \
+                if b"fp8vl.fetch" in (d / "cmdline").read_bytes() and \
                         f"HF_HOME={home}".encode() in (d / "environ").read_bytes().split(b"\0"):
                     pids.append(int(d.name))
             except OSError:

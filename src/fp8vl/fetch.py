@@ -9,10 +9,12 @@ the import in the same process, 151 MB/s after it (benchmarks/hub.py, BENCHMARKS
 
 from __future__ import annotations
 
+import json
 import logging
-import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -71,10 +73,14 @@ class DownloadFailed(Exception):
     """A download in the child process failed: the message names the error there."""
 
 
-def _serve(conn, parent: int) -> None:
-    """The child: download what the parent sends, one file at a time, until the pipe closes. Exits
-    when the parent is gone (SIGKILL: nothing else would stop a download in progress)."""
+def serve(parent: int) -> None:
+    """The child (``python -m fp8vl.fetch PARENT_PID``): one JSON request per line on stdin (repo,
+    commit, file, folder), one JSON answer per line on the stdout it was started with; anything else
+    written to stdout goes to stderr. Ends at the end of stdin, or when the parent is gone (SIGKILL:
+    nothing else would stop a download in progress)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the parent's; it ends this process
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
 
     def orphaned():
         while os.getppid() == parent:
@@ -83,39 +89,45 @@ def _serve(conn, parent: int) -> None:
     threading.Thread(target=orphaned, daemon=True).start()
     _quiet()     # imports huggingface_hub before the first request: that overlaps the parent's start
 
-    while True:
+    for line in sys.stdin:
+        r = json.loads(line)
         try:
-            remote, name, dest = conn.recv()
-        except EOFError:
-            return
-        try:
-            conn.send((True, str(download(remote, name, dest))))
-        except Exception as e:            # noqa: BLE001 (sent to the parent: hub errors do not pickle)
-            conn.send((False, f"{type(e).__name__}: {e}"))
+            dest = Path(r["dest"]) if r["dest"] is not None else None
+            answer = {"path": str(download(Remote(r["repo"], r["commit"], {}), r["name"], dest))}
+        except Exception as e:            # noqa: BLE001 (reported by the parent, naming the file)
+            answer = {"error": f"{type(e).__name__}: {e}"}
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
 
 
 class Downloader:
-    """``download`` in a child process, started now (spawned: this process runs threads), so that
-    its start overlaps the parent's requests to the hub. One call at a time."""
+    """``download`` in a child process (``python -m fp8vl.fetch``), started now so that its start
+    overlaps the parent's requests to the hub; one call at a time. A plain subprocess, not
+    multiprocessing: a spawned child would import the caller's main script again."""
 
     def __init__(self):
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, os.getpid()), name="fp8vl-download", daemon=True)
-        self.proc.start()
-        child.close()
+        root = str(Path(__file__).resolve().parents[1])     # where this fp8vl is, whatever sys.path says
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen([sys.executable, "-m", "fp8vl.fetch", str(os.getpid())], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.lock = threading.Lock()
 
     def __call__(self, remote: Remote, name: str, dest: Path | None) -> Path:
+        request = {"repo": remote.repo, "commit": remote.commit, "name": name,
+                   "dest": str(dest) if dest is not None else None}
         with self.lock:
             try:
-                self.conn.send((remote, name, dest))
-                ok, what = self.conn.recv()
-            except (EOFError, OSError) as e:
-                raise DownloadFailed(f"the download process ended (exit code {self.proc.exitcode})") from e
-        if not ok:
-            raise DownloadFailed(what)
-        return Path(what)
+                self.proc.stdin.write(json.dumps(request) + "\n")
+                self.proc.stdin.flush()
+                line = self.proc.stdout.readline()
+            except OSError:
+                line = ""
+        if not line:
+            raise DownloadFailed(f"the download process ended (exit code {self.proc.poll()})")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise DownloadFailed(answer["error"])
+        return Path(answer["path"])
 
     def __enter__(self) -> "Downloader":
         return self
@@ -123,8 +135,12 @@ class Downloader:
     def __exit__(self, *exc) -> None:
         """End the child, and a download in progress with it."""
         self.proc.terminate()
-        self.proc.join(10)
-        self.conn.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        for f in (self.proc.stdin, self.proc.stdout):
+            f.close()
 
 
 class Fetcher:
@@ -226,3 +242,7 @@ class Fetcher:
         with self.cond:
             self.closed = True
             self.cond.notify_all()
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))

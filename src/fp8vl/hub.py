@@ -222,13 +222,17 @@ class HubFeed:
         self.fetcher.release(shard)
 
 
+def import_converter() -> None:
+    """Start importing the converter (torch among it: 1.5-2.5 s) on a thread of its own."""
+    threading.Thread(target=importlib.import_module, args=(CONVERTER,), name=IMPORTER, daemon=True).start()
+
+
 def quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions,
                  progress: Callable[[int, int], None] | None = None,
                  on_plan: Callable | None = None):
     """``quantize`` for a hub id; None when the hub is unreachable (the caller falls back to the cache)."""
     t0 = time.perf_counter()
-    threading.Thread(target=importlib.import_module, args=(CONVERTER,), name=IMPORTER, daemon=True).start()
-    # The download process starts now as well: its start overlaps the requests to the hub.
+    # The download process starts now: its start overlaps the requests to the hub.
     with Downloader() if output is not None and not opts.dry_run else nullcontext() as downloader:
         return _quantize_hub(repo, output, opts, progress, on_plan, t0, downloader)
 
@@ -245,6 +249,7 @@ def _quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions, p
         raise FP8VLError(f"{repo}: no config.json at commit {remote.commit[:12]}; SOURCE must be a Hugging Face "
                          f"model repo")
     if opts.dry_run or out is None:       # small files into the cache, headers by ranged requests
+        import_converter()
         with ThreadPoolExecutor(8) as heads, ThreadPoolExecutor(8) as pool:
             started = start_headers(remote, heads)
             paths = list(pool.map(lambda f: download(remote, f, None), small))
@@ -278,6 +283,7 @@ def _quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions, p
         if first is not None:
             stage.begin(remote.sizes[first] if stream else 0)
         fetcher = Fetcher(remote, dest, [first] if first else [], opts.in_flight, stream, downloader).start()
+        import_converter()     # only now: before, it would hold up this thread's requests (interpreter lock)
         try:
             import torch   # the converter's import, started above, waited for here if still running
 
