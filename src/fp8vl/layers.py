@@ -2,7 +2,8 @@
 
 ``_decoder_layers`` reads each layer of a Transformers model into a ``_Layer`` (RMSNorm weights,
 fused qkv and gate_up linears, q/k norms, the MoE block as is); ``rms_norm`` and ``_rotate_half``
-are Transformers' own math; ``torch_attention_block`` (and its two halves) is the decode attention
+are Transformers' own math, ``qk_norm_rope`` the q/k norm and rotary both prefill and decode
+apply; ``torch_attention_block`` (and its two halves) is the decode attention
 block in torch ops, what ``Engine._decode`` runs where the Triton kernels do not apply and what
 those kernels are tested against. Used by engine.py (decode) and prefill.py (prefill).
 """
@@ -109,23 +110,29 @@ def _decoder_layers(model: torch.nn.Module) -> list[_Layer] | None:
     return out
 
 
+def qk_norm_rope(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                 cos: torch.Tensor, sin: torch.Tensor, kv: int, d: int):
+    """qkv [b, n, (H + 2 KV) D] -> q [b, H, n, D], k, v [b, KV, n, D]: q and k RMSNormed per head
+    (q_norm, k_norm [D], or both None) and rotated (cos, sin broadcastable to [b, 1, n, D])."""
+    b, n = qkv.shape[:2]
+    h = qkv.shape[-1] // d - 2 * kv
+    q, k, v = qkv.split([h * d, kv * d, kv * d], -1)
+    q, k, v = q.view(b, n, h, d), k.view(b, n, kv, d), v.view(b, n, kv, d)
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+
 def torch_qk_norm_rope_cache(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
                              cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                              lens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """qkv [b, (H + 2 KV) D] -> q [b, H, 1, D], RMSNormed per head (q_norm, k_norm [D], or both None)
     and rotated (cos, sin [b, D]); k (normed, rotated) and v are written in place at position lens[r]
     of cache row r (kc, vc [>= b, KV, L, D]). ``rows``: arange(b), when the caller keeps one."""
-    b, kv, d = qkv.shape[0], kc.shape[1], kc.shape[3]
-    h = qkv.shape[1] // d - 2 * kv
-    q, k, v = qkv[:, None].split([h * d, kv * d, kv * d], -1)
-    q, k = q.view(b, 1, h, d), k.view(b, 1, kv, d)
-    if q_norm is not None:
-        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)                             # [b, heads, 1, D]
-    v = v.view(b, 1, kv, d).transpose(1, 2)
-    c, s = cos[:, None, None], sin[:, None, None]                           # [b, 1, 1, D]
-    q = q * c + _rotate_half(q) * s
-    k = k * c + _rotate_half(k) * s
+    b = qkv.shape[0]
+    q, k, v = qk_norm_rope(qkv[:, None], q_norm, k_norm, eps, cos[:, None, None], sin[:, None, None],
+                           kc.shape[1], kc.shape[3])
     rows = torch.arange(b, device=qkv.device) if rows is None else rows
     kc[rows, :, lens] = k[:, :, 0]
     vc[rows, :, lens] = v[:, :, 0]

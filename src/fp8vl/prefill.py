@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .layers import _Layer, _rotate_half, _text_parts, rms_norm
+from .layers import _Layer, _text_parts, qk_norm_rope, rms_norm
 
 
 @dataclass
@@ -128,14 +128,8 @@ def run_layers(layers: list[_Layer], x: torch.Tensor, cos: torch.Tensor, sin: to
         h = rmsnorm_quant(x, layers[0].ln1, layers[0].eps)
     for i, L in enumerate(layers):
         qkv = lin(L.qkv, h).view(b, n, -1) if fused else L.qkv(rms_norm(x, L.ln1, L.eps))
-        nh = qkv.shape[-1] // hd - 2 * kv
-        q, k, v = qkv.split([nh * hd, kv * hd, kv * hd], -1)
-        q, k, v = q.view(b, n, nh, hd), k.view(b, n, kv, hd), v.view(b, n, kv, hd)
-        if L.q_norm is not None:
-            q, k = rms_norm(q, L.q_norm, L.eps), rms_norm(k, L.k_norm, L.eps)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [b, heads, n, hd]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k, v = qk_norm_rope(qkv, L.q_norm, L.k_norm, L.eps, cos, sin, kv, hd)   # [b, heads, n, hd]
+        nh = q.shape[1]
         k_caches[i][slots, :, :n] = k
         v_caches[i][slots, :, :n] = v
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=L.scaling, enable_gqa=True)
