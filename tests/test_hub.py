@@ -207,12 +207,12 @@ def test_a_file_beside_the_shards_that_the_index_does_not_name_is_neither_fatal_
     assert 0 < hub.bytes_sent("consolidated.safetensors") <= 100_001
 
 
-# Run in the child below: torch's import, on the thread hub.py imports the converter on, is held
-# until a source shard is on disk or downloading (or 30 s have passed); it says which came first.
-# A shard downloading is named by its etag, a sha256 (a small file's is a 40-digit git blob id).
-# (It waits in the loader: a finder runs under the interpreter's global import lock.)
+# Run in the child below: the process's first import of torch is held until a source shard is on
+# disk or downloading (or 30 s have passed); it says which came first. A shard downloading is named
+# by its etag, a sha256 (a small file's is a 40-digit git blob id). (It waits in the loader: a
+# finder runs under the interpreter's global import lock.)
 HOLD_TORCH = """
-import importlib.abc, importlib.machinery, re, sys, threading, time
+import importlib.abc, importlib.machinery, re, sys, time
 from pathlib import Path
 staging, said = Path(sys.argv.pop(1)), Path(sys.argv.pop(1))
 
@@ -222,19 +222,19 @@ class Held(importlib.abc.Loader):
     def create_module(self, spec):
         return self.real.create_module(spec)
     def exec_module(self, module):
-        end = time.monotonic() + 30
-        while time.monotonic() < end and not any(p.name.endswith(".safetensors") or
-                                                 re.search("[.][0-9a-f]{64}[.]([0-9a-f]+[.])?incomplete$", p.name)
-                                                 for p in staging.rglob("*")):
-            time.sleep(0.01)
-        said.write_text("downloading" if time.monotonic() < end else "no download while torch waited")
+        if not said.exists():
+            end = time.monotonic() + 30
+            while time.monotonic() < end and not any(p.name.endswith(".safetensors") or
+                                                     re.search("[.][0-9a-f]{64}[.]([0-9a-f]+[.])?incomplete$", p.name)
+                                                     for p in staging.rglob("*")):
+                time.sleep(0.01)
+            said.write_text("downloading" if time.monotonic() < end else "no download while torch waited")
         self.real.exec_module(module)
 
 class Hold(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name != "torch" or threading.current_thread().name != "fp8vl-import":
+        if name != "torch":
             return None
-        sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         spec.loader = Held(spec.loader)
         return spec
@@ -290,7 +290,7 @@ def _downloading(staging: Path) -> bool:
 
 
 def _download_processes(home: Path, wait: float = 2.0) -> list[int]:
-    """The fp8vl download processes (``python -m fp8vl.fetch``) of runs pointed at ``home`` that are
+    """The fp8vl download processes (``fetch.Downloader``) of runs pointed at ``home`` that are
     still alive after ``wait`` seconds (Linux's /proc; elsewhere none are seen)."""
     end = time.monotonic() + wait
     while True:

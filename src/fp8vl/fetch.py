@@ -42,7 +42,7 @@ class Remote:
                 and not set(f.split("/")[:-1]) & SKIP_DIRS]
 
 
-def _endpoint() -> str | None:
+def hub_endpoint() -> str | None:
     # Read at call time: huggingface_hub reads HF_ENDPOINT once, when it is imported.
     return os.environ.get("HF_ENDPOINT") or None
 
@@ -53,7 +53,7 @@ def download(remote: Remote, name: str, dest: Path | None) -> Path:
     already has at this commit."""
     from huggingface_hub import hf_hub_download
 
-    return Path(hf_hub_download(remote.repo, name, revision=remote.commit, endpoint=_endpoint(),
+    return Path(hf_hub_download(remote.repo, name, revision=remote.commit, endpoint=hub_endpoint(),
                                 local_dir=dest, tqdm_class=_quiet()))
 
 
@@ -69,12 +69,13 @@ def _quiet():
             super().__init__(*args, **kwargs)
     return Quiet
 
+
 class DownloadFailed(Exception):
     """A download in the child process failed: the message names the error there."""
 
 
 def serve(parent: int) -> None:
-    """The child (``python -m fp8vl.fetch PARENT_PID``): one JSON request per line on stdin (repo,
+    """The download process (see Downloader): one JSON request per line on stdin (repo,
     commit, file, folder), one JSON answer per line on the stdout it was started with; anything else
     written to stdout goes to stderr. Ends at the end of stdin, or when the parent is gone (SIGKILL:
     nothing else would stop a download in progress)."""
@@ -100,15 +101,20 @@ def serve(parent: int) -> None:
         answers.flush()
 
 
+# The download process's program: this fp8vl (its folder put on the path if a fresh interpreter
+# would not find it there, as when the caller extended sys.path), serving the parent given.
+CHILD = ("import sys; root = sys.argv[1]; root in sys.path or sys.path.insert(0, root); "
+         "from fp8vl.fetch import serve; serve(int(sys.argv[2]))")
+
+
 class Downloader:
-    """``download`` in a child process (``python -m fp8vl.fetch``), started now so that its start
-    overlaps the parent's requests to the hub; one call at a time. A plain subprocess, not
-    multiprocessing: a spawned child would import the caller's main script again."""
+    """``download`` in a child process, started now so that its start overlaps the parent's requests
+    to the hub; one call at a time. A plain subprocess, not multiprocessing: a spawned child would
+    import the caller's main script again."""
 
     def __init__(self):
-        root = str(Path(__file__).resolve().parents[1])     # where this fp8vl is, whatever sys.path says
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen([sys.executable, "-m", "fp8vl.fetch", str(os.getpid())], env=env,
+        root = str(Path(__file__).resolve().parents[1])
+        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, root, str(os.getpid())],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.lock = threading.Lock()
 
@@ -242,7 +248,3 @@ class Fetcher:
         with self.cond:
             self.closed = True
             self.cond.notify_all()
-
-
-if __name__ == "__main__":
-    serve(int(sys.argv[1]))

@@ -33,21 +33,20 @@ from typing import TYPE_CHECKING, Callable
 
 from .version import __version__
 from .errors import FP8VLError, InternalError
-from .fetch import Downloader, Fetcher, Remote, _endpoint, download
+from .fetch import Downloader, Fetcher, Remote, download, hub_endpoint
 from .options import QuantizeOptions
 from .plan import Entry, make_plan
 from .shards import TensorInfo, read_header
-from .source import INDEX, OTHER_WEIGHTS, open_checkpoint
+from .source import INDEX, OTHER_WEIGHTS, Checkpoint, open_checkpoint
 from .staging import Resumable, Staging, bytes_to_write, copy_files, other_files
 
 if TYPE_CHECKING:
     from .drift import Drift
 
-# The converter (output.py, drift.py, writer.py: torch among them) is imported inside quantize_hub,
-# on a thread of its own while the hub answers: torch's import (1.5-2.5 s) is most of the start that
-# the download cannot overlap otherwise.
+# The converter (output.py, drift.py, writer.py: torch among them) is imported inside quantize_hub:
+# by a conversion once the first shard is downloading, by a dry run on a thread while the hub
+# answers. torch's import (1.5-2.5 s) would otherwise be most of the start.
 CONVERTER = "fp8vl.output"
-IMPORTER = "fp8vl-import"      # that thread's name
 
 log = logging.getLogger("fp8vl.hub")
 JOURNAL = "journal.jsonl"
@@ -61,7 +60,7 @@ def remote_info(repo: str, revision: str | None) -> Remote | None:
                                         RevisionNotFoundError)
 
     try:
-        info = HfApi(endpoint=_endpoint()).model_info(repo, revision=revision, files_metadata=True)
+        info = HfApi(endpoint=hub_endpoint()).model_info(repo, revision=revision, files_metadata=True)
     except GatedRepoError as e:
         raise FP8VLError(f"{repo}: gated on the Hugging Face Hub; accept its terms on the model page and log "
                          f"in (hf auth login), or set HF_TOKEN") from e
@@ -96,7 +95,7 @@ def start_headers(remote: Remote, pool: ThreadPoolExecutor) -> dict[str, Future]
     read of one it does not need (a stray file beside the shards) is never looked at."""
     from huggingface_hub import HfApi
 
-    api = HfApi(endpoint=_endpoint())
+    api = HfApi(endpoint=hub_endpoint())
     return {f: pool.submit(_header, api, remote, f) for f in remote.shards() if "/" not in f}
 
 
@@ -119,13 +118,13 @@ def remote_headers(remote: Remote, shards: list[str], src: Path, started: dict[s
     downloaded file's own header."""
     from huggingface_hub import HfApi
 
-    api = HfApi(endpoint=_endpoint())
+    api = HfApi(endpoint=hub_endpoint())
     todo = {f: started[f] if f in started else pool.submit(_header, api, remote, f) for f in shards}
     return {f: {t: TensorInfo(t, dtype, shape, src / f, b, n) for t, dtype, shape, b, n in fut.result()}
             for f, fut in todo.items()}
 
 
-def first_shard(ckpt, src: Path, opts: QuantizeOptions, done: set[str], sizes: dict[str, int]) -> str | None:
+def first_shard(ckpt: Checkpoint, src: Path, opts: QuantizeOptions, done: set[str], sizes: dict[str, int]) -> str | None:
     """The shard the writer reads first, known from the headers alone (the plan needs no torch): the
     largest holding a tensor of the plan, of those no earlier run finished (``done``). None when
     there is none."""
@@ -222,11 +221,6 @@ class HubFeed:
         self.fetcher.release(shard)
 
 
-def import_converter() -> None:
-    """Start importing the converter (torch among it: 1.5-2.5 s) on a thread of its own."""
-    threading.Thread(target=importlib.import_module, args=(CONVERTER,), name=IMPORTER, daemon=True).start()
-
-
 def quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions,
                  progress: Callable[[int, int], None] | None = None,
                  on_plan: Callable | None = None):
@@ -249,7 +243,7 @@ def _quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions, p
         raise FP8VLError(f"{repo}: no config.json at commit {remote.commit[:12]}; SOURCE must be a Hugging Face "
                          f"model repo")
     if opts.dry_run or out is None:       # small files into the cache, headers by ranged requests
-        import_converter()
+        threading.Thread(target=importlib.import_module, args=(CONVERTER,), daemon=True).start()
         with ThreadPoolExecutor(8) as heads, ThreadPoolExecutor(8) as pool:
             started = start_headers(remote, heads)
             paths = list(pool.map(lambda f: download(remote, f, None), small))
@@ -276,16 +270,16 @@ def _quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions, p
             paths = list(pool.map(lambda f: download(remote, f, dest), small))
             src = dest if dest is not None else _snapshot(paths, small)
             ckpt = _open(remote, src, index, started, heads)
-        # The shard read first is known from the headers alone: its download starts now, while torch's
-        # import (started above) may still be running.
+        # The shard read first is known from the headers alone: its download starts now.
         journal = Journal(stage.dir / JOURNAL)
         first = first_shard(ckpt, src, opts, journal.shards, remote.sizes)
         if first is not None:
             stage.begin(remote.sizes[first] if stream else 0)
         fetcher = Fetcher(remote, dest, [first] if first else [], opts.in_flight, stream, downloader).start()
-        import_converter()     # only now: before, it would hold up this thread's requests (interpreter lock)
         try:
-            import torch   # the converter's import, started above, waited for here if still running
+            # Only now (1.5-2.5 s, while the first shard downloads): earlier, beside the requests
+            # above, it held them up (the interpreter lock).
+            import torch
 
             from .drift import Drift
             from .output import plan_conversion, write_output
