@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from fp8vl import FP8VLError, QuantizeOptions, quantize
 from fp8vl.drift import FILE as ERRORS
-from fp8vl.hub import largest_first
+from fp8vl.hub import first_shard, largest_first
+from fp8vl.source import open_checkpoint
 from fp8vl.staging import disk_usage
 from fp8vl.verify import verify
 from helpers import INDEX, file_hashes
@@ -195,6 +196,17 @@ def test_disk_peak_is_output_plus_two_shards_and_shards_go_largest_first(hub, bi
 def test_shards_go_largest_first_with_ties_in_the_index_order():
     sizes = {"a": 5, "b": 9, "c": 5, "d": 1, "e": 9}
     assert largest_first(["c", "a", "e", "d", "b"], sizes) == ["e", "b", "c", "a", "d"]
+
+
+def test_the_first_shard_is_the_largest_one_the_plan_reads_that_no_earlier_run_finished(big_repo):
+    ckpt = open_checkpoint(big_repo)
+    sizes = {p.name: p.stat().st_size for p in big_repo.glob("*.safetensors")}
+    order = largest_first(list(json.loads((big_repo / INDEX).read_text())["weight_map"].values()), sizes)
+    order = list(dict.fromkeys(order))
+    opts = QuantizeOptions(max_shard_size=12 << 20)
+    assert first_shard(ckpt, big_repo, opts, set(), sizes) == order[0]
+    assert first_shard(ckpt, big_repo, opts, {order[0]}, sizes) == order[1]
+    assert first_shard(ckpt, big_repo, opts, set(order), sizes) is None
 
 
 def test_a_file_beside_the_shards_that_the_index_does_not_name_is_neither_fatal_nor_downloaded(hub, local_fp8,
