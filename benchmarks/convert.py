@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -120,16 +121,11 @@ def quantizer_gbps(workers: int, repeats: int = 3) -> tuple[float, float, float]
     rows = max(BLOCK, (CHUNK_BYTES // (H * 2)) // BLOCK * BLOCK)
     threads = torch.get_num_threads()
 
-    def chunked() -> None:
-        torch.set_num_threads(1)
-        with ThreadPoolExecutor(workers) as ex:
-            list(ex.map(lambda r: quantize_weight(w[r:r + rows]), range(0, I, rows)))
-        torch.set_num_threads(threads)
-
-    def measured() -> None:
+    def chunked(measure: bool = False) -> None:
         def one(r: int) -> None:
             q, s = quantize_weight(w[r:r + rows])
-            chunk_error(w[r:r + rows], q, s)
+            if measure:
+                chunk_error(w[r:r + rows], q, s)
         torch.set_num_threads(1)
         with ThreadPoolExecutor(workers) as ex:
             list(ex.map(one, range(0, I, rows)))
@@ -139,7 +135,7 @@ def quantizer_gbps(workers: int, repeats: int = 3) -> tuple[float, float, float]
         quantize_weight(w)
 
     out = []
-    for fn in (chunked, measured, whole):
+    for fn in (chunked, partial(chunked, measure=True), whole):
         fn()
         best = min(_timed(fn) for _ in range(repeats))
         out.append(gb / best)

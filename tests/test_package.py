@@ -72,8 +72,8 @@ def test_the_check_sees_a_circle():
 
 
 def test_the_cli_and_the_hub_path_import_without_torch():
-    """A hub conversion imports torch on a thread while the hub answers (hub.py); that only overlaps
-    anything if reaching ``quantize_hub`` does not import torch first."""
+    """A hub conversion imports torch once its first shard is downloading (hub.py); that only
+    overlaps anything if reaching ``quantize_hub`` does not import torch first."""
     import subprocess
     import sys
 

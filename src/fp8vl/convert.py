@@ -22,7 +22,7 @@ __all__ = ["Result", "quantize"]
 
 
 def __getattr__(name: str):
-    # output.py imports torch: loaded when a conversion needs it (hub.py imports it on a thread)
+    # output.py imports torch: loaded when a conversion needs it (hub.py: once a shard downloads)
     if name == "Result":
         from .output import Result
         return Result

@@ -269,11 +269,9 @@ class Engine:
         cos, sin = self._rope(x[:, None], b)
         cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()           # [b, hd]
         if self.fused:
-            from .gemm import fp8_gemm, rmsnorm_quant, silu_mul_quant
+            from .gemm import rmsnorm_quant, silu_mul_quant
 
-            def lin(m: FP8Linear, xq_xs) -> torch.Tensor:
-                return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, self.dtype, m.bias, self.fused, m.counters,
-                                self.opts.pdl)
+            lin = self._fp8_lin()
             h = rmsnorm_quant(x, self.layers[0].ln1, self.layers[0].eps)
         for i, L in enumerate(self.layers):
             kc, vc = self.k[i][:b], self.v[i][:b]
@@ -297,6 +295,16 @@ class Engine:
             x = x + L.down(L.act(g) * u)
         return self.lm_head(rms_norm(x, self.norm.weight, self.norm.variance_epsilon))
 
+    def _fp8_lin(self):
+        """lin(m, (xq, xs)) -> [b, N]: FP8Linear ``m`` on activations its producer quantized, with the
+        engine's GEMM backend, m's split-K counters and the PDL choice."""
+        from .gemm import fp8_gemm
+
+        def lin(m: FP8Linear, xq_xs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, self.dtype, m.bias, self.fused, m.counters,
+                            self.opts.pdl)
+        return lin
+
     def _decode(self, b: int) -> torch.Tensor:
         """One token for slots [0, b): reads self.tok/pos/len, writes the cache; logits [b, vocab]."""
         if self.opts.decode_kernels and self._kernels_ok():
@@ -307,11 +315,9 @@ class Engine:
         cos, sin = cos[:, 0], sin[:, 0]                                     # [b, hd]
         mask = (self.span[None, :] <= ln[:, None])[:, None, None, :]        # [b, 1, 1, L]: once for all layers
         if self.fused:
-            from .gemm import fp8_gemm, quantize_activations_gpu, rmsnorm_quant, silu_mul_quant
+            from .gemm import quantize_activations_gpu, rmsnorm_quant, silu_mul_quant
 
-            def lin(m: FP8Linear, xq_xs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:   # [b, N]
-                return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, self.dtype, m.bias, self.fused, m.counters,
-                                self.opts.pdl)
+            lin = self._fp8_lin()
         for i, L in enumerate(self.layers):
             if self.fused:
                 qkv = lin(L.qkv, rmsnorm_quant(x.view(b, -1), L.ln1, L.eps))
