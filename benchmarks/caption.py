@@ -142,8 +142,8 @@ def step_rows(label: str, loaded, pics: list[Path], batches: list[int]) -> list[
         return dict(inputs_ms=_ms(lambda: decoder_inputs(loaded.model, ins), 5),
                     layers_ms=_ms(lambda: eng._prefill_layers(d, slots), 5))
 
-    def decode(b: int, pdl: bool = False) -> dict:
-        eng = Engine(loaded.model, [], EngineOptions(max_len=512, max_batch=b, max_new_tokens=64, pdl=pdl))
+    def decode(b: int, **kw) -> dict:
+        eng = Engine(loaded.model, [], EngineOptions(max_len=512, max_batch=b, max_new_tokens=64, **kw))
         eng.len[:b].fill_(300)
         eng.pos[:b].fill_(300)
         return dict(step_ms=_ms(lambda: eng._step(b), 20), graphs=eng._use_graphs(), fused=eng.fused)
@@ -161,8 +161,9 @@ def step_rows(label: str, loaded, pics: list[Path], batches: list[int]) -> list[
         print(row, flush=True)
     for b in batches:
         rows.append(dict(what=f"{label}: decode step batch {b}", kind="decode", label=label, batch=b, **decode(b)))
-        if rows[-1]["fused"]:   # the FP8 GEMVs launched with programmatic dependent launch too
+        if rows[-1]["fused"]:   # the FP8 GEMVs launched with programmatic dependent launch; summing their own partials
             rows[-1]["pdl_step_ms"] = decode(b, pdl=True)["step_ms"]
+            rows[-1]["own_sum_step_ms"] = decode(b, consumer_sums=False)["step_ms"]
         print(rows[-1], flush=True)
         torch.cuda.empty_cache()
     return rows
@@ -192,13 +193,13 @@ def print_step_tables(rows: list[dict]) -> None:
                   f"{h['layers_ms']:.1f} | {h['layers_ms'] / f['layers_ms']:.2f}x |")
     dec = {(r["label"], r["batch"]): r for r in rows if r.get("kind") == "decode"}
     if dec:
-        print("\n| decode step (ms) | batch | fp8 | fp8, GEMVs with PDL | bf16 | bf16/fp8 |"
-              "\n|---|---|---|---|---|---|")
+        print("\n| decode step (ms) | batch | fp8 | fp8, GEMVs with PDL | fp8, GEMVs summing their own split-K "
+              "partials | bf16 | bf16/fp8 |\n|---|---|---|---|---|---|---|")
         for b in sorted({k[1] for k in dec}):
             f, h = dec.get(("fp8", b), {}), dec.get(("bf16", b), {})
             a, c = f.get("step_ms"), h.get("step_ms")
-            print(f"| | {b} | {a or 0:.2f} | {f.get('pdl_step_ms', 0):.2f} | {c or 0:.2f} | "
-                  + (f"{c / a:.2f}x" if a and c else "") + " |")
+            print(f"| | {b} | {a or 0:.2f} | {f.get('pdl_step_ms', 0):.2f} | {f.get('own_sum_step_ms', 0):.2f} | "
+                  f"{c or 0:.2f} | " + (f"{c / a:.2f}x" if a and c else "") + " |")
 
 
 def old_path_row(label: str, loaded, pics: list[Path], new_tokens: int) -> dict:

@@ -10,6 +10,7 @@ and, with ``--all``, every config. What gemm.py's tables and autotune space are 
 
     python benchmarks/tune.py                   # 8B shapes
     python benchmarks/tune.py --models 2B 8B --all
+    python benchmarks/tune.py --partials --prefill-m   # the decode GEMV as the engine runs it
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from fp8vl import gemm
 from kernels import MODELS, read_floor, shapes, timed, weight_copies  # benchmarks/kernels.py
 
 
-def gemv_configs(k: int):
-    """48 GEMV configs. An earlier 72-config sweep (16-row tiles, 8 warps, 8 K blocks per step too)
-    never picked those; PREFETCH (K blocks pulled into L2 before waiting for the producer) is new."""
+def gemv_configs(k: int, prefetch=(0, 4, 16)):
+    """48 GEMV configs (16 with ``prefetch`` (0,)). An earlier 72-config sweep (16-row tiles, 8
+    warps, 8 K blocks per step too) never picked those; PREFETCH (K blocks pulled into L2 before
+    waiting for the producer) is new."""
     for bn, split, (unroll, stages), prefetch in itertools.product(
-            (32, 64), (1, 2, 4, 8), ((2, 4), (4, 3)), (0, 4, 16)):
+            (32, 64), (1, 2, 4, 8), ((2, 4), (4, 3)), prefetch):
         if split == 1 or (k // 128) // split >= unroll:
             yield gemm.LaunchConfig({"BLOCK_N": bn, "SPLIT_K": split, "UNROLL": unroll, "PREFETCH": prefetch}, 4,
                                     stages)
@@ -71,6 +73,9 @@ def main() -> None:
     ap.add_argument("--decode-m", nargs="*", type=int, default=[1, 8])
     ap.add_argument("--prefill-m", nargs="*", type=int, default=[512, 2048])
     ap.add_argument("--all", action="store_true", help="print every config, not just the best")
+    ap.add_argument("--partials", action="store_true",
+                    help="sweep the GEMV as the engine's decode step runs it: launched plainly, split-K partials "
+                         "left to the consumer (the 'PDL' columns then mean that mode)")
     a = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
     l2, sms = props.L2_cache_size, props.multi_processor_count
@@ -91,13 +96,15 @@ def main() -> None:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 xq, xs = gemm.quantize_activations_gpu(x)
                 t16 = timed(lambda i: F.linear(x, ws16[i]), c16)
+                mode = dict(partials=True) if a.partials else dict(use_pdl=True)
                 res = sweep(lambda i, cfg: gemm._gemv(xq, xs, *qs[i], torch.bfloat16, None, True, cfg, counters,
-                                                      use_pdl=True), gemv_configs(k), c8)
+                                                      **mode), gemv_configs(k, (0,) if a.partials else (0, 4, 16)), c8)
                 best_t, best = res[0]
-                plain, table = gemm.decode_config(m, n, k, sms), gemm.decode_config(m, n, k, sms, pdl=True)
+                plain = gemm.decode_config(m, n, k, sms)
+                table = plain if a.partials else gemm.decode_config(m, n, k, sms, pdl=True)
                 tp = timed(lambda i: gemm._gemv(xq, xs, *qs[i], torch.bfloat16, None, True, plain, counters), c8)
                 tt = timed(lambda i: gemm._gemv(xq, xs, *qs[i], torch.bfloat16, None, True, table, counters,
-                                                use_pdl=True), c8)
+                                                **mode), c8)
                 print(f"| {model} {lname} {n}x{k} | {m} | {t16:.4f} | {floor:.4f} | {floor_pdl:.4f} | {tp:.4f} | "
                       f"{tt:.4f} | {best_t:.4f} | {name(best)} | {t16 / tt:.2f}x | {t16 / best_t:.2f}x | "
                       f"{floor_pdl / best_t:.0%} |", flush=True)

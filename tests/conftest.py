@@ -72,6 +72,12 @@ def moe_fp8(tmp_path_factory, moe_src) -> Converted:
 
 
 @pytest.fixture(scope="session")
+def wide_fp8(tmp_path_factory) -> Converted:
+    """Dense, text hidden 1024: the decode GEMVs split K on a GPU (GPU tests only)."""
+    return _convert(tmp_path_factory, _build(tmp_path_factory, "wide"), "wide")
+
+
+@pytest.fixture(scope="session")
 def converted(dense_fp8, tied_fp8):
     """Look up a session conversion by kind, for tests parametrized over dense and tied."""
     return {"dense": dense_fp8, "tied": tied_fp8}

@@ -190,6 +190,29 @@ def test_add_rmsnorm_quant_is_the_add_then_the_fused_norm(k):
     assert same_bits(attention.add_rmsnorm_quant(x, delta, w, 1e-6)[0], x + delta)
 
 
+@interp
+def test_consumers_sum_split_k_partials_as_the_gemv_would():
+    """add_rmsnorm_quant and qk_norm_rope_cache given a GEMV's unsummed float32 partials [S, M, N]
+    compute the bits they compute on gemm.splitk_sum of them (the GEMV's own sum)."""
+    from fp8vl.gemm import splitk_sum
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 256, generator=g).to(BF)
+    parts = torch.randn(3, 3, 256, generator=g)
+    w = (torch.randn(256, generator=g) * 0.3 + 1).to(BF)
+    (y1, q1, s1), (y2, q2, s2) = (attention.add_rmsnorm_quant(x, parts, w, 1e-6),
+                                  attention.add_rmsnorm_quant(x, splitk_sum(parts), w, 1e-6))
+    assert same_bits(y1, y2) and same_bits(q1, q2) and torch.equal(s1, s2)
+    h, kv, d, L = 4, 2, 64, 24
+    qkv, qn, kn, cos, sin, kc, vc, lens = make_inputs(2, h, kv, d, L, [3, 9], 6)
+    parts = torch.randn(2, 2, (h + 2 * kv) * d, generator=g) * 3
+    kc2, vc2 = kc.clone(), vc.clone()
+    q = attention.qk_norm_rope_cache(parts, qn, kn, 1e-6, cos, sin, kc, vc, lens)
+    q2 = attention.qk_norm_rope_cache(splitk_sum(parts), qn, kn, 1e-6, cos, sin, kc2, vc2, lens)
+    assert same_bits(q, q2) and same_bits(kc, kc2) and same_bits(vc, vc2)
+    assert not same_bits(vc, make_inputs(2, h, kv, d, L, [3, 9], 6)[6])      # the cache was written
+
+
 def test_bad_shapes_get_one_clear_error():
     kc = torch.zeros(2, 2, 8, 64, dtype=BF)
     with pytest.raises(ValueError, match="qkv must be bf16"):

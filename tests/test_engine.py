@@ -302,6 +302,30 @@ def test_gpu_engine_with_pdl_gives_the_answers_of_plain_launches(dense_fp8):
     assert {r.tag: i for r, i in plain.generate(reqs)} == {r.tag: i for r, i in early.generate(reqs)}
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU with FP8 tensor cores")
+def test_gpu_split_k_partials_summed_by_their_consumers_give_the_same_logits(wide_fp8):
+    """A model wide enough that the decode GEMVs split K: the engine's default (partials summed by
+    the kernel that reads them) computes the very logits and answers of each GEMV summing its own
+    (consumer_sums=False), decode in CUDA graphs."""
+    from fp8vl.gemm import decode_config
+
+    L = Loaded(load_model(wide_fp8.out, "cuda"), load_processor(wide_fp8.out, True), True, wide_fp8.out)
+    reqs = _cuda_requests(L)
+    ours = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=12, max_batch=4))
+    theirs = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=12, max_batch=4, consumer_sums=False))
+    assert ours._use_graphs() and ours.fused
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    first = ours.layers[0]
+    assert all(decode_config(1, m.out_features, m.in_features, sms).kwargs["SPLIT_K"] > 1
+               for m in (first.qkv, first.o, first.down)), "the GEMVs do not split K: the test proves nothing"
+    req = reqs[0]
+    answer = next(ours.generate([req]))[1]
+    assert torch.equal(ours.forced_logits(req.inputs, answer), theirs.forced_logits(req.inputs, answer))
+    assert {r.tag: i for r, i in ours.generate(reqs)} == {r.tag: i for r, i in theirs.generate(reqs)}
+
+
 @pytest.mark.parametrize("which", ["src", "fp8"])
 def test_restated_prefill_gives_the_answers_of_transformers_prefill(which, dense_src, dense_fp8):
     """bf16 generation with the prefill through fp8vl's layers and through Transformers' forward

@@ -156,6 +156,50 @@ def test_split_k_sum_in_the_kernel_equals_the_second_launch_over_graph_replays(s
     assert not counters.any()
 
 
+@pytest.mark.parametrize("m", [1, 8])
+def test_consumers_of_split_k_partials_at_the_8b_decode_shapes(m):
+    """The engine's decode chain with the split-K sum left to each GEMV's consumer: qkv -> q/k norm
+    + rope + cache, o and down -> residual add + RMSNorm + quantization, gate_up -> SwiGLU +
+    quantization, the last down -> splitk_sum. Every output has the bits of the GEMV's own sum,
+    with the engine's table configs and with a forced split (gate_up's table does not split)."""
+    from fp8vl.attention import add_rmsnorm_quant, qk_norm_rope_cache
+
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
+    norm = (torch.randn(4096, device="cuda", generator=g) * 0.1 + 1).to(torch.bfloat16)
+    h = gemm.rmsnorm_quant(x, norm, 1e-6)
+    forced = gemm.LaunchConfig({"BLOCK_N": 32, "SPLIT_K": 4, "UNROLL": 2}, num_warps=4, num_stages=4)
+
+    def both(n, k, xq_xs, cfg=None):
+        q, s = quantize_weight(torch.randn(n, k, device="cuda", generator=g) * 0.02)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        cfg = cfg or (None if gemm.decode_config(m, n, k, sms).kwargs["SPLIT_K"] > 1 else forced)
+        run = lambda partials: gemm._gemv(*xq_xs, q, s, torch.bfloat16, None, True, cfg, partials=partials)  # noqa: E731
+        plain, parts = run(False), run(True)
+        assert parts.ndim == 3 and parts.shape[1:] == plain.shape and parts.shape[0] > 1
+        assert torch.equal(gemm.splitk_sum(parts), plain)
+        return plain, parts
+
+    qkv = both(6144, 4096, h)
+    cos, sin = torch.randn(2, m, 128, device="cuda", generator=g).to(torch.bfloat16)
+    caches = [torch.zeros(m, 8, 64, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    lens = torch.arange(m, device="cuda") + 5
+    qn, kn = (torch.randn(2, 128, device="cuda", generator=g) * 0.1 + 1).to(torch.bfloat16)
+    q1 = qk_norm_rope_cache(qkv[0], qn, kn, 1e-6, cos, sin, caches[0], caches[1], lens)
+    q2 = qk_norm_rope_cache(qkv[1], qn, kn, 1e-6, cos, sin, caches[2], caches[3], lens)
+    assert torch.equal(q1, q2) and torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert caches[1].any()
+    a = gemm.quantize_activations_gpu(torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16, generator=g))
+    o = both(4096, 4096, a)
+    r1, r2 = add_rmsnorm_quant(x, o[0], norm, 1e-6), add_rmsnorm_quant(x, o[1], norm, 1e-6)
+    assert all(torch.equal(u.view(torch.uint8) if u.dtype == torch.float8_e4m3fn else u,
+                           v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v) for u, v in zip(r1, r2))
+    gu = both(24576, 4096, r1[1:], forced)
+    (q1, s1), (q2, s2) = gemm.silu_mul_quant(gu[0]), gemm.silu_mul_quant(gu[1])
+    assert torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s1, s2)
+    both(4096, 12288, (q1, s1))
+
+
 @pytest.mark.skipif(not gemm.pdl(torch.device("cuda")), reason="programmatic dependent launch needs SM90+")
 @pytest.mark.parametrize("split", [1, 4])
 def test_pdl_gemv_waits_for_its_producer_over_graph_replays(split):

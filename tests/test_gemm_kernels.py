@@ -121,6 +121,28 @@ def test_every_split_k_gives_the_same_product(split):
 
 
 @interp
+def test_split_k_partials_summed_by_the_consumer_are_the_gemvs_own_sum():
+    """fp8_gemm(partials=True) leaves a split GEMV's float32 partials unsummed; splitk_sum and
+    silu_mul_quant sum them as the GEMV's last split would: the same bits as the plain path."""
+    q, s = fp8_weight(512, 1024, 2)      # gate_up-like [2I, K], I = 256
+    x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    xq, xs = gemm.quantize_activations_gpu(x)
+    cfg = gemm.LaunchConfig({"BLOCK_N": 64, "SPLIT_K": 3, "UNROLL": 2})
+    plain = gemm._gemv(xq, xs, q, s, torch.bfloat16, None, True, cfg)
+    parts = gemm._gemv(xq, xs, q, s, torch.bfloat16, None, True, cfg, partials=True)
+    assert parts.shape == (3, 3, 512) and parts.dtype == torch.float32
+    assert not torch.equal(parts[0], parts[1])                     # real partials, not copies
+    assert same_bits(gemm.splitk_sum(parts), plain)
+    (q1, s1), (q2, s2) = gemm.silu_mul_quant(parts), gemm.silu_mul_quant(plain)
+    assert same_bits(q1, q2) and torch.equal(s1, s2)
+    # with a bias, or without a split, the output comes summed
+    b = torch.randn(512).to(torch.bfloat16)
+    assert gemm._gemv(xq, xs, q, s, torch.bfloat16, b, True, cfg, partials=True).shape == (3, 512)
+    one = gemm.LaunchConfig({"BLOCK_N": 64, "SPLIT_K": 1, "UNROLL": 2})
+    assert same_bits(gemm._gemv(xq, xs, q, s, torch.bfloat16, None, True, one, partials=True), plain)
+
+
+@interp
 @pytest.mark.parametrize("m,n,k", [(40, 200, 384), (80, 136, 256)])
 def test_triton_block_gemm_matches_the_w8a8_simulation(m, n, k):
     q, s = fp8_weight(n, k, m)

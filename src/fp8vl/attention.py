@@ -31,15 +31,11 @@ import torch
 import triton
 
 from . import attention_kernels as ak
+from .gemm import col_major_scales, output_parts
 from .kernel import BLOCK, FP8
 
 BLOCK_N = 64        # cache positions per step of the attention loop
 MAX_SPLITS = 32
-
-
-def _col_major_scales(m: int, groups: int, device) -> torch.Tensor:
-    """[m, groups] float32, column-major: how gemm.quantize_activations_gpu returns scales."""
-    return torch.empty((groups, m), dtype=torch.float32, device=device).t()
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, b: int, what: str) -> tuple[int, int, int]:
@@ -57,17 +53,19 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, b: int, what: str
 def qk_norm_rope_cache(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
                        cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        lens: torch.Tensor) -> torch.Tensor:
-    """qkv [b, (H + 2KV) * D] bf16 -> roped q [b, H, D] bf16; writes roped k and plain v of row r
-    into k_cache / v_cache [B, KV, L, D] at [r, :, lens[r], :] (lens [b] int64).
+    """qkv [b, (H + 2KV) * D] bf16 (or its GEMV's split-K partials [S, b, (H + 2KV) * D], summed
+    here: gemm.output_parts) -> roped q [b, H, D] bf16; writes roped k and plain v of row r into
+    k_cache / v_cache [B, KV, L, D] at [r, :, lens[r], :] (lens [b] int64).
 
     Per head: RMSNorm with q_norm / k_norm [D] when given (Qwen3; None for Llama and Qwen2.5),
     then x * cos + rotate_half(x) * sin with cos, sin [b, D] bf16 (this step's rotary tables).
     """
+    qkv, splits, stride_s = output_parts(qkv, "qk_norm_rope_cache")
     b = qkv.shape[0]
     kv, L, d = _check_cache(k_cache, v_cache, b, "qk_norm_rope_cache")
-    width = qkv.shape[1] if qkv.ndim == 2 else -1
-    if width % d or width // d <= 2 * kv or qkv.dtype != torch.bfloat16 or qkv.stride(-1) != 1:
-        raise ValueError(f"qk_norm_rope_cache: qkv must be bf16 [b, (H + 2*{kv}) * {d}], last dim contiguous; "
+    width = qkv.shape[1]
+    if width % d or width // d <= 2 * kv or qkv.dtype != (torch.float32 if splits else torch.bfloat16):
+        raise ValueError(f"qk_norm_rope_cache: qkv must be bf16 [b, (H + 2*{kv}) * {d}] or its split-K partials; "
                          f"got {tuple(qkv.shape)} {qkv.dtype}")
     h = width // d - 2 * kv
     if cos.shape != (b, d) or sin.shape != (b, d) or cos.stride(1) != 1 or sin.stride(1) != 1:
@@ -83,7 +81,8 @@ def qk_norm_rope_cache(qkv: torch.Tensor, q_norm: torch.Tensor | None, k_norm: t
     kn = k_norm.contiguous() if norm else cos
     ak.qk_norm_rope_cache_kernel[(b, h + kv)](
         qkv, qn, kn, cos, sin, k_cache, v_cache, lens, q, eps, L, qkv.stride(0), cos.stride(0), sin.stride(0),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], H=h, KV=kv, D=d, NORM=norm, num_warps=1 if d <= 64 else 2)
+        *k_cache.stride()[:3], *v_cache.stride()[:3], stride_s, H=h, KV=kv, D=d, NORM=norm, SPLITS=splits,
+        num_warps=1 if d <= 64 else 2)
     return q
 
 
@@ -128,7 +127,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     final = s == 1 and (not quantize or d == BLOCK)
     if quantize:
         out = torch.empty((b, h * d), dtype=FP8, device=dev)
-        out_s = _col_major_scales(b, h * d // BLOCK, dev)
+        out_s = col_major_scales(b, h * d // BLOCK, dev)
     else:
         out = torch.empty((b, h * d), dtype=torch.bfloat16, device=dev)
         out_s = torch.empty((0, 0), dtype=torch.float32, device=dev)
@@ -153,20 +152,22 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def add_rmsnorm_quant(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The residual add fused into ``gemm.rmsnorm_quant``: x, delta [M, K] bf16, weight [K] ->
-    (x + delta [M, K] bf16, q [M, K] e4m3, scale [M, K/128] float32 column-major), q and scale as
+    """The residual add fused into ``gemm.rmsnorm_quant``: x, delta [M, K] bf16 (delta may be its
+    GEMV's split-K partials [S, M, K], summed here: gemm.output_parts), weight [K] -> (x + delta
+    [M, K] bf16, q [M, K] e4m3, scale [M, K/128] float32 column-major), q and scale as
     ``gemm.rmsnorm_quant(x + delta, weight, eps)`` (same numerics, same rare one-ulp flips)."""
     m, k = x.shape
+    delta, splits, stride_s = output_parts(delta, "add_rmsnorm_quant")
     if k % BLOCK or delta.shape != x.shape or weight.shape != (k,) or x.dtype != torch.bfloat16:
         raise ValueError(f"add_rmsnorm_quant: need x, delta [M, K] bf16 with K % 128 == 0 and weight [K]; got "
                          f"{tuple(x.shape)} {x.dtype}, {tuple(delta.shape)}, {tuple(weight.shape)}")
     x = x if x.stride(1) == 1 else x.contiguous()
-    delta = delta if delta.stride(1) == 1 else delta.contiguous()
     y = torch.empty((m, k), dtype=x.dtype, device=x.device)
     q = torch.empty((m, k), dtype=FP8, device=x.device)
-    s = _col_major_scales(m, k // BLOCK, x.device)
+    s = col_major_scales(m, k // BLOCK, x.device)
     inv_k = float(torch.tensor(1.0, dtype=torch.float32) / k)   # float32(1/K), as torch's CUDA mean
     ak.add_rmsnorm_quant_kernel[(m,)](x, delta, y, weight.contiguous(), q, s, k, x.stride(0), delta.stride(0),
-                                      s.stride(0), s.stride(1), inv_k, eps, GROUPS=triton.next_power_of_2(k // BLOCK),
-                                      ON_CPU=x.device.type == "cpu", num_warps=8 if k >= 4096 else 4)
+                                      s.stride(0), s.stride(1), stride_s, inv_k, eps,
+                                      GROUPS=triton.next_power_of_2(k // BLOCK), ON_CPU=x.device.type == "cpu",
+                                      SPLITS=splits, num_warps=8 if k >= 4096 else 4)
     return y, q, s

@@ -11,26 +11,28 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gemm_kernels import _bf16_rne, _e4m3_rne, _quantize_rows
+from .gemm_kernels import _bf16_rne, _e4m3_rne, _quantize_rows, load_output
 
 
 @triton.jit
 def qk_norm_rope_cache_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, lens_ptr, q_ptr, eps, L,
                               stride_qkv, stride_cos, stride_sin, stride_kb, stride_kh, stride_kl,
-                              stride_vb, stride_vh, stride_vl,
-                              H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, NORM: tl.constexpr):
+                              stride_vb, stride_vh, stride_vl, stride_qkvs,
+                              H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, NORM: tl.constexpr,
+                              SPLITS: tl.constexpr = 0):
     """Grid (b, H + KV). Program (r, j): query head j (j < H) or key head j - H of row r, whose
     slice of the qkv row starts at j * D either way (keys follow queries). Per head: Qwen3 RMSNorm
     (when NORM), then x*cos + rotate_half(x)*sin with one bf16 rounding per op, as Transformers.
     Query heads go to q [b, H, D]; key heads (and their value heads, copied as they are) to the
-    caches at position lens[r], skipped when lens[r] >= L (out of the cache)."""
+    caches at position lens[r], skipped when lens[r] >= L (out of the cache). qkv is bf16 or its
+    GEMV's unsummed split-K partials (gemm_kernels.load_output)."""
     r = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     d = tl.arange(0, D)
     rot = (d + D // 2) % D                       # rotate_half(x)[d] = -x[d + D/2] | x[d - D/2]
-    src = qkv_ptr + r * stride_qkv + j * D
-    x = tl.load(src + d).to(tl.float32)
-    xr = tl.load(src + rot).to(tl.float32)
+    src = r * stride_qkv + j * D
+    x = load_output(qkv_ptr, src + d, d < D, stride_qkvs, SPLITS)
+    xr = load_output(qkv_ptr, src + rot, d < D, stride_qkvs, SPLITS)
     is_q = j < H
     if NORM:
         # D is a power of 2: ss * (1/D) is torch's mean exactly (on CPU and CUDA)
@@ -48,8 +50,8 @@ def qk_norm_rope_cache_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, kc_ptr,
     t = j - H
     write = (t >= 0) & (pos < L) & (d < D)
     tl.store(kc_ptr + r * stride_kb + t * stride_kh + pos * stride_kl + d, y.to(tl.bfloat16), mask=write)
-    v = tl.load(qkv_ptr + r * stride_qkv + (j + KV) * D + d, mask=write)
-    tl.store(vc_ptr + r * stride_vb + t * stride_vh + pos * stride_vl + d, v, mask=write)
+    v = load_output(qkv_ptr, r * stride_qkv + (j + KV) * D + d, write, stride_qkvs, SPLITS)
+    tl.store(vc_ptr + r * stride_vb + t * stride_vh + pos * stride_vl + d, v.to(tl.bfloat16), mask=write)
 
 
 @triton.jit
@@ -154,15 +156,17 @@ def combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, os_ptr, SPLITS, stride_sm, st
 
 @triton.jit
 def add_rmsnorm_quant_kernel(x_ptr, dx_ptr, y_ptr, w_ptr, q_ptr, s_ptr, K, stride_xm, stride_dm, stride_sm,
-                             stride_sk, inv_k, eps, GROUPS: tl.constexpr, ON_CPU: tl.constexpr):
+                             stride_sk, stride_ds, inv_k, eps, GROUPS: tl.constexpr, ON_CPU: tl.constexpr,
+                             SPLITS: tl.constexpr = 0):
     """One row per program: y = x + delta (bf16, one rounding, as torch adds), stored, then
-    gemm_kernels.rmsnorm_quant_kernel's Qwen3 RMSNorm + per-128 quantization of y."""
+    gemm_kernels.rmsnorm_quant_kernel's Qwen3 RMSNorm + per-128 quantization of y. delta is bf16
+    or its GEMV's unsummed split-K partials (gemm_kernels.load_output)."""
     row = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, GROUPS)
     cols = g[:, None] * 128 + tl.arange(0, 128)[None, :]
     live = (g < K // 128)[:, None]
     x = tl.load(x_ptr + row * stride_xm + cols, mask=live, other=0.0).to(tl.float32)
-    dx = tl.load(dx_ptr + row * stride_dm + cols, mask=live, other=0.0).to(tl.float32)
+    dx = load_output(dx_ptr, row * stride_dm + cols, live, stride_ds, SPLITS)
     y = _bf16_rne(x + dx)
     tl.store(y_ptr + row * K + cols, y.to(tl.bfloat16), mask=live)
     ss = tl.sum(tl.sum(y * y, axis=1), axis=0)

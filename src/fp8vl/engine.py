@@ -51,6 +51,8 @@ class EngineOptions:
     prefill_graphs: bool = True          # ... captured in CUDA graphs (CUDA, dense layers, cuda_graphs on)
     pdl: bool = False                    # decode GEMVs start while their input's producer runs (SM90+;
                                          # 2-3% slower whole steps on the H200, so off: BENCHMARKS.md)
+    consumer_sums: bool = True           # split-K GEMV partials summed by the next kernel as it reads
+                                         # them (same bits; False: by the GEMV's last split)
 
 
 @dataclass
@@ -271,7 +273,9 @@ class Engine:
         if self.fused:
             from .gemm import rmsnorm_quant, silu_mul_quant
 
-            lin = self._fp8_lin()
+            from .gemm import splitk_sum
+
+            lin = self._fp8_lin(self.opts.consumer_sums)
             h = rmsnorm_quant(x, self.layers[0].ln1, self.layers[0].eps)
         for i, L in enumerate(self.layers):
             kc, vc = self.k[i][:b], self.v[i][:b]
@@ -284,7 +288,7 @@ class Engine:
                     nxt = self.layers[i + 1]
                     x, *h = add_rmsnorm_quant(x, delta, nxt.ln1, nxt.eps)
                 else:
-                    x = x + delta
+                    x = x + splitk_sum(delta)
                 continue
             x = x + L.o(decode_attention(q, kc, vc, ln, L.scaling))
             h = rms_norm(x, L.ln2, L.eps)
@@ -295,14 +299,16 @@ class Engine:
             x = x + L.down(L.act(g) * u)
         return self.lm_head(rms_norm(x, self.norm.weight, self.norm.variance_epsilon))
 
-    def _fp8_lin(self):
+    def _fp8_lin(self, partials: bool = False):
         """lin(m, (xq, xs)) -> [b, N]: FP8Linear ``m`` on activations its producer quantized, with the
-        engine's GEMM backend, m's split-K counters and the PDL choice."""
+        engine's GEMM backend, m's split-K counters and the PDL choice; ``partials``: a split-K
+        GEMV's output is left as float32 partials [S, b, N] for a consumer that sums them
+        (gemm.fp8_gemm)."""
         from .gemm import fp8_gemm
 
         def lin(m: FP8Linear, xq_xs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, self.dtype, m.bias, self.fused, m.counters,
-                            self.opts.pdl)
+                            self.opts.pdl, partials)
         return lin
 
     def _decode(self, b: int) -> torch.Tensor:

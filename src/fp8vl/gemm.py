@@ -176,7 +176,7 @@ def _scales_layout(xs: torch.Tensor, m_pad: int) -> torch.Tensor:
     return out
 
 
-def _col_major_scales(m: int, groups: int, device) -> torch.Tensor:
+def col_major_scales(m: int, groups: int, device) -> torch.Tensor:
     return torch.empty((groups, m), dtype=torch.float32, device=device).t()
 
 
@@ -190,7 +190,7 @@ def quantize_activations_gpu(x: torch.Tensor, rows: int | None = None) -> tuple[
         raise ValueError(f"activation width {k} is not a multiple of {BLOCK}")
     x = x if x.stride(1) == 1 else x.contiguous()
     q = torch.empty((rows or m, k), dtype=FP8, device=x.device)
-    s = _col_major_scales(rows or m, k // BLOCK, x.device)
+    s = col_major_scales(rows or m, k // BLOCK, x.device)
     gk.act_quant_kernel[(triton.cdiv(m, 32), k // BLOCK)](x, q, s, m, k, x.stride(0), s.stride(0), s.stride(1),
                                                           BLOCK_M=32, PDL=pdl(x.device))
     return q, s
@@ -210,7 +210,7 @@ def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[to
                          f"{tuple(weight.shape)}")
     x = x if x.stride(1) == 1 else x.contiguous()
     q = torch.empty((m, k), dtype=FP8, device=x.device)
-    s = _col_major_scales(m, k // BLOCK, x.device)
+    s = col_major_scales(m, k // BLOCK, x.device)
     inv_k = float(torch.tensor(1.0, dtype=torch.float32) / k)   # float32(1/K), as torch's CUDA mean
     gk.rmsnorm_quant_kernel[(m,)](x, weight.contiguous(), q, s, k, x.stride(0), s.stride(0), s.stride(1), inv_k,
                                   eps, GROUPS=triton.next_power_of_2(k // BLOCK), ON_CPU=x.device.type == "cpu",
@@ -218,24 +218,47 @@ def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[to
     return q, s
 
 
+def output_parts(y: torch.Tensor, what: str) -> tuple[torch.Tensor, int, int]:
+    """A linear's output as the consumer kernels read it (gemm_kernels.load_output): bf16 [M, N]
+    -> (y, 0, 0); a split-K GEMV's unsummed float32 partials [S, M, N] (``fp8_gemm(partials=True)``)
+    -> (y[0], S, stride between partials). The 2-D view gives the shape and the row stride."""
+    if y.ndim == 3 and y.dtype == torch.float32 and y.stride(2) == 1:
+        return y[0], y.shape[0], y.stride(0)
+    if y.ndim == 2:
+        return (y if y.stride(1) == 1 else y.contiguous()), 0, 0
+    raise ValueError(f"{what}: need a [M, N] output or [S, M, N] float32 split-K partials; got "
+                     f"{tuple(y.shape)} {y.dtype}")
+
+
+def splitk_sum(y: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """A linear's output made plain: float32 split-K partials [S, M, N] summed in split order
+    (``out_dtype`` [M, N], the GEMV's own sum, bit for bit); a 2-D output as it is."""
+    if y.ndim == 2:
+        return y
+    out = torch.empty(y.shape[1:], dtype=out_dtype, device=y.device)
+    _reduce(y.contiguous(), None, out)
+    return out
+
+
 def silu_mul_quant(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SwiGLU fused with the down projection's activation quantization.
 
-    gate_up [M, 2I] bf16 (gate first, as the fused gate_up_proj emits it) -> (q [M, I] e4m3,
-    scale [M, I/128] float32 column-major), bit-identical to
-    ``quantize_activations(F.silu(gate) * up)`` computed in bf16 (one rounding after each op).
+    gate_up [M, 2I] bf16 (gate first, as the fused gate_up_proj emits it) or its GEMV's split-K
+    partials [S, M, 2I] (summed here, ``output_parts``) -> (q [M, I] e4m3, scale [M, I/128] float32
+    column-major), bit-identical to ``quantize_activations(F.silu(gate) * up)`` computed in bf16
+    (one rounding after each op).
     """
-    m, two_i = gate_up.shape
+    gu, splits, stride_s = output_parts(gate_up, "silu_mul_quant")
+    m, two_i = gu.shape
     i = two_i // 2
     if two_i % (2 * BLOCK):
         raise ValueError(f"silu_mul_quant: width {two_i} is not 2 x a multiple of {BLOCK}")
-    gate_up = gate_up if gate_up.stride(1) == 1 else gate_up.contiguous()
-    q = torch.empty((m, i), dtype=FP8, device=gate_up.device)
-    s = _col_major_scales(m, i // BLOCK, gate_up.device)
+    q = torch.empty((m, i), dtype=FP8, device=gu.device)
+    s = col_major_scales(m, i // BLOCK, gu.device)
     groups = 4
     gk.silu_mul_quant_kernel[(m, triton.cdiv(i // BLOCK, groups))](
-        gate_up, q, s, i, gate_up.stride(0), s.stride(0), s.stride(1), GROUPS=groups,
-        ON_CPU=gate_up.device.type == "cpu", PDL=pdl(gate_up.device))
+        gu, q, s, i, gu.stride(0), s.stride(0), s.stride(1), stride_s, GROUPS=groups,
+        ON_CPU=gu.device.type == "cpu", SPLITS=splits, PDL=pdl(gu.device))
     return q, s
 
 
@@ -248,11 +271,12 @@ def gemv_counters(n: int, device) -> torch.Tensor:
 
 def _gemv(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | None = None,
           counters: torch.Tensor | None = None, fused_reduce: bool = True,
-          use_pdl: bool = False) -> torch.Tensor:
+          use_pdl: bool = False, partials: bool = False) -> torch.Tensor:
     """Decode path (M <= 16), W8A8 (``a_fp8``) or W8A16; ``config`` overrides the choice (tests);
     ``counters`` from ``gemv_counters`` (made here when None); ``fused_reduce`` False sums split-K
-    partials in a second launch; ``use_pdl`` launches with programmatic dependent launch where the
-    card has it (benchmarks compare them)."""
+    partials in a second launch; ``partials`` (no bias) returns them unsummed, [S, M, N] float32,
+    when K is split; ``use_pdl`` launches with programmatic dependent launch where the card has it
+    (benchmarks compare them)."""
     m, n, k = _check(x, w, ws, "fp8 decode GEMM")
     w, ws = w.contiguous(), ws.contiguous()
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
@@ -267,14 +291,18 @@ def _gemv(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | Non
     use_pdl = use_pdl and pdl(x.device)
     cfg = config or decode_config(m, n, k, _sm_count(x.device), use_pdl)
     split = cfg.kwargs["SPLIT_K"]
+    partials = partials and split > 1 and bias is None
     if split > 1:
         args["part_ptr"] = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         use = counters is not None and counters.numel() >= triton.cdiv(n, 16)
         args["cnt_ptr"] = counters if use else gemv_counters(n, x.device)
+        args["FUSED_REDUCE"] = fused_reduce and not partials
     args["PDL"] = use_pdl
     _run(gk.gemv_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split), cfg, args, use_pdl)
+    if partials:
+        return args["part_ptr"]
     if split > 1 and not fused_reduce:
-        _reduce(args["part_ptr"][:split], bias, y)
+        _reduce(args["part_ptr"], bias, y)
     return y
 
 
@@ -366,18 +394,22 @@ def _use_cublas(device: torch.device, n: int, backend: str) -> bool:
 
 def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
              out_dtype: torch.dtype = torch.bfloat16, bias: torch.Tensor | None = None,
-             backend: str = "auto", counters: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+             backend: str = "auto", counters: torch.Tensor | None = None, pdl: bool = False,
+             partials: bool = False) -> torch.Tensor:
     """W8A8 GEMM on already-quantized activations (from ``rmsnorm_quant``, ``silu_mul_quant`` or
     ``quantize_activations_gpu``): xq [M, K] e4m3, xs [M, K/128] -> [M, N] ``out_dtype``.
 
     M <= 16: the Triton GEMV on every card (``counters``: see ``gemv_counters``; ``pdl``: launched
     with programmatic dependent launch where the card has it: faster back to back, 2-3% slower in
-    the engine's decode step on the H200, so off by default). Larger M: cuBLAS on SM90
-    (``backend="auto"``, N a multiple of 128), the Triton block GEMM elsewhere or with
-    ``backend="triton"``.
+    the engine's decode step on the H200, so off by default). ``partials`` (no bias): when the
+    GEMV splits K, it returns its float32 partials [S, M, N] unsummed, for a consumer that sums
+    them as it reads its input (``silu_mul_quant``, ``attention.add_rmsnorm_quant``,
+    ``attention.qk_norm_rope_cache``, ``splitk_sum``): the same bits, without the last split's
+    wait for the others. Larger M: cuBLAS on SM90 (``backend="auto"``, N a multiple of 128), the
+    Triton block GEMM elsewhere or with ``backend="triton"``.
     """
     if xq.shape[0] <= DECODE_MAX_M and backend != "cublas":
-        return _gemv(xq, xs, w, ws, out_dtype, bias, True, counters=counters, use_pdl=pdl)
+        return _gemv(xq, xs, w, ws, out_dtype, bias, True, counters=counters, use_pdl=pdl, partials=partials)
     if _use_cublas(xq.device, w.shape[0], backend):
         return _cublas_block_gemm(xq, xs, w, ws, out_dtype, bias)
     return _block_gemm(xq, xs, w, ws, out_dtype, bias, True)

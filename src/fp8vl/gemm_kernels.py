@@ -79,6 +79,20 @@ def _store_out(ptrs, acc, mask):
 
 
 @triton.jit
+def load_output(ptr, offs, mask, stride_s, SPLITS: tl.constexpr):
+    """A linear's output at ``offs`` as float32 holding bf16 values: read from a bf16 tensor
+    (SPLITS == 0) or summed from float32 split-K partials [SPLITS, ...] (``stride_s`` apart) in
+    split order from zero, then rounded to bf16: the very sum and rounding the GEMV's own split-K
+    sum stores (gemv_kernel), so a consumer computes the same bits either way."""
+    if SPLITS == 0:
+        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    acc = tl.zeros_like(offs).to(tl.float32)
+    for s in tl.static_range(SPLITS):
+        acc += tl.load(ptr + s * stride_s + offs, mask=mask, other=0.0)
+    return _bf16_rne(acc)
+
+
+@triton.jit
 def act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_sm, stride_sk,
                      BLOCK_M: tl.constexpr, PDL: tl.constexpr = False):
     """A [BLOCK_M, 128] tile of x [M, K] per program -> q [M, K] e4m3 and its scales."""
@@ -118,17 +132,19 @@ def rmsnorm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, stride_xm, stride_sm, st
 
 
 @triton.jit
-def silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, I, stride_gm, stride_sm, stride_sk,
-                          GROUPS: tl.constexpr, ON_CPU: tl.constexpr, PDL: tl.constexpr = False):
+def silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, I, stride_gm, stride_sm, stride_sk, stride_gs,
+                          GROUPS: tl.constexpr, ON_CPU: tl.constexpr, SPLITS: tl.constexpr = 0,
+                          PDL: tl.constexpr = False):
     """GROUPS 128-channel groups of one row per program: silu(gate) rounded to bf16, times up,
-    rounded to bf16 (as Transformers computes it in bf16), then quantized per 128 channels."""
+    rounded to bf16 (as Transformers computes it in bf16), then quantized per 128 channels.
+    gate_up is bf16 or its GEMV's unsummed split-K partials (``load_output``)."""
     release_dependents(PDL)
     row = tl.program_id(0)
     g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     cols = g[:, None] * 128 + tl.arange(0, 128)[None, :]
     live = g < I // 128
-    gate = tl.load(gu_ptr + row * stride_gm + cols, mask=live[:, None], other=0.0).to(tl.float32)
-    up = tl.load(gu_ptr + row * stride_gm + I + cols, mask=live[:, None], other=0.0).to(tl.float32)
+    gate = load_output(gu_ptr, row * stride_gm + cols, live[:, None], stride_gs, SPLITS)
+    up = load_output(gu_ptr, row * stride_gm + I + cols, live[:, None], stride_gs, SPLITS)
     if ON_CPU:
         e = tl.exp(-gate)
     else:

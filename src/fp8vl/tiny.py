@@ -74,16 +74,20 @@ def _ids(tok) -> dict[str, int]:
 
 
 def qwen3_vl_config(tok, kind: str = "dense"):
-    """Small Qwen3-VL (or Qwen3-VL-MoE) config: text hidden 256, 2 layers, vision hidden 128."""
+    """Small Qwen3-VL (or Qwen3-VL-MoE) config: text hidden 256, 2 layers, vision hidden 128.
+    ``wide``: a dense one with text hidden 1024, intermediate 2048 and head_dim 128, wide enough in K
+    (8+ blocks of 128) that the decode GEMVs split K on a GPU, as they do at the real sizes."""
     ids = _ids(tok)
-    text = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
+    wide = kind == "wide"
+    text = dict(vocab_size=len(tok), hidden_size=1024 if wide else 256, intermediate_size=2048 if wide else 512,
+                num_hidden_layers=2, num_attention_heads=8 if wide else 4, num_key_value_heads=2,
+                head_dim=128 if wide else 64, max_position_embeddings=2048,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
-                                 "mrope_section": [12, 10, 10]},
+                                 "mrope_section": [24, 20, 20] if wide else [12, 10, 10]},
                 tie_word_embeddings=kind == "tied", pad_token_id=ids["<|endoftext|>"],
                 eos_token_id=ids["<|im_end|>"], bos_token_id=None)
     vision = dict(depth=2, hidden_size=128, intermediate_size=344, num_heads=2, patch_size=16,
-                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=256,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=text["hidden_size"],
                   num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
     common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
@@ -114,7 +118,7 @@ def processor_for(tok):
 
 
 def build_tiny_qwen3_vl(path: str | Path, kind: str = "dense", seed: int = 0, dtype=torch.bfloat16) -> Path:
-    """Write a tiny Qwen3-VL checkpoint (``kind``: dense, tied or moe) with processor files to ``path``."""
+    """Write a tiny Qwen3-VL checkpoint (``kind``: dense, tied, moe or wide) with processor files to ``path``."""
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
     path = Path(path)
