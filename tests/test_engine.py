@@ -306,15 +306,17 @@ def test_gpu_engine_with_pdl_gives_the_answers_of_plain_launches(dense_fp8):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="needs a CUDA GPU with FP8 tensor cores")
 def test_gpu_split_k_partials_summed_by_their_consumers_give_the_same_logits(wide_fp8):
-    """A model wide enough that the decode GEMVs split K: the engine's default (partials summed by
-    the kernel that reads them) computes the very logits and answers of each GEMV summing its own
-    (consumer_sums=False), decode in CUDA graphs."""
+    """A model wide enough that the decode GEMVs split K: every linear's partials summed by the
+    kernel that reads them (q/k norm + rope, residual add + RMSNorm + quantization, SwiGLU, the last
+    layer's splitk_sum) gives the very logits and answers of each GEMV summing its own
+    (consumer_sums=()), decode in CUDA graphs."""
     from fp8vl.gemm import decode_config
 
     L = Loaded(load_model(wide_fp8.out, "cuda"), load_processor(wide_fp8.out, True), True, wide_fp8.out)
     reqs = _cuda_requests(L)
-    ours = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=12, max_batch=4))
-    theirs = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=12, max_batch=4, consumer_sums=False))
+    every = ("qkv", "o", "gate_up", "down")
+    ours = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=12, max_batch=4, consumer_sums=every))
+    theirs = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=12, max_batch=4, consumer_sums=()))
     assert ours._use_graphs() and ours.fused
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     first = ours.layers[0]

@@ -51,8 +51,11 @@ class EngineOptions:
     prefill_graphs: bool = True          # ... captured in CUDA graphs (CUDA, dense layers, cuda_graphs on)
     pdl: bool = False                    # decode GEMVs start while their input's producer runs (SM90+;
                                          # 2-3% slower whole steps on the H200, so off: BENCHMARKS.md)
-    consumer_sums: bool = True           # split-K GEMV partials summed by the next kernel as it reads
-                                         # them (same bits; False: by the GEMV's last split)
+    consumer_sums: tuple[str, ...] = ("qkv", "gate_up")   # FP8 decode linears ("qkv", "o", "gate_up",
+                                         # "down") whose split-K partials the next kernel sums as it reads
+                                         # them (same bits); the others' are summed by the GEMV's last
+                                         # split. o and down feed a one-program-per-row kernel, which reads
+                                         # partials no faster than the GEMV sums them: BENCHMARKS.md
 
 
 @dataclass
@@ -279,11 +282,12 @@ class Engine:
             h = rmsnorm_quant(x, self.layers[0].ln1, self.layers[0].eps)
         for i, L in enumerate(self.layers):
             kc, vc = self.k[i][:b], self.v[i][:b]
-            qkv = lin(L.qkv, h) if self.fused else L.qkv(rms_norm(x, L.ln1, L.eps))
+            qkv = lin(L.qkv, h, "qkv") if self.fused else L.qkv(rms_norm(x, L.ln1, L.eps))
             q = qk_norm_rope_cache(qkv, L.q_norm, L.k_norm, L.eps, cos, sin, kc, vc, ln)
             if self.fused:
-                x, *h = add_rmsnorm_quant(x, lin(L.o, decode_attention(q, kc, vc, ln, L.scaling, True)), L.ln2, L.eps)
-                delta = lin(L.down, silu_mul_quant(lin(L.gate_up, h)))
+                a = decode_attention(q, kc, vc, ln, L.scaling, True)
+                x, *h = add_rmsnorm_quant(x, lin(L.o, a, "o"), L.ln2, L.eps)
+                delta = lin(L.down, silu_mul_quant(lin(L.gate_up, h, "gate_up")), "down")
                 if i + 1 < len(self.layers):
                     nxt = self.layers[i + 1]
                     x, *h = add_rmsnorm_quant(x, delta, nxt.ln1, nxt.eps)
@@ -299,16 +303,16 @@ class Engine:
             x = x + L.down(L.act(g) * u)
         return self.lm_head(rms_norm(x, self.norm.weight, self.norm.variance_epsilon))
 
-    def _fp8_lin(self, partials: bool = False):
-        """lin(m, (xq, xs)) -> [b, N]: FP8Linear ``m`` on activations its producer quantized, with the
-        engine's GEMM backend, m's split-K counters and the PDL choice; ``partials``: a split-K
-        GEMV's output is left as float32 partials [S, b, N] for a consumer that sums them
-        (gemm.fp8_gemm)."""
+    def _fp8_lin(self, partials: tuple[str, ...] = ()):
+        """lin(m, (xq, xs), name) -> [b, N]: FP8Linear ``m`` on activations its producer quantized,
+        with the engine's GEMM backend, m's split-K counters and the PDL choice; a split-K GEMV of a
+        linear named in ``partials`` leaves its output as float32 partials [S, b, N] for a
+        consumer that sums them (gemm.fp8_gemm)."""
         from .gemm import fp8_gemm
 
-        def lin(m: FP8Linear, xq_xs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        def lin(m: FP8Linear, xq_xs: tuple[torch.Tensor, torch.Tensor], name: str = "") -> torch.Tensor:
             return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, self.dtype, m.bias, self.fused, m.counters,
-                            self.opts.pdl, partials)
+                            self.opts.pdl, name in partials)
         return lin
 
     def _decode(self, b: int) -> torch.Tensor:
