@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--all", action="store_true", help="print every config, not just the best")
     ap.add_argument("--partials", action="store_true",
                     help="sweep the GEMV as the engine's decode step runs it: launched plainly, split-K partials "
-                         "left to the consumer (the 'PDL' columns then mean that mode, its table config included)")
+                         "left to the consumer (the 'PDL' columns then mean that mode)")
     a = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
     l2, sms = props.L2_cache_size, props.multi_processor_count
@@ -101,7 +101,7 @@ def main() -> None:
                                                       **mode), gemv_configs(k, (0,) if a.partials else (0, 4, 16)), c8)
                 best_t, best = res[0]
                 plain = gemm.decode_config(m, n, k, sms)
-                table = gemm.decode_config(m, n, k, sms, **({"partials": True} if a.partials else {"pdl": True}))
+                table = plain if a.partials else gemm.decode_config(m, n, k, sms, pdl=True)
                 tp = timed(lambda i: gemm._gemv(xq, xs, *qs[i], torch.bfloat16, None, True, plain, counters), c8)
                 tt = timed(lambda i: gemm._gemv(xq, xs, *qs[i], torch.bfloat16, None, True, table, counters,
                                                 **mode), c8)

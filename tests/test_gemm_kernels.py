@@ -183,17 +183,15 @@ def test_grouped_expert_gemm_uses_each_rows_expert():
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288), (2048, 2048),
                                  (2048, 6144), (200, 256)])
 @pytest.mark.parametrize("sms", [8, 58, 132, 170])
-@pytest.mark.parametrize("pdl,partials", [(False, False), (True, False), (False, True)])
-def test_default_decode_configs_keep_k_splits_whole_and_split_no_more_than_needed(n, k, sms, pdl, partials):
-    cfg = gemm.decode_config(1, n, k, sms, pdl, partials).kwargs
+@pytest.mark.parametrize("pdl", [False, True])
+def test_default_decode_configs_keep_k_splits_whole_and_split_no_more_than_needed(n, k, sms, pdl):
+    cfg = gemm.decode_config(1, n, k, sms, pdl).kwargs
     split, tiles, kbs = cfg["SPLIT_K"], -(-n // cfg["BLOCK_N"]), k // 128
     assert split in (1, 2, 4, 8)
     if split > 1:
         assert kbs // split >= cfg["UNROLL"] and kbs // split >= 4   # whole steps of whole K blocks
         half = split // 2                                 # the smaller split was short of programs or too long
-        assert tiles * half < 1.5 * sms or kbs // half > 32 or (partials and split == 2 and kbs > 16)
-    if partials and kbs > 16:                             # with the sum left to the consumer, long rows split
-        assert split > 1
+        assert tiles * half < 1.5 * sms or kbs // half > 32
     assert cfg["PREFETCH"] == 0 or pdl                    # prefetching only pays before a PDL wait
 
 

@@ -74,19 +74,17 @@ def pdl(device: torch.device) -> bool:
     return device.type == "cuda" and gk.HAS_PDL and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def decode_config(m: int, n: int, k: int, sm_count: int, pdl: bool = False, partials: bool = False) -> LaunchConfig:
+def decode_config(m: int, n: int, k: int, sm_count: int, pdl: bool = False) -> LaunchConfig:
     """The GEMV's launch config (M <= 16), from ``benchmarks/tune.py`` and side-by-side runs on an
     H200 (132 SMs; every Qwen3-VL-8B shape, M = 1 and 8, weights streamed from HBM): 32-row weight
-    tiles (64 for N >= 16384), two K blocks per step over 3 pipeline stages, K split in 2..8 while
-    there are < 1.5 programs per SM or > 32 K blocks per split, each split keeping >= 4 K blocks.
-    With the split-K sum left to the consumer (``partials``), a matrix left unsplit with > 16 K
-    blocks is split in two, one K block per step (fused gate_up: 1.92x BF16 at M=8 against 1.82x;
-    with the GEMV's own sum that split loses). Launched with programmatic dependent launch
-    (``pdl``): 4 stages; long K (>= 8192) takes 64-row tiles and four K blocks per step over 3
-    stages (with two, it ran 20% slower launched early), and matrices >= 32 MiB prefetch 4 K
-    blocks into L2 before waiting for the producer (smaller ones gain nothing). A table, not
-    autotune: autotune times one eager launch per config, whose noise and launch cost (~5 us)
-    outweigh the 1-2 us between configs of a 10 us kernel (it picked 10-20% slower ones)."""
+    tiles (64 for N >= 16384), two K blocks per step over 3 pipeline stages (4 were 0.4-0.8 us
+    slower on qkv at M=8 and on down), K split in 2..8 while there are < 1.5 programs per SM or
+    > 32 K blocks per split, each split keeping >= 4 K blocks. Launched with programmatic
+    dependent launch (``pdl``): 4 stages; long K (>= 8192) takes 64-row tiles and four K blocks
+    per step over 3 stages (with two, it ran 20% slower launched early), and matrices >= 32 MiB
+    prefetch 4 K blocks into L2 before waiting for the producer (smaller ones gain nothing). A
+    table, not autotune: autotune times one eager launch per config, whose noise and launch cost
+    (~5 us) outweigh the 1-2 us between configs of a 10 us kernel (it picked 10-20% slower ones)."""
     long_k = pdl and k >= 8192
     block_n = 64 if n >= 16384 or long_k else 32
     tiles = triton.cdiv(n, block_n)
@@ -94,10 +92,7 @@ def decode_config(m: int, n: int, k: int, sm_count: int, pdl: bool = False, part
     split = 1
     while split < 8 and kbs // (split * 2) >= 4 and (tiles * split < 1.5 * sm_count or kbs // split > 32):
         split *= 2
-    unroll = 4 if long_k else 2
-    if partials and not pdl and split == 1 and kbs > 16:
-        split, unroll = 2, 1
-    return LaunchConfig({"BLOCK_N": block_n, "SPLIT_K": split, "UNROLL": unroll,
+    return LaunchConfig({"BLOCK_N": block_n, "SPLIT_K": split, "UNROLL": 4 if long_k else 2,
                          "PREFETCH": 4 if pdl and n * k >= 32 << 20 else 0}, num_warps=4,
                         num_stages=4 if pdl and not long_k else 3)
 
@@ -295,10 +290,9 @@ def _gemv(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | Non
                 A_FP8=a_fp8, HAS_BIAS=bias is not None, ON_CPU=x.device.type == "cpu", M_PAD=DECODE_MAX_M,
                 FUSED_REDUCE=fused_reduce)
     use_pdl = use_pdl and pdl(x.device)
-    partials = partials and bias is None
-    cfg = config or decode_config(m, n, k, _sm_count(x.device), use_pdl, partials)
+    cfg = config or decode_config(m, n, k, _sm_count(x.device), use_pdl)
     split = cfg.kwargs["SPLIT_K"]
-    partials = partials and split > 1
+    partials = partials and split > 1 and bias is None
     if split > 1:
         args["part_ptr"] = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         use = counters is not None and counters.numel() >= triton.cdiv(n, 16)
