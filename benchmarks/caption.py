@@ -161,7 +161,7 @@ def step_rows(label: str, loaded, pics: list[Path], batches: list[int]) -> list[
         print(row, flush=True)
     for b in batches:
         rows.append(dict(what=f"{label}: decode step batch {b}", kind="decode", label=label, batch=b, **decode(b)))
-        if rows[-1]["fused"]:   # the FP8 step again: GEMVs launched with PDL; no / every split-K sum in the consumer
+        if rows[-1]["fused"]:   # the FP8 step again: GEMVs with PDL; no, then every, split-K sum in the consumer
             rows[-1]["pdl_step_ms"] = decode(b, pdl=True)["step_ms"]
             rows[-1]["own_sum_step_ms"] = decode(b, consumer_sums=())["step_ms"]
             rows[-1]["all_sum_step_ms"] = decode(b, consumer_sums=("qkv", "o", "gate_up", "down"))["step_ms"]

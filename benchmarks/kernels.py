@@ -141,8 +141,9 @@ def consumer(name: str, model: str, m: int):
     return lambda y: add_rmsnorm_quant(x, y, w, 1e-6)
 
 
-def decode_rows(label: str, n: int, k: int, l2: int, ceiling: float, ms_list, take=None) -> None:
-    """One row per M; ``take``: consumer(...) of this linear (the split-K sum left to it)."""
+def decode_rows(label: str, n: int, k: int, l2: int, ceiling: float, ms_list, consumer_of=None) -> None:
+    """One row per M; ``consumer_of(m)``: the kernel reading this linear's output (``consumer``),
+    which sums the split-K partials left to it."""
     s, c16, c8, ws16, qs = weight_copies(n, k, l2)
     for m in ms_list:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -159,8 +160,8 @@ def decode_rows(label: str, n: int, k: int, l2: int, ceiling: float, ms_list, ta
         t8c = timed(lambda i: gemm.fp8_gemm(xq, xs, *qs[i], counters=cnt[i], partials=True), c8)
         extra = 0.0
         parts = gemm.fp8_gemm(xq, xs, *qs[0], partials=True)
-        if take is not None and parts.ndim == 3:
-            fn = take(m)
+        if consumer_of is not None and parts.ndim == 3:
+            fn = consumer_of(m)
             plain = gemm.splitk_sum(parts)
             extra = timed(lambda i: fn(parts), 1) - timed(lambda i: fn(plain), 1)
         tc = t8c + extra

@@ -274,9 +274,7 @@ class Engine:
         cos, sin = self._rope(x[:, None], b)
         cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()           # [b, hd]
         if self.fused:
-            from .gemm import rmsnorm_quant, silu_mul_quant
-
-            from .gemm import splitk_sum
+            from .gemm import rmsnorm_quant, silu_mul_quant, splitk_sum
 
             lin = self._fp8_lin(self.opts.consumer_sums)
             h = rmsnorm_quant(x, self.layers[0].ln1, self.layers[0].eps)
