@@ -129,9 +129,13 @@ def first_shard(ckpt: Checkpoint, src: Path, opts: QuantizeOptions, done: set[st
     largest holding a tensor of the plan, of those no earlier run finished (``done``). None when
     there is none."""
     plan = make_plan(ckpt.config, {n: t.shape for n, t in ckpt.tensors.items()}, opts)
-    files = [f for f in dict.fromkeys(str(ckpt.tensors[e.source].file.relative_to(src)) for e in plan.entries)
-             if f not in done]
+    files = [f for f in shards_read(ckpt, src, plan.entries) if f not in done]
     return largest_first(files, sizes)[0] if files else None
+
+
+def shards_read(ckpt: Checkpoint, src: Path, entries: list[Entry]) -> list[str]:
+    """The source shards (paths relative to ``src``) that ``entries`` read, in their first use's order."""
+    return list(dict.fromkeys(str(ckpt.tensors[e.source].file.relative_to(src)) for e in entries))
 
 
 def largest_first(files: list[str], sizes: dict[str, int]) -> list[str]:
@@ -298,8 +302,7 @@ def _quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions, p
             entries = res.plan.entries
             slots = {e.name: [s.name for s in u] for e, u in zip(entries, units)}
             todo = [e for e in entries if e.name not in kept]
-            files = largest_first(list(dict.fromkeys(str(ckpt.tensors[e.source].file.relative_to(src))
-                                                     for e in todo)), remote.sizes)
+            files = largest_first(shards_read(ckpt, src, todo), remote.sizes)
             if first is not None and first not in files:
                 raise InternalError(f"{first}: downloading, but the plan reads nothing from it")
             files = fetcher.plan(files)        # ``first`` stays at the head
