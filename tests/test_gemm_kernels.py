@@ -143,6 +143,25 @@ def test_split_k_partials_summed_by_the_consumer_are_the_gemvs_own_sum():
 
 
 @interp
+@pytest.mark.parametrize("split", [1, 2])
+def test_unmasked_weight_loads_give_the_masked_bits(split):
+    """EVEN_N (M = 1's default where the tiles cover N exactly) drops the N mask from the weight
+    loads and nothing else; a config asking for it where they do not is refused."""
+    q, s = fp8_weight(256, 1024, 4)
+    x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    xq, xs = gemm.quantize_activations_gpu(x)
+    masked, even = (gemm._gemv(xq, xs, q, s, torch.bfloat16, None, True,
+                               gemm.LaunchConfig({"BLOCK_N": 64, "SPLIT_K": split, "UNROLL": 2, "EVEN_N": e}))
+                    for e in (False, True))
+    assert same_bits(masked, even) and rel(even, w8a8_reference(x, q, s)) < 5e-3
+    assert gemm.decode_config(1, 256, 1024, 8).kwargs["EVEN_N"]
+    q2, s2 = fp8_weight(200, 1024, 4)
+    with pytest.raises(ValueError, match="EVEN_N needs N % BLOCK_N == 0"):
+        gemm._gemv(xq, xs, q2, s2, torch.bfloat16, None, True,
+                   gemm.LaunchConfig({"BLOCK_N": 64, "SPLIT_K": split, "UNROLL": 2, "EVEN_N": True}))
+
+
+@interp
 @pytest.mark.parametrize("m,n,k", [(40, 200, 384), (80, 136, 256)])
 def test_triton_block_gemm_matches_the_w8a8_simulation(m, n, k):
     q, s = fp8_weight(n, k, m)
@@ -191,8 +210,10 @@ def test_default_decode_configs_keep_k_splits_whole_and_split_no_more_than_neede
     if split > 1:
         assert kbs // split >= cfg["UNROLL"] and kbs // split >= 4   # whole steps of whole K blocks
         half = split // 2                                 # the smaller split was short of programs or too long
-        assert tiles * half < 1.5 * sms or kbs // half > 32
+        assert tiles * half < (1.5 if pdl else 2) * sms or kbs // half > 32
     assert cfg["PREFETCH"] == 0 or pdl                    # prefetching only pays before a PDL wait
+    assert cfg["EVEN_N"] == (n % cfg["BLOCK_N"] == 0)     # M = 1: unmasked where the tiles cover N exactly
+    assert not gemm.decode_config(2, n, k, sms, pdl).kwargs["EVEN_N"]
 
 
 def test_pdl_is_off_without_a_cuda_device():

@@ -150,6 +150,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return (out, out_s) if quantize else out
 
 
+def _norm_warps(k: int, splits: int) -> int:
+    """Warps of add_rmsnorm_quant's one program per row: from K = 4096 on, 16 (32 when it sums split-K
+    partials, 2-4 float32 rows for each bf16 one): 0.2 us (bf16 delta) and 0.8-0.9 us (partials)
+    faster than 8 at M = 1 and 8 on an H200 (BENCHMARKS.md), since the row is read by one SM."""
+    return (32 if splits else 16) if k >= 4096 else 4
+
+
 def add_rmsnorm_quant(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The residual add fused into ``gemm.rmsnorm_quant``: x, delta [M, K] bf16 (delta may be its
@@ -169,5 +176,5 @@ def add_rmsnorm_quant(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor
     ak.add_rmsnorm_quant_kernel[(m,)](x, delta, y, weight.contiguous(), q, s, k, x.stride(0), delta.stride(0),
                                       s.stride(0), s.stride(1), stride_s, inv_k, eps,
                                       GROUPS=triton.next_power_of_2(k // BLOCK), ON_CPU=x.device.type == "cpu",
-                                      SPLITS=splits, num_warps=8 if k >= 4096 else 4)
+                                      SPLITS=splits, num_warps=_norm_warps(k, splits))
     return y, q, s

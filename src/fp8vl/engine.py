@@ -51,11 +51,10 @@ class EngineOptions:
     prefill_graphs: bool = True          # ... captured in CUDA graphs (CUDA, dense layers, cuda_graphs on)
     pdl: bool = False                    # decode GEMVs start while their input's producer runs (SM90+;
                                          # 2-3% slower whole steps on the H200, so off: BENCHMARKS.md)
-    consumer_sums: tuple[str, ...] = ("qkv", "gate_up")   # FP8 decode linears ("qkv", "o", "gate_up",
-                                         # "down") whose split-K partials the next kernel sums as it reads
-                                         # them (same bits); the others' are summed by the GEMV's last
-                                         # split. o and down feed a one-program-per-row kernel, which reads
-                                         # partials no faster than the GEMV sums them: BENCHMARKS.md
+    consumer_sums: tuple[str, ...] = ("qkv", "o", "gate_up", "down")   # FP8 decode linears whose
+                                         # split-K partials the next kernel sums as it reads them (same
+                                         # bits); the others' are summed by the GEMV's last split (each
+                                         # linear 0.3-1.3 us slower that way on the H200: BENCHMARKS.md)
 
 
 @dataclass

@@ -160,7 +160,7 @@ def gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
                 stride_xm, stride_xsm, stride_xsk, stride_wsn,
                 A_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, ON_CPU: tl.constexpr,
                 M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-                PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
+                PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, EVEN_N: tl.constexpr = False):
     """Decode GEMV (M <= M_PAD rows): y[:, n-tile] = sum over this split's 128-wide K blocks of
     (x . q) * w_scale (* x_scale when A_FP8), float32 accumulate.
 
@@ -170,7 +170,9 @@ def gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
     zero before the call and reset to zero by that split, so a CUDA graph can replay it), which
     saves the second launch; else by splitk_reduce_kernel. UNROLL K blocks per iteration put more
     weight bytes in flight per program. A_FP8 False is W8A16: x bf16, the weight tile converted to
-    bf16 in registers (exact: e4m3 is a subset of bf16).
+    bf16 in registers (exact: e4m3 is a subset of bf16). EVEN_N (N % BLOCK_N == 0): the weight
+    and scale loads go unmasked in N (the compiler then schedules them differently: gemm.decode_config
+    says when that pays).
 
     PDL (launched with programmatic dependent launch, SM90+): the programs start while the
     previous kernel (the producer of x) still runs, pull their first PREFETCH K blocks of weight
@@ -206,8 +208,10 @@ def gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
             k0 = kb * 128
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k0 + offs_k[None, :],
                         mask=mask_m[:, None] & live, other=0.0)
-            w = tl.load(w_ptr + offs_n[:, None] * K + k0 + offs_k[None, :], mask=mask_n[:, None] & live, other=0.0)
-            ws = tl.load(ws_ptr + (offs_n // 128) * stride_wsn + kb, mask=mask_n & live, other=0.0)
+            w_mask = live if EVEN_N else mask_n[:, None] & live
+            w = tl.load(w_ptr + offs_n[:, None] * K + k0 + offs_k[None, :], mask=w_mask, other=0.0)
+            ws = tl.load(ws_ptr + (offs_n // 128) * stride_wsn + kb, mask=live if EVEN_N else mask_n & live,
+                         other=0.0)
             if A_FP8:
                 xs = tl.load(xs_ptr + offs_m * stride_xsm + kb * stride_xsk, mask=mask_m & live, other=0.0)
                 acc += tl.dot(x, tl.trans(w)) * xs[:, None] * ws[None, :]
