@@ -26,16 +26,17 @@ from fp8vl import gemm
 from kernels import MODELS, read_floor, shapes, timed, weight_copies  # benchmarks/kernels.py
 
 
-def gemv_configs(m: int, n: int, k: int, prefetch=(0, 4, 16)):
-    """72 GEMV configs (24 with ``prefetch`` (0,)), weight loads unmasked in N at M = 1 as the
-    table has them (``EVEN_N``). An earlier 72-config sweep (16-row tiles, 8 warps, 8 K blocks per
-    step too) never picked those; PREFETCH (K blocks pulled into L2 before waiting for the
-    producer) is new; two K blocks per step over 3 stages is the plain table's."""
+def gemv_configs(n: int, k: int, prefetch=(0, 4, 16)):
+    """72 GEMV configs (24 with ``prefetch`` (0,)), weight loads unmasked in N where the tiles
+    cover it (``EVEN_N``, as the table has them). 64- and 128-row tiles: the weight is the tensor
+    cores' A operand (64 rows at least for Hopper's wgmma); earlier sweeps of the untransposed
+    kernel (16-32 rows, 8 warps, 8 K blocks per step) never picked 8 warps or 8 K blocks.
+    PREFETCH (K blocks pulled into L2 before waiting for the producer) pays only launched with PDL."""
     for bn, split, (unroll, stages), prefetch in itertools.product(
-            (32, 64), (1, 2, 4, 8), ((2, 3), (2, 4), (4, 3)), prefetch):
+            (64, 128), (1, 2, 4, 8), ((2, 3), (2, 4), (4, 3)), prefetch):
         if split == 1 or (k // 128) // split >= unroll:
             yield gemm.LaunchConfig({"BLOCK_N": bn, "SPLIT_K": split, "UNROLL": unroll, "PREFETCH": prefetch,
-                                     "EVEN_N": m == 1 and n % bn == 0}, 4, stages)
+                                     "EVEN_N": n % bn == 0}, 4, stages)
 
 
 def tma_configs():
@@ -98,7 +99,7 @@ def main() -> None:
                 xq, xs = gemm.quantize_activations_gpu(x)
                 t16 = timed(lambda i: F.linear(x, ws16[i]), c16)
                 mode = dict(partials=True) if a.partials else dict(use_pdl=True)
-                configs = gemv_configs(m, n, k, (0,) if a.partials else (0, 4, 16))
+                configs = gemv_configs(n, k, (0,) if a.partials else (0, 4, 16))
                 res = sweep(lambda i, cfg: gemm._gemv(xq, xs, *qs[i], torch.bfloat16, None, True, cfg, counters,
                                                       **mode), configs, c8)
                 best_t, best = res[0]

@@ -145,8 +145,8 @@ def test_split_k_partials_summed_by_the_consumer_are_the_gemvs_own_sum():
 @interp
 @pytest.mark.parametrize("split", [1, 2])
 def test_unmasked_weight_loads_give_the_masked_bits(split):
-    """EVEN_N (M = 1's default where the tiles cover N exactly) drops the N mask from the weight
-    loads and nothing else; a config asking for it where they do not is refused."""
+    """EVEN_N (the default where the tiles cover N exactly) drops the N mask from the weight loads
+    and nothing else; a config asking for it where they do not is refused."""
     q, s = fp8_weight(256, 1024, 4)
     x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     xq, xs = gemm.quantize_activations_gpu(x)
@@ -204,16 +204,18 @@ def test_grouped_expert_gemm_uses_each_rows_expert():
 @pytest.mark.parametrize("sms", [8, 58, 132, 170])
 @pytest.mark.parametrize("pdl", [False, True])
 def test_default_decode_configs_keep_k_splits_whole_and_split_no_more_than_needed(n, k, sms, pdl):
+    wide = gemm.decode_config(8, n, k, sms, pdl).kwargs     # from M = 2: 128-row tiles for long K
     cfg = gemm.decode_config(1, n, k, sms, pdl).kwargs
+    if wide["BLOCK_N"] != cfg["BLOCK_N"]:
+        assert k >= 8192 and not pdl and (wide["BLOCK_N"], wide["SPLIT_K"]) == (128, 2 * cfg["SPLIT_K"])
     split, tiles, kbs = cfg["SPLIT_K"], -(-n // cfg["BLOCK_N"]), k // 128
     assert split in (1, 2, 4, 8)
     if split > 1:
         assert kbs // split >= cfg["UNROLL"] and kbs // split >= 4   # whole steps of whole K blocks
         half = split // 2                                 # the smaller split was short of programs or too long
-        assert tiles * half < (1.5 if pdl else 2) * sms or kbs // half > 32
+        assert tiles * half < 1.5 * sms or kbs // half > 32
     assert cfg["PREFETCH"] == 0 or pdl                    # prefetching only pays before a PDL wait
-    assert cfg["EVEN_N"] == (n % cfg["BLOCK_N"] == 0)     # M = 1: unmasked where the tiles cover N exactly
-    assert not gemm.decode_config(2, n, k, sms, pdl).kwargs["EVEN_N"]
+    assert cfg["EVEN_N"] == (n % cfg["BLOCK_N"] == 0)     # unmasked where the tiles cover N exactly
 
 
 def test_pdl_is_off_without_a_cuda_device():

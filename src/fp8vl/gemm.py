@@ -76,28 +76,28 @@ def pdl(device: torch.device) -> bool:
 
 def decode_config(m: int, n: int, k: int, sm_count: int, pdl: bool = False) -> LaunchConfig:
     """The GEMV's launch config (M <= 16), from ``benchmarks/tune.py`` and side-by-side runs on an
-    H200 (132 SMs; every Qwen3-VL-8B shape, M = 1 to 16, weights streamed from HBM): 32-row weight
-    tiles (64 for N >= 16384), two K blocks per step over 3 pipeline stages (4 were 0.4-0.8 us
-    slower on qkv at M=8 and on down), K split in 2..8 while there are < 2 programs per SM or
-    > 32 K blocks per split, each split keeping >= 4 K blocks (the 4096x4096 o: 4 splits, 0.3 us
-    faster than 2 at every M). At M = 1 the weight loads go unmasked in N (``EVEN_N``, where N is a
-    multiple of the tile): 0.1-1.2 us faster there, 0.3-1.6 us slower from M = 2 on. Launched with
-    programmatic dependent launch (``pdl``): 4 stages, splits while < 1.5 programs per SM; long K
-    (>= 8192) takes 64-row tiles and four K blocks per step over 3 stages (with two, it ran 20%
-    slower launched early), and matrices >= 32 MiB prefetch 4 K blocks into L2 before waiting for
-    the producer (smaller ones gain nothing). A table, not autotune: autotune times one eager
-    launch per config, whose noise and launch cost (~5 us) outweigh the 1-2 us between configs of
-    a 10 us kernel (it picked 10-20% slower ones)."""
+    H200 (132 SMs; every Qwen3-VL-8B shape, M = 1 and 8, weights streamed from HBM): 64-row weight
+    tiles (the tensor cores' A operand: gemm_kernels.gemv_kernel), two K blocks per step over 3
+    pipeline stages, K split in 2..8 while there are < 1.5 programs per SM or > 32 K blocks per
+    split, each split keeping >= 4 K blocks; weight loads unmasked in N where the tiles cover it
+    (``EVEN_N``). From M = 2, long K (>= 8192, down_proj) takes 128-row tiles and twice the splits
+    (1.9 us faster at M = 8 on the 8B down; a tie at M = 1; o and qkv gained nothing). Launched with programmatic dependent launch (``pdl``): 4 stages; long K
+    (>= 8192) takes four K blocks per step over 3 stages (with two, it ran 20% slower launched
+    early), and matrices >= 32 MiB prefetch 4 K blocks into L2 before waiting for the producer
+    (smaller ones gain nothing). A table, not autotune: autotune times one eager launch per
+    config, whose noise and launch cost (~5 us) outweigh the 1-2 us between configs of a 10 us
+    kernel (it picked 10-20% slower ones)."""
     long_k = pdl and k >= 8192
-    block_n = 64 if n >= 16384 or long_k else 32
+    block_n = 64
     tiles = triton.cdiv(n, block_n)
     kbs = k // BLOCK
-    per_sm = 1.5 if pdl else 2
     split = 1
-    while split < 8 and kbs // (split * 2) >= 4 and (tiles * split < per_sm * sm_count or kbs // split > 32):
+    while split < 8 and kbs // (split * 2) >= 4 and (tiles * split < 1.5 * sm_count or kbs // split > 32):
         split *= 2
+    if m > 1 and k >= 8192 and not pdl and split <= 4 and kbs // (split * 2) >= 4:
+        block_n, split = 128, split * 2      # as many programs, each a 128-row tile over half the K range
     return LaunchConfig({"BLOCK_N": block_n, "SPLIT_K": split, "UNROLL": 4 if long_k else 2,
-                         "PREFETCH": 4 if pdl and n * k >= 32 << 20 else 0, "EVEN_N": m == 1 and n % block_n == 0},
+                         "PREFETCH": 4 if pdl and n * k >= 32 << 20 else 0, "EVEN_N": n % block_n == 0},
                         num_warps=4, num_stages=4 if pdl and not long_k else 3)
 
 

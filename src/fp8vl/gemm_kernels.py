@@ -162,7 +162,12 @@ def gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
                 M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, FUSED_REDUCE: tl.constexpr,
                 PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, EVEN_N: tl.constexpr = False):
     """Decode GEMV (M <= M_PAD rows): y[:, n-tile] = sum over this split's 128-wide K blocks of
-    (x . q) * w_scale (* x_scale when A_FP8), float32 accumulate.
+    (x . q) * w_scale (* x_scale when A_FP8), float32 accumulate. Computed transposed, acc^T
+    [BLOCK_N, M_PAD] = q_tile . x_tile^T ("swap AB"): the weight tile is the tensor cores' wide A
+    operand (64+ rows: Hopper's wgmma reads it from shared memory) and the few activation rows the
+    narrow B operand; x . q^T with 16 padded rows as A ran 0.2-2 us slower per linear (H200).
+    W8A16 keeps x . q^T (its bf16 weight tile comes from registers; transposed it ran 20% slower)
+    and transposes its accumulator once at the end.
 
     Grid (N / BLOCK_N, SPLIT_K). SPLIT_K == 1 writes y (+ bias) in its dtype; otherwise each split
     writes float32 partials [SPLIT_K, M, N], summed in split order (deterministic): with
@@ -171,8 +176,7 @@ def gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
     saves the second launch; else by splitk_reduce_kernel. UNROLL K blocks per iteration put more
     weight bytes in flight per program. A_FP8 False is W8A16: x bf16, the weight tile converted to
     bf16 in registers (exact: e4m3 is a subset of bf16). EVEN_N (N % BLOCK_N == 0): the weight
-    and scale loads go unmasked in N (the compiler then schedules them differently: gemm.decode_config
-    says when that pays).
+    and scale loads go unmasked in N.
 
     PDL (launched with programmatic dependent launch, SM90+): the programs start while the
     previous kernel (the producer of x) still runs, pull their first PREFETCH K blocks of weight
@@ -200,7 +204,10 @@ def gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
             _prefetch_l2(w_ptr + pn[:, None].to(tl.int64) * K + pk[None, :] * 128)
         gdc_wait()
         release_dependents(PDL)
-    acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+    if A_FP8:
+        acc = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)                    # transposed: [n, m]
+    else:
+        acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)                    # W8A16: [m, n]
     for kb0 in range(kb_lo, kb_hi, UNROLL):
         for u in tl.static_range(UNROLL):
             kb = kb0 + u
@@ -214,16 +221,18 @@ def gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
                          other=0.0)
             if A_FP8:
                 xs = tl.load(xs_ptr + offs_m * stride_xsm + kb * stride_xsk, mask=mask_m & live, other=0.0)
-                acc += tl.dot(x, tl.trans(w)) * xs[:, None] * ws[None, :]
+                acc += tl.dot(w, tl.trans(x)) * ws[:, None] * xs[None, :]
             elif ON_CPU:
                 acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32))) * ws[None, :]
             else:
                 acc += tl.dot(x, tl.trans(w.to(tl.bfloat16))) * ws[None, :]
-    out = offs_m[:, None] * N + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
+    if not A_FP8:
+        acc = tl.trans(acc)
+    out = offs_m[None, :] * N + offs_n[:, None]                                # [n, m] offsets in y [M, N]
+    mask = mask_n[:, None] & mask_m[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
         _store_out(y_ptr + out, acc, mask)
     else:
         tl.store(part_ptr + pid_k * M * N + out, acc, mask=mask)
@@ -234,11 +243,11 @@ def gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
             arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
             if arrived == SPLIT_K - 1:
                 tl.debug_barrier()
-                tot = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+                tot = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)
                 for s in range(0, SPLIT_K):
                     tot += tl.load(part_ptr + s * M * N + out, mask=mask, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
-                    tot += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                    tot += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
                 _store_out(y_ptr + out, tot, mask)
                 tl.store(cnt_ptr + pid_n, 0)
 
