@@ -81,7 +81,7 @@ def decode_config(m: int, n: int, k: int, sm_count: int, pdl: bool = False) -> L
     pipeline stages, K split in 2..8 while there are < 1.5 programs per SM or > 32 K blocks per
     split, each split keeping >= 4 K blocks; weight loads unmasked in N where the tiles cover it
     (``EVEN_N``). From M = 2, long K (>= 8192, down_proj) takes 128-row tiles and twice the splits
-    (1.9 us faster at M = 8 on the 8B down; a tie at M = 1; o and qkv gained nothing). Launched with programmatic dependent launch (``pdl``): 4 stages; long K
+    (0.9-1.3 us faster at M = 8 on the 8B down; a tie at M = 1; o and qkv gained nothing). Launched with programmatic dependent launch (``pdl``): 4 stages; long K
     (>= 8192) takes four K blocks per step over 3 stages (with two, it ran 20% slower launched
     early), and matrices >= 32 MiB prefetch 4 K blocks into L2 before waiting for the producer
     (smaller ones gain nothing). A table, not autotune: autotune times one eager launch per
@@ -407,8 +407,8 @@ def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tens
     ``quantize_activations_gpu``): xq [M, K] e4m3, xs [M, K/128] -> [M, N] ``out_dtype``.
 
     M <= 16: the Triton GEMV on every card (``counters``: see ``gemv_counters``; ``pdl``: launched
-    with programmatic dependent launch where the card has it: faster back to back, 2-3% slower in
-    the engine's decode step on the H200, so off by default). ``partials`` (no bias): when the
+    with programmatic dependent launch where the card has it: 12% slower in the engine's decode
+    step on the H200, so off by default). ``partials`` (no bias): when the
     GEMV splits K, it returns its float32 partials [S, M, N] unsummed, for a consumer that sums
     them as it reads its input (``silu_mul_quant``, ``attention.add_rmsnorm_quant``,
     ``attention.qk_norm_rope_cache``, ``splitk_sum``): the same bits, without the last split's
