@@ -152,8 +152,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def _norm_warps(k: int, splits: int) -> int:
     """Warps of add_rmsnorm_quant's one program per row: from K = 4096 on, 16 (32 when it sums split-K
-    partials, 2-4 float32 rows for each bf16 one): 0.2 us (bf16 delta) and 0.8-0.9 us (partials)
-    faster than 8 at M = 1 and 8 on an H200 (BENCHMARKS.md), since the row is read by one SM."""
+    partials, 2-8 float32 rows for each bf16 one): 0.2 us (bf16 delta) and 0.8-0.9 us (2-4
+    partials) faster than 8 at M = 1 and 8 on an H200 (BENCHMARKS.md): one SM reads the row."""
     return (32 if splits else 16) if k >= 4096 else 4
 
 

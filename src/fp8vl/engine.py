@@ -54,7 +54,7 @@ class EngineOptions:
     consumer_sums: tuple[str, ...] = ("qkv", "o", "gate_up", "down")   # FP8 decode linears whose
                                          # split-K partials the next kernel sums as it reads them (same
                                          # bits); the others' are summed by the GEMV's last split (each
-                                         # linear 0.3-1.3 us slower that way on the H200: BENCHMARKS.md)
+                                         # linear 0.1-1.8 us slower that way on the H200: BENCHMARKS.md)
 
 
 @dataclass

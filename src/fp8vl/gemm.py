@@ -81,12 +81,12 @@ def decode_config(m: int, n: int, k: int, sm_count: int, pdl: bool = False) -> L
     pipeline stages, K split in 2..8 while there are < 1.5 programs per SM or > 32 K blocks per
     split, each split keeping >= 4 K blocks; weight loads unmasked in N where the tiles cover it
     (``EVEN_N``). From M = 2, long K (>= 8192, down_proj) takes 128-row tiles and twice the splits
-    (0.9-1.3 us faster at M = 8 on the 8B down; a tie at M = 1; o and qkv gained nothing). Launched with programmatic dependent launch (``pdl``): 4 stages; long K
-    (>= 8192) takes four K blocks per step over 3 stages (with two, it ran 20% slower launched
-    early), and matrices >= 32 MiB prefetch 4 K blocks into L2 before waiting for the producer
-    (smaller ones gain nothing). A table, not autotune: autotune times one eager launch per
-    config, whose noise and launch cost (~5 us) outweigh the 1-2 us between configs of a 10 us
-    kernel (it picked 10-20% slower ones)."""
+    (0.9-1.3 us faster at M = 8 on the 8B down; a tie at M = 1; o and qkv gained nothing).
+    Launched with programmatic dependent launch (``pdl``): 4 stages; long K (>= 8192) takes four
+    K blocks per step over 3 stages (with two, it ran 20% slower launched early), and matrices >=
+    32 MiB prefetch 4 K blocks into L2 before waiting for the producer (smaller ones gain nothing).
+    A table, not autotune: autotune times one eager launch per config, whose noise and launch cost
+    (~5 us) outweigh the 1-2 us between configs of a 10 us kernel (it picked 10-20% slower ones)."""
     long_k = pdl and k >= 8192
     block_n = 64
     tiles = triton.cdiv(n, block_n)

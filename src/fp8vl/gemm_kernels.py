@@ -165,9 +165,10 @@ def gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
     (x . q) * w_scale (* x_scale when A_FP8), float32 accumulate. Computed transposed, acc^T
     [BLOCK_N, M_PAD] = q_tile . x_tile^T ("swap AB"): the weight tile is the tensor cores' wide A
     operand (64+ rows: Hopper's wgmma reads it from shared memory) and the few activation rows the
-    narrow B operand; x . q^T with 16 padded rows as A ran 0.2-2 us slower per linear (H200).
-    W8A16 keeps x . q^T (its bf16 weight tile comes from registers; transposed it ran 20% slower)
-    and transposes its accumulator once at the end.
+    narrow B operand; x . q^T with 16 padded rows as A ran 0.2-2 us slower per linear in a
+    side-by-side sweep (H200). W8A16 keeps x . q^T (its bf16 weight tile comes from registers;
+    transposed, it ran 0.95-1.13x BF16 against 1.05-1.28x) and transposes its accumulator once at
+    the end.
 
     Grid (N / BLOCK_N, SPLIT_K). SPLIT_K == 1 writes y (+ bias) in its dtype; otherwise each split
     writes float32 partials [SPLIT_K, M, N], summed in split order (deterministic): with
