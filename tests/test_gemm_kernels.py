@@ -8,6 +8,8 @@ Shapes are small: the interpreter runs programs one by one in numpy.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -231,3 +233,57 @@ def test_bad_shapes_get_one_clear_error():
         gemm.fp8_gemm(torch.zeros(2, 512, dtype=torch.float8_e4m3fn), torch.ones(2, 4), q, s[:1])
     with pytest.raises(ValueError, match="backend"):
         gemm.fp8_gemm(torch.zeros(32, 512, dtype=torch.float8_e4m3fn), torch.ones(32, 4), q, s, backend="cutlass")
+
+
+# The most shared memory one block may take on the cards no machine here has: 8.9 (Ada: RTX 40xx,
+# L4) and 12.0 (consumer Blackwell: RTX 50xx). A config over it fails there at its first launch.
+SHARED_PER_BLOCK = {(8, 9): 99 << 10, (12, 0): 99 << 10}
+# (hidden, intermediate, attention heads) of Qwen3-VL 2B, 4B, 8B, 32B; 8 KV heads, head_dim 128
+DECODERS = [(2048, 6144, 16), (2560, 9728, 32), (4096, 12288, 32), (5120, 25600, 64)]
+
+
+def compiled_shared_bytes(kernel, cc: tuple[int, int], constexprs: dict, cfg: gemm.LaunchConfig,
+                          x_type: str = "*fp8e4nv") -> int:
+    """Shared memory of ``kernel`` compiled (Triton's own ptxas, no GPU) for compute capability
+    ``cc`` with ``cfg``: pointers, N, K and the row stride 16-divisible, as a launch on real
+    tensors specializes them (without that, Triton neither vectorizes nor pipelines the loads)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointers = {"x_ptr": x_type, "xs_ptr": "*fp32", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "b_ptr": "*bf16",
+                "y_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
+    const = {**constexprs, **cfg.kwargs}
+    names = kernel.arg_names
+    sig = {n: "constexpr" if n in const else pointers.get(n, "i32") for n in names}
+    aligned = [n for n in names if sig[n].startswith("*") or n in ("N", "K", "stride_xm")]
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return triton.compile(src, target=GPUTarget("cuda", cc[0] * 10 + cc[1], 32), options=opts).metadata.shared
+
+
+@pytest.mark.skipif(INTERPRETER, reason="compiles for real targets")
+@pytest.mark.parametrize("cc", list(SHARED_PER_BLOCK))
+def test_table_configs_fit_the_shared_memory_of_ada_and_consumer_blackwell(cc):
+    """Every decode-GEMV config the table gives for the Qwen3-VL decoder linears (fused qkv, o,
+    fused gate_up, down; M = 1 and 8; launched with PDL too where the card has it; W8A8 and W8A16)
+    and the block GEMM's table configs fit a block's shared memory on 8.9 and 12.0 cards."""
+    from fp8vl import gemm_kernels as gk
+
+    sms = {(8, 9): 76, (12, 0): 170}[cc]                  # an RTX 4080, an RTX 5090
+    shapes = [s for h, i, heads in DECODERS for s in (((heads + 16) * 128, h), (h, heads * 128), (2 * i, h), (h, i))]
+    gemv = {}
+    for (n, k), m, pdl in itertools.product(shapes, (1, 8), (False, True) if cc >= (9, 0) else (False,)):
+        cfg = gemm.decode_config(m, n, k, sms, pdl)
+        gemv[(repr(cfg), pdl)] = (cfg, pdl)
+    assert len(gemv) >= 2
+    for (cfg, pdl), a_fp8 in itertools.product(gemv.values(), (True, False)):
+        base = dict(A_FP8=a_fp8, HAS_BIAS=False, ON_CPU=False, M_PAD=gemm.DECODE_MAX_M, FUSED_REDUCE=True, PDL=pdl)
+        used = compiled_shared_bytes(gk.gemv_kernel, cc, base, cfg, "*fp8e4nv" if a_fp8 else "*bf16")
+        assert 0 < used <= SHARED_PER_BLOCK[cc], (cfg, pdl, a_fp8, used)
+    for a_fp8 in (True, False):
+        cfg = gemm.prefill_config(2048, 4096, 4096, sms, a_fp8)
+        base = dict(A_FP8=a_fp8, HAS_BIAS=False, ON_CPU=False, PAIRS=False)
+        used = compiled_shared_bytes(gk.block_gemm_kernel, cc, base, cfg, "*fp8e4nv" if a_fp8 else "*bf16")
+        assert 0 < used <= SHARED_PER_BLOCK[cc], (cfg, a_fp8, used)
