@@ -301,9 +301,10 @@ def _gemv(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | Non
     partials = partials and split > 1 and bias is None
     if split > 1:
         args["part_ptr"] = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        args["FUSED_REDUCE"] = fused_reduce and not partials
+    if split > 1 and args["FUSED_REDUCE"]:     # only the in-kernel sum reads the counters
         use = counters is not None and counters.numel() >= triton.cdiv(n, 16)
         args["cnt_ptr"] = counters if use else gemv_counters(n, x.device)
-        args["FUSED_REDUCE"] = fused_reduce and not partials
     args["PDL"] = use_pdl
     _run(gk.gemv_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split), cfg, args, use_pdl)
     if partials:

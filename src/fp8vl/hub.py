@@ -124,7 +124,8 @@ def remote_headers(remote: Remote, shards: list[str], src: Path, started: dict[s
             for f, fut in todo.items()}
 
 
-def first_shard(ckpt: Checkpoint, src: Path, opts: QuantizeOptions, done: set[str], sizes: dict[str, int]) -> str | None:
+def first_shard(ckpt: Checkpoint, src: Path, opts: QuantizeOptions, done: set[str],
+                sizes: dict[str, int]) -> str | None:
     """The shard the writer reads first, known from the headers alone (the plan needs no torch): the
     largest holding a tensor of the plan, of those no earlier run finished (``done``). None when
     there is none."""
