@@ -27,13 +27,13 @@ from kernels import MODELS, read_floor, shapes, timed, weight_copies  # benchmar
 
 
 def gemv_configs(n: int, k: int, prefetch=(0, 4, 16)):
-    """72 GEMV configs (24 with ``prefetch`` (0,)), weight loads unmasked in N where the tiles
+    """120 GEMV configs (40 with ``prefetch`` (0,)), weight loads unmasked in N where the tiles
     cover it (``EVEN_N``, as the table has them). 64- and 128-row tiles: the weight is the tensor
     cores' A operand (64 rows at least for Hopper's wgmma); earlier sweeps of the untransposed
     kernel (16-32 rows, 8 warps, 8 K blocks per step) never picked 8 warps or 8 K blocks.
     PREFETCH (K blocks pulled into L2 before waiting for the producer) pays only launched with PDL."""
     for bn, split, (unroll, stages), prefetch in itertools.product(
-            (64, 128), (1, 2, 4, 8), ((2, 3), (2, 4), (4, 3)), prefetch):
+            (64, 128), (1, 2, 4, 8), ((1, 4), (1, 6), (2, 3), (2, 4), (4, 3)), prefetch):
         if split == 1 or (k // 128) // split >= unroll:
             yield gemm.LaunchConfig({"BLOCK_N": bn, "SPLIT_K": split, "UNROLL": unroll, "PREFETCH": prefetch,
                                      "EVEN_N": n % bn == 0}, 4, stages)

@@ -124,6 +124,27 @@ def test_every_split_k_gives_the_same_product(split):
 
 
 @interp
+@pytest.mark.parametrize("a_fp8", [True, False])
+def test_scales_loaded_a_step_ahead_give_the_same_bits_at_every_unroll(a_fp8):
+    """The GEMV loads the next UNROLL K blocks' scales while it multiplies the current ones: 1, 2
+    or 4 blocks per step, over splits of 3, 3 and 2 blocks (a last step part past the split's
+    end), give the same bits, W8A8 and W8A16; a tile that would straddle two 128-row scale blocks
+    is refused. (Tiles of other heights are not compared bit for bit: the interpreter's dot sums
+    in an order that depends on the tile's shape.)"""
+    q, s = fp8_weight(256, 1024, 5)
+    x = torch.randn(5, 1024, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    xq, xs = gemm.quantize_activations_gpu(x) if a_fp8 else (x, None)
+    outs = [gemm._gemv(xq, xs, q, s, torch.bfloat16, None, a_fp8,
+                       gemm.LaunchConfig({"BLOCK_N": 64, "SPLIT_K": 3, "UNROLL": u}), partials=True)
+            for u in (1, 2, 4)]
+    assert all(same_bits(o, outs[0]) for o in outs[1:])
+    ref = w8a8_reference(x, q, s) if a_fp8 else x.float() @ dequantize_weight(q, s).float().T
+    assert rel(gemm.splitk_sum(outs[0]), ref) < 5e-3
+    with pytest.raises(ValueError, match="BLOCK_N must divide"):
+        gemm._gemv(xq, xs, q, s, torch.bfloat16, None, a_fp8, gemm.LaunchConfig({"BLOCK_N": 256, "SPLIT_K": 1, "UNROLL": 2}))
+
+
+@interp
 def test_split_k_partials_summed_by_the_consumer_are_the_gemvs_own_sum():
     """fp8_gemm(partials=True) leaves a split GEMV's float32 partials unsummed; splitk_sum and
     silu_mul_quant sum them as the GEMV's last split would: the same bits as the plain path."""
@@ -203,20 +224,19 @@ def test_grouped_expert_gemm_uses_each_rows_expert():
 
 
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288), (2048, 2048),
-                                 (2048, 6144), (200, 256)])
+                                 (2048, 6144), (51200, 5120), (5120, 25600), (200, 256)])
 @pytest.mark.parametrize("sms", [8, 58, 132, 170])
 @pytest.mark.parametrize("pdl", [False, True])
 def test_default_decode_configs_keep_k_splits_whole_and_split_no_more_than_needed(n, k, sms, pdl):
-    wide = gemm.decode_config(8, n, k, sms, pdl).kwargs     # from M = 2: 128-row tiles for long K
     cfg = gemm.decode_config(1, n, k, sms, pdl).kwargs
-    if wide["BLOCK_N"] != cfg["BLOCK_N"]:
-        assert k >= 8192 and not pdl and (wide["BLOCK_N"], wide["SPLIT_K"]) == (128, 2 * cfg["SPLIT_K"])
+    assert gemm.decode_config(8, n, k, sms, pdl).kwargs == cfg                    # one config for every M
+    assert cfg["BLOCK_N"] == (128 if n // 128 >= 2 * sms and not pdl else 64)     # 128 rows: two tiles per SM
     split, tiles, kbs = cfg["SPLIT_K"], -(-n // cfg["BLOCK_N"]), k // 128
     assert split in (1, 2, 4, 8)
     if split > 1:
         assert kbs // split >= cfg["UNROLL"] and kbs // split >= 4   # whole steps of whole K blocks
         half = split // 2                                 # the smaller split was short of programs or too long
-        assert tiles * half < 1.5 * sms or kbs // half > 32
+        assert tiles * half < 1.5 * sms or kbs // half > 64
     assert cfg["PREFETCH"] == 0 or pdl                    # prefetching only pays before a PDL wait
     assert cfg["EVEN_N"] == (n % cfg["BLOCK_N"] == 0)     # unmasked where the tiles cover N exactly
 

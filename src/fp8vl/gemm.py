@@ -75,27 +75,26 @@ def pdl(device: torch.device) -> bool:
 
 
 def decode_config(m: int, n: int, k: int, sm_count: int, pdl: bool = False) -> LaunchConfig:
-    """The GEMV's launch config (M <= 16), from ``benchmarks/tune.py`` and side-by-side runs on an
-    H200 (132 SMs; every Qwen3-VL-8B shape, M = 1 and 8, weights streamed from HBM): 64-row weight
-    tiles (the tensor cores' A operand: gemm_kernels.gemv_kernel), two K blocks per step over 3
-    pipeline stages, K split in 2..8 while there are < 1.5 programs per SM or > 32 K blocks per
-    split, each split keeping >= 4 K blocks; weight loads unmasked in N where the tiles cover it
-    (``EVEN_N``). From M = 2, long K (>= 8192, down_proj) takes 128-row tiles and twice the splits
-    (0.9-1.3 us faster at M = 8 on the 8B down; a tie at M = 1; o and qkv gained nothing).
+    """The GEMV's launch config (M <= 16: the same at every M), from ``benchmarks/tune.py`` sweeps
+    on an H200 (132 SMs; the Qwen3-VL 2B, 8B and 32B decoder shapes, M = 1 and 8, weights streamed
+    from HBM): 64-row weight tiles (the tensor cores' A operand: gemm_kernels.gemv_kernel), 128-row
+    ones where N gives two of them per SM (the 32B gate_up: 4 us faster; not with PDL, whose 4
+    stages of them would not fit the 99 KiB of 8.9 and 12.0 cards); two K blocks per step
+    over 3 pipeline stages; K split in 2..8 while there are < 1.5 programs per SM or > 64 K blocks
+    per split, each split keeping >= 4 K blocks. That table came within 0.3 us of each shape's best
+    of 40 configs. Weight loads unmasked in N where the tiles cover it (``EVEN_N``).
     Launched with programmatic dependent launch (``pdl``): 4 stages; long K (>= 8192) takes four
     K blocks per step over 3 stages (with two, it ran 20% slower launched early), and matrices >=
     32 MiB prefetch 4 K blocks into L2 before waiting for the producer (smaller ones gain nothing).
     A table, not autotune: autotune times one eager launch per config, whose noise and launch cost
     (~5 us) outweigh the 1-2 us between configs of a 10 us kernel (it picked 10-20% slower ones)."""
     long_k = pdl and k >= 8192
-    block_n = 64
+    block_n = 128 if n // 128 >= 2 * sm_count and not pdl else 64   # 4 PDL stages of 128 rows: > 99 KiB
     tiles = triton.cdiv(n, block_n)
     kbs = k // BLOCK
     split = 1
-    while split < 8 and kbs // (split * 2) >= 4 and (tiles * split < 1.5 * sm_count or kbs // split > 32):
+    while split < 8 and kbs // (split * 2) >= 4 and (tiles * split < 1.5 * sm_count or kbs // split > 64):
         split *= 2
-    if m > 1 and k >= 8192 and not pdl and split <= 4 and kbs // (split * 2) >= 4:
-        block_n, split = 128, split * 2      # as many programs, each a 128-row tile over half the K range
     return LaunchConfig({"BLOCK_N": block_n, "SPLIT_K": split, "UNROLL": 4 if long_k else 2,
                          "PREFETCH": 4 if pdl and n * k >= 32 << 20 else 0, "EVEN_N": n % block_n == 0},
                         num_warps=4, num_stages=4 if pdl and not long_k else 3)
@@ -295,6 +294,8 @@ def _gemv(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | Non
                 FUSED_REDUCE=fused_reduce)
     use_pdl = use_pdl and pdl(x.device)
     cfg = config or decode_config(m, n, k, _sm_count(x.device), use_pdl)
+    if 128 % cfg.kwargs["BLOCK_N"]:
+        raise ValueError(f"fp8 decode GEMM: BLOCK_N must divide the 128-row scale block; got {cfg.kwargs['BLOCK_N']}")
     if cfg.kwargs.get("EVEN_N") and n % cfg.kwargs["BLOCK_N"]:
         raise ValueError(f"fp8 decode GEMM: EVEN_N needs N % BLOCK_N == 0; got N {n}, BLOCK_N {cfg.kwargs['BLOCK_N']}")
     split = cfg.kwargs["SPLIT_K"]
