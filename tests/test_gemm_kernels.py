@@ -141,7 +141,8 @@ def test_scales_loaded_a_step_ahead_give_the_same_bits_at_every_unroll(a_fp8):
     ref = w8a8_reference(x, q, s) if a_fp8 else x.float() @ dequantize_weight(q, s).float().T
     assert rel(gemm.splitk_sum(outs[0]), ref) < 5e-3
     with pytest.raises(ValueError, match="BLOCK_N must divide"):
-        gemm._gemv(xq, xs, q, s, torch.bfloat16, None, a_fp8, gemm.LaunchConfig({"BLOCK_N": 256, "SPLIT_K": 1, "UNROLL": 2}))
+        gemm._gemv(xq, xs, q, s, torch.bfloat16, None, a_fp8,
+                   gemm.LaunchConfig({"BLOCK_N": 256, "SPLIT_K": 1, "UNROLL": 2}))
 
 
 @interp
