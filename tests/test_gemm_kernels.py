@@ -238,7 +238,9 @@ def test_default_decode_configs_keep_k_splits_whole_and_split_no_more_than_neede
         assert kbs // split >= cfg["UNROLL"] and kbs // split >= 4   # whole steps of whole K blocks
         half = split // 2                                 # the smaller split was short of programs or too long
         assert tiles * half < 1.5 * sms or kbs // half > 64
-    assert cfg["PREFETCH"] == 0 or pdl                    # prefetching only pays before a PDL wait
+    assert cfg["PREFETCH"] == (4 if pdl else 0)           # prefetching only pays before a PDL wait
+    stages = gemm.decode_config(1, n, k, sms, pdl).num_stages
+    assert stages == (4 if pdl and tiles * split <= 2 * sms else 3)   # 4 with PDL where one wave holds them
     assert cfg["EVEN_N"] == (n % cfg["BLOCK_N"] == 0)     # unmasked where the tiles cover N exactly
 
 

@@ -79,25 +79,25 @@ def decode_config(m: int, n: int, k: int, sm_count: int, pdl: bool = False) -> L
     on an H200 (132 SMs; the Qwen3-VL 2B, 8B and 32B decoder shapes, M = 1 and 8, weights streamed
     from HBM): 64-row weight tiles (the tensor cores' A operand: gemm_kernels.gemv_kernel), 128-row
     ones where N gives two of them per SM (the 32B gate_up: 4 us faster; not with PDL, whose 4
-    stages of them would not fit the 99 KiB of 8.9 and 12.0 cards); two K blocks per step
-    over 3 pipeline stages; K split in 2..8 while there are < 1.5 programs per SM or > 64 K blocks
-    per split, each split keeping >= 4 K blocks. That table came within 0.3 us of each shape's best
-    of 40 configs. Weight loads unmasked in N where the tiles cover it (``EVEN_N``).
-    Launched with programmatic dependent launch (``pdl``): 4 stages; long K (>= 8192) takes four
-    K blocks per step over 3 stages (with two, it ran 20% slower launched early), and matrices >=
-    32 MiB prefetch 4 K blocks into L2 before waiting for the producer (smaller ones gain nothing).
+    stages of them would not fit the 99 KiB of 8.9 and 12.0 cards); two K blocks per step over 3
+    pipeline stages; K split in 2..8 while there are < 1.5 programs per SM or > 64 K blocks per
+    split, each split keeping >= 4 K blocks. That table came within 0.3 us of each shape's best of
+    40 configs. Weight loads unmasked in N where the tiles cover it (``EVEN_N``).
+    Launched with programmatic dependent launch (``pdl``): the same tiles and splits, 4 K blocks of
+    weight pulled into L2 before waiting for the producer (0.2-1.3 us faster than none or 16), and
+    4 stages where the grid then fits in one wave of two programs per SM (o and down of the 8B:
+    2-4 us faster there, 3-4 us slower where it does not).
     A table, not autotune: autotune times one eager launch per config, whose noise and launch cost
     (~5 us) outweigh the 1-2 us between configs of a 10 us kernel (it picked 10-20% slower ones)."""
-    long_k = pdl and k >= 8192
     block_n = 128 if n // 128 >= 2 * sm_count and not pdl else 64   # 4 PDL stages of 128 rows: > 99 KiB
     tiles = triton.cdiv(n, block_n)
     kbs = k // BLOCK
     split = 1
     while split < 8 and kbs // (split * 2) >= 4 and (tiles * split < 1.5 * sm_count or kbs // split > 64):
         split *= 2
-    return LaunchConfig({"BLOCK_N": block_n, "SPLIT_K": split, "UNROLL": 4 if long_k else 2,
-                         "PREFETCH": 4 if pdl and n * k >= 32 << 20 else 0, "EVEN_N": n % block_n == 0},
-                        num_warps=4, num_stages=4 if pdl and not long_k else 3)
+    return LaunchConfig({"BLOCK_N": block_n, "SPLIT_K": split, "UNROLL": 2, "PREFETCH": 4 if pdl else 0,
+                         "EVEN_N": n % block_n == 0},
+                        num_warps=4, num_stages=4 if pdl and tiles * split <= 2 * sm_count else 3)
 
 
 def prefill_config(m: int, n: int, k: int, sm_count: int, a_fp8: bool = True) -> LaunchConfig:
