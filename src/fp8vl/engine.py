@@ -50,7 +50,7 @@ class EngineOptions:
     restated_prefill: bool = True        # prefill through fp8vl's own layers (False: Transformers' forward)
     prefill_graphs: bool = True          # ... captured in CUDA graphs (CUDA, dense layers, cuda_graphs on)
     pdl: bool = False                    # decode GEMVs start while their input's producer runs (SM90+;
-                                         # 12% slower whole steps on the H200, so off: BENCHMARKS.md)
+                                         # 5% slower whole steps on the H200, so off: BENCHMARKS.md)
     consumer_sums: tuple[str, ...] = ("qkv", "o", "gate_up", "down")   # FP8 decode linears whose
                                          # split-K partials the next kernel sums as it reads them (same
                                          # bits); the others' are summed by the GEMV's last split (each

@@ -409,7 +409,7 @@ def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tens
     ``quantize_activations_gpu``): xq [M, K] e4m3, xs [M, K/128] -> [M, N] ``out_dtype``.
 
     M <= 16: the Triton GEMV on every card (``counters``: see ``gemv_counters``; ``pdl``: launched
-    with programmatic dependent launch where the card has it: 12% slower in the engine's decode
+    with programmatic dependent launch where the card has it: 5% slower in the engine's decode
     step on the H200, so off by default). ``partials`` (no bias): when the
     GEMV splits K, it returns its float32 partials [S, M, N] unsummed, for a consumer that sums
     them as it reads its input (``silu_mul_quant``, ``attention.add_rmsnorm_quant``,
