@@ -127,7 +127,7 @@ def test_every_split_k_gives_the_same_product(split):
 @pytest.mark.parametrize("a_fp8", [True, False])
 def test_scales_loaded_a_step_ahead_give_the_same_bits_at_every_unroll(a_fp8):
     """The GEMV loads the next UNROLL K blocks' scales while it multiplies the current ones: 1, 2
-    or 4 blocks per step, over splits of 3, 3 and 2 blocks (a last step part past the split's
+    or 4 blocks per step, over splits of 3, 3 and 2 blocks (the last step partly past the split's
     end), give the same bits, W8A8 and W8A16; a tile that would straddle two 128-row scale blocks
     is refused. (Tiles of other heights are not compared bit for bit: the interpreter's dot sums
     in an order that depends on the tile's shape.)"""

@@ -84,9 +84,9 @@ def decode_config(m: int, n: int, k: int, sm_count: int, pdl: bool = False) -> L
     split, each split keeping >= 4 K blocks. That table came within 0.3 us of each shape's best of
     40 configs. Weight loads unmasked in N where the tiles cover it (``EVEN_N``).
     Launched with programmatic dependent launch (``pdl``): the same tiles and splits, 4 K blocks of
-    weight pulled into L2 before waiting for the producer (0.2-1.3 us faster than none or 16), and
-    4 stages where the grid then fits in one wave of two programs per SM (o and down of the 8B:
-    2-4 us faster there, 3-4 us slower where it does not).
+    weight pulled into L2 before waiting for the producer (up to 0.7 us faster than none, 0.8-1.6
+    than 16), and 4 stages where the grid then fits in one wave of two programs per SM (o and down
+    of the 8B: 1.4-4 us faster there, 3-4 us slower where it does not).
     A table, not autotune: autotune times one eager launch per config, whose noise and launch cost
     (~5 us) outweigh the 1-2 us between configs of a 10 us kernel (it picked 10-20% slower ones)."""
     block_n = 128 if n // 128 >= 2 * sm_count and not pdl else 64   # 4 PDL stages of 128 rows: > 99 KiB
