@@ -131,7 +131,8 @@ def consumer(name: str, model: str, m: int):
     h, _, _, kv = MODELS[model]
     bf = dict(device="cuda", dtype=torch.bfloat16)
     if name == "qkv":
-        cos, sin, qn, kn = torch.randn(m, 128, **bf), torch.randn(m, 128, **bf), torch.ones(128, **bf), torch.ones(128, **bf)
+        cos, sin = torch.randn(m, 128, **bf), torch.randn(m, 128, **bf)
+        qn, kn = torch.ones(128, **bf), torch.ones(128, **bf)
         kc, vc = torch.zeros(m, kv, 512, 128, **bf), torch.zeros(m, kv, 512, 128, **bf)
         lens = torch.full((m,), 300, device="cuda")
         return lambda y: qk_norm_rope_cache(y, qn, kn, 1e-6, cos, sin, kc, vc, lens)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import grouped_gemm_case, qwen3_rmsnorm, rel, w8a8_reference
+from helpers import grouped_gemm_case, qwen3_rmsnorm, rel, same_bits, w8a8_reference
 from fp8vl.engine import capture_graph
 from fp8vl.kernel import dequantize_weight, quantize_activations, quantize_weight
 
@@ -192,11 +192,10 @@ def test_consumers_of_split_k_partials_at_the_8b_decode_shapes(m):
     a = gemm.quantize_activations_gpu(torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16, generator=g))
     o = both(4096, 4096, a)
     r1, r2 = add_rmsnorm_quant(x, o[0], norm, 1e-6), add_rmsnorm_quant(x, o[1], norm, 1e-6)
-    assert all(torch.equal(u.view(torch.uint8) if u.dtype == torch.float8_e4m3fn else u,
-                           v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v) for u, v in zip(r1, r2))
+    assert same_bits(r1[0], r2[0]) and same_bits(r1[1], r2[1]) and torch.equal(r1[2], r2[2])   # scales: column-major
     gu = both(24576, 4096, r1[1:], forced)
     (q1, s1), (q2, s2) = gemm.silu_mul_quant(gu[0]), gemm.silu_mul_quant(gu[1])
-    assert torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s1, s2)
+    assert same_bits(q1, q2) and torch.equal(s1, s2)
     both(4096, 12288, (q1, s1))
 
 

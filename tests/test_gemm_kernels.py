@@ -229,8 +229,9 @@ def test_grouped_expert_gemm_uses_each_rows_expert():
 @pytest.mark.parametrize("sms", [8, 58, 132, 170])
 @pytest.mark.parametrize("pdl", [False, True])
 def test_default_decode_configs_keep_k_splits_whole_and_split_no_more_than_needed(n, k, sms, pdl):
-    cfg = gemm.decode_config(1, n, k, sms, pdl).kwargs
-    assert gemm.decode_config(8, n, k, sms, pdl).kwargs == cfg                    # one config for every M
+    config = gemm.decode_config(1, n, k, sms, pdl)
+    cfg = config.kwargs
+    assert gemm.decode_config(8, n, k, sms, pdl) == config                         # one config for every M
     assert cfg["BLOCK_N"] == (128 if n // 128 >= 2 * sms and not pdl else 64)     # 128 rows: two tiles per SM
     split, tiles, kbs = cfg["SPLIT_K"], -(-n // cfg["BLOCK_N"]), k // 128
     assert split in (1, 2, 4, 8)
@@ -239,8 +240,7 @@ def test_default_decode_configs_keep_k_splits_whole_and_split_no_more_than_neede
         half = split // 2                                 # the smaller split was short of programs or too long
         assert tiles * half < 1.5 * sms or kbs // half > 64
     assert cfg["PREFETCH"] == (4 if pdl else 0)           # prefetching only pays before a PDL wait
-    stages = gemm.decode_config(1, n, k, sms, pdl).num_stages
-    assert stages == (4 if pdl and tiles * split <= 2 * sms else 3)   # 4 with PDL where one wave holds them
+    assert config.num_stages == (4 if pdl and tiles * split <= 2 * sms else 3)   # 4 with PDL where one wave holds them
     assert cfg["EVEN_N"] == (n % cfg["BLOCK_N"] == 0)     # unmasked where the tiles cover N exactly
 
 

@@ -80,9 +80,9 @@ def decode_config(m: int, n: int, k: int, sm_count: int, pdl: bool = False) -> L
     from HBM): 64-row weight tiles (the tensor cores' A operand: gemm_kernels.gemv_kernel),
     128-row ones where N gives two of them per SM (the 32B gate_up: 3.3-3.7 us faster; not with
     PDL, whose 4 stages of them would not fit the 99 KiB of 8.9 and 12.0 cards); two K blocks per
-    step over 3 pipeline stages; K split in 2..8 while there are < 1.5 programs per SM or > 64 K blocks per
-    split, each split keeping >= 4 K blocks. That table came within 0.3 us of each shape's best of
-    40 configs. Weight loads unmasked in N where the tiles cover it (``EVEN_N``).
+    step over 3 pipeline stages; K split in 2..8 while there are < 1.5 programs per SM or > 64 K
+    blocks per split, each split keeping >= 4 K blocks. That table came within 0.3 us of each
+    shape's best of 40 configs. Weight loads unmasked in N where the tiles cover it (``EVEN_N``).
     Launched with programmatic dependent launch (``pdl``): the same tiles and splits, 4 K blocks of
     weight pulled into L2 before waiting for the producer (up to 0.7 us faster than none, 0.8-1.6
     than 16), and 4 stages where the grid then fits in one wave of two programs per SM (o and down

@@ -348,6 +348,8 @@ def block_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, M_BUC
     offs_k = tl.arange(0, 128)
     x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :]             # [BLOCK_M, 128]
     w_ptrs = w_ptr + rn[None, :] * K + offs_k[:, None]                     # [128, BLOCK_N] = w^T
+    ws_ptrs = ws_ptr + (rn // 128) * stride_wsn                            # [BLOCK_N]
+    xs_ptrs = xs_ptr + rm * stride_xsm                                     # [BLOCK_M]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     kbs = K // 128
     start = 0
@@ -356,18 +358,14 @@ def block_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, M_BUC
         for kb in range(0, start, 2):
             p0 = tl.dot(tl.load(x_ptrs), tl.load(w_ptrs))
             p1 = tl.dot(tl.load(x_ptrs + 128), tl.load(w_ptrs + 128))
-            s0 = tl.load(xs_ptr + rm * stride_xsm + kb * stride_xsk)[:, None] * \
-                tl.load(ws_ptr + (rn // 128) * stride_wsn + kb)[None, :]
-            s1 = tl.load(xs_ptr + rm * stride_xsm + (kb + 1) * stride_xsk)[:, None] * \
-                tl.load(ws_ptr + (rn // 128) * stride_wsn + kb + 1)[None, :]
-            acc += p0 * s0 + p1 * s1
+            xs0, ws0 = _block_scales(xs_ptrs, ws_ptrs, kb, stride_xsk, True)
+            xs1, ws1 = _block_scales(xs_ptrs, ws_ptrs, kb + 1, stride_xsk, True)
+            acc += p0 * (xs0[:, None] * ws0[None, :]) + p1 * (xs1[:, None] * ws1[None, :])
             x_ptrs += 256
             w_ptrs += 256
     # the next K block's scales load while this one's product runs, as in gemv_kernel: 4-12%
     # faster at the 8B prefill shapes (H200; the TMA kernel below, so changed, ran 2-14% slower);
     # the last step reloads its own (clamped), so no load needs a mask
-    ws_ptrs = ws_ptr + (rn // 128) * stride_wsn                            # [BLOCK_N]
-    xs_ptrs = xs_ptr + rm * stride_xsm                                     # [BLOCK_M]
     xs, ws = _block_scales(xs_ptrs, ws_ptrs, tl.minimum(start, kbs - 1), stride_xsk, A_FP8)
     for kb in range(start, kbs):
         xs_next, ws_next = _block_scales(xs_ptrs, ws_ptrs, tl.minimum(kb + 1, kbs - 1), stride_xsk, A_FP8)
