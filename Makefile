@@ -6,20 +6,24 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fp8vl-installed
+LOCK   := constraints.txt
+# `make test-latest`: the suite against the newest releases pip resolves today (drift seen before it bites)
+LATEST := .venv-latest
 
 VLLM_VERSION   ?= 0.33.0
 SGLANG_VERSION ?= 0.5.23
 VLLM_VENV      ?= .venv-vllm
 SGLANG_VENV    ?= .venv-sglang
 
-.PHONY: demo test test-vllm test-sglang bench venv clean
+.PHONY: demo test test-latest lock test-vllm test-sglang bench venv clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# exactly the locked versions (constraints.txt), whatever is newer on the index today
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c $(LOCK) pip
+	$(PY) -m pip install -q -c $(LOCK) -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -27,6 +31,24 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the newest releases of everything (no lock), in a venv of their own, made anew each time
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q -e '.[test]'
+	$(LATEST)/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|triton|safetensors|huggingface.hub|compressed.tensors)=='
+	$(LATEST)/bin/python -m pytest -q
+
+# re-resolve the lock on purpose: the newest releases, frozen into constraints.txt (then run make test)
+lock:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q -e '.[test]'
+	{ sed -n '1,2p' $(LOCK); $(LATEST)/bin/python -m pip freeze --all --exclude-editable | grep -vE '^(setuptools|wheel)=='; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
 
 $(VLLM_VENV)/.fp8vl-vllm-$(VLLM_VERSION):
 	$(PYTHON) -m venv $(VLLM_VENV)
@@ -48,4 +70,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/convert.py
 
 clean:
-	rm -rf demo-out bench-out .pytest_cache
+	rm -rf demo-out bench-out .pytest_cache $(LATEST)
