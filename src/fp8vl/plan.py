@@ -41,6 +41,8 @@ REASONS = {
     "other": "not a 2-D linear weight",
     "ignored": "matched --ignore",
     "k not multiple of 128": "input width not a multiple of 128: FP8 kernels can't run it",
+    "n not multiple of 128": "output width not a multiple of 128: a partial scale block, which Transformers "
+                             "refuses and vLLM refuses in merged layers",
 }
 
 
@@ -177,6 +179,8 @@ def make_plan(config: dict, shapes: dict[str, tuple[int, ...]], opts: QuantizeOp
             group, quantize = "ignored", False
         if quantize and shape[1] % BLOCK:
             group, quantize = "k not multiple of 128", False
+        elif quantize and shape[0] % BLOCK:   # docs/decisions.md, "Partial scale blocks"
+            group, quantize = "n not multiple of 128", False
         entries.append(Entry(name, name, quantize, group, shape))
     if not any(e.quantize for e in entries):
         raise FP8VLError("nothing to quantize: no 2-D linear weights found inside decoder layers "
