@@ -147,6 +147,30 @@ def test_decode_attention_is_within_the_stated_bound(d, splits):
 
 
 @interp
+@pytest.mark.parametrize("quantize", [False, True])
+def test_chunked_attention_rows_do_not_depend_on_the_batch_or_the_cache_length(quantize):
+    """``chunk``: a row's output is the same bits alone or among others, in a cache of 150 or of 320
+    positions (3 or 5 splits, trailing ones empty), and within the stated bound."""
+    h, kv, d, L = 4, 2, 128, 150
+    lens = [0, L - 1, 37, 64, 128]
+    _, _, _, _, _, kc, vc, lens_t = make_inputs(5, h, kv, d, L, lens, 3)
+    q = (torch.randn(5, h, d, generator=torch.Generator().manual_seed(3)) * 2).to(BF)
+    many = attention.decode_attention(q, kc, vc, lens_t, d ** -0.5, quantize, chunk=64)
+    longer = (torch.nn.functional.pad(kc, (0, 0, 0, 170)), torch.nn.functional.pad(vc, (0, 0, 0, 170)))
+    for r in range(5):
+        one = attention.decode_attention(q[r:r + 1], kc[r:r + 1], vc[r:r + 1], lens_t[r:r + 1], d ** -0.5, quantize,
+                                         chunk=64)
+        big = attention.decode_attention(q[r:r + 1], longer[0][r:r + 1], longer[1][r:r + 1], lens_t[r:r + 1],
+                                         d ** -0.5, quantize, chunk=64)
+        for a, b in ((one, big), (one, many)):
+            a, b = (a, b) if not quantize else (a[0], b[0])
+            assert same_bits(a, b[r:r + 1] if b.shape[0] > 1 else b), r
+    if not quantize:
+        exact, vmax = exact_attention(q, kc, vc, lens_t, d ** -0.5)
+        assert within_bound(many, exact, vmax)
+
+
+@interp
 @pytest.mark.parametrize("d,splits", [(128, 1), (128, 4), (64, 1), (64, 2)])
 def test_quantized_attention_output_is_the_activation_quantization_of_the_bf16_output(d, splits):
     h, kv, L = 4, 2, 100

@@ -397,3 +397,34 @@ def test_gpu_bf16_answers_are_the_same_with_and_without_prefill_graphs(dense_src
     got = {r.tag: i for r, i in graphs.generate(reqs)}
     assert len(graphs.prefill_graphs) >= 2 and not eager.prefill_graphs
     assert got == {r.tag: i for r, i in eager.generate(reqs)}
+
+
+def _left_padded(L: Loaded, inputs: dict[str, torch.Tensor], pad: int) -> dict[str, torch.Tensor]:
+    """The same prompt with ``pad`` pad tokens in front, masked out (a row of a left-padded batch)."""
+    tok = getattr(L.processor, "tokenizer", L.processor)
+    out = dict(inputs)
+    out["input_ids"] = torch.cat([torch.full((1, pad), tok.pad_token_id), inputs["input_ids"]], 1)
+    out["attention_mask"] = torch.cat([torch.zeros(1, pad, dtype=torch.long), inputs["attention_mask"]], 1)
+    if "mm_token_type_ids" in inputs:
+        out["mm_token_type_ids"] = torch.cat([torch.zeros(1, pad, dtype=inputs["mm_token_type_ids"].dtype),
+                                              inputs["mm_token_type_ids"]], 1)
+    return out
+
+
+def test_padded_prompts_give_transformers_answers(dense_src):
+    """Left-padded prompts (an attention mask with zeros), text and image, float32: the engine gives
+    Transformers' own greedy answer for the padded input, and the answer of the unpadded prompt;
+    a row of a batch that is not one prompt is refused with one line."""
+    L = _loaded(dense_src, torch.float32)
+    eng = Engine(L.model, [], EngineOptions(max_len=256, max_new_tokens=10, max_batch=3))
+    reqs = [_requests(L)[0], _requests(L)[4]]                    # an image prompt, a text prompt
+    padded = [Request(_left_padded(L, r.inputs, 5 + 3 * i), r.tag) for i, r in enumerate(reqs)]
+    got = {r.tag: ids for r, ids in eng.generate(padded)}
+    assert got == {r.tag: ids for r, ids in eng.generate(reqs)}
+    for r in padded:
+        with torch.no_grad():
+            out = L.model.generate(**r.inputs, do_sample=False, max_new_tokens=10, eos_token_id=[])
+        assert out[0, r.inputs["input_ids"].shape[1]:].tolist() == got[r.tag], r.tag
+    pair = {k: torch.cat([v, v]) for k, v in reqs[1].inputs.items()}
+    with pytest.raises(FP8VLError, match="one Request per row"):
+        list(eng.generate([Request(pair, "two")]))

@@ -124,6 +124,54 @@ def test_every_split_k_gives_the_same_product(split):
 
 
 @interp
+@pytest.mark.parametrize("split", [1, 3])
+def test_gemv_rows_are_the_same_bits_at_every_batch_size(split):
+    """Batch invariance: M = 40 runs in three 16-row chunks, each row the bits it gets alone (M = 1),
+    with K split and summed in the kernel or returned as partials, W8A8 and W8A16."""
+    q, s = fp8_weight(200, 1024, 3)
+    x = torch.randn(40, 1024, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    xq, xs = gemm.quantize_activations_gpu(x)
+    cfg = gemm.LaunchConfig({"BLOCK_N": 64, "SPLIT_K": split, "UNROLL": 2})
+    counters = gemm.gemv_counters(200, "cpu")
+    w8a8 = gemm._gemv(xq, xs, q, s, torch.bfloat16, None, True, cfg, counters)
+    for a_fp8, xa in ((True, xs), (False, None)):
+        xin = xq if a_fp8 else x
+        many = gemm._gemv(xin, xa, q, s, torch.bfloat16, None, a_fp8, cfg, counters)
+        for r in (0, 17, 39):
+            one = gemm._gemv(xin[r:r + 1], None if xa is None else xa[r:r + 1], q, s, torch.bfloat16, None, a_fp8,
+                             cfg, counters)
+            assert same_bits(many[r:r + 1], one), (a_fp8, r)
+        assert not counters.any()
+    assert rel(gemm.fp8_gemm(xq, xs, q, s, invariant=True), w8a8_reference(x, q, s)) < 5e-3
+    if split > 1:
+        parts = gemm._gemv(xq, xs, q, s, torch.bfloat16, None, True, cfg, partials=True)
+        assert parts.shape == (split, 40, 200) and same_bits(gemm.splitk_sum(parts), w8a8)
+
+
+@interp
+def test_bf16_linear_rows_are_the_same_bits_at_every_batch_size():
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(200, 1024, generator=g) * 0.02).to(torch.bfloat16)
+    b = torch.randn(200, generator=g).to(torch.bfloat16)
+    x = torch.randn(40, 1024, generator=g).to(torch.bfloat16)
+    assert gemm.bf16_config(200, 1024, 8).kwargs["SPLIT_K"] > 1      # K split here (8 "SMs")
+    many = gemm.bf16_linear(x, w, b)
+    assert rel(many, x.float() @ w.float().t() + b.float()) < 5e-3
+    for r in (0, 17, 39):
+        assert same_bits(many[r:r + 1], gemm.bf16_linear(x[r:r + 1], w, b)), r
+
+
+@interp
+def test_rmsnorm_rows_are_the_unfused_norm_at_every_batch_size():
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randint(-31, 32, (9, 640), generator=g).float() / 8).to(torch.bfloat16)   # exact sums (above)
+    w = (torch.randn(640, generator=g) * 0.3 + 1).to(torch.bfloat16)
+    y = gemm.rmsnorm(x, w, 1e-6)
+    assert same_bits(y, qwen3_rmsnorm(x, w, 1e-6))
+    assert same_bits(y[4:5], gemm.rmsnorm(x[4:5], w, 1e-6))
+
+
+@interp
 @pytest.mark.parametrize("a_fp8", [True, False])
 def test_scales_loaded_a_step_ahead_give_the_same_bits_at_every_unroll(a_fp8):
     """The GEMV loads the next UNROLL K blocks' scales while it multiplies the current ones: 1, 2

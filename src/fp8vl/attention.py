@@ -36,6 +36,7 @@ from .kernel import BLOCK, FP8
 
 BLOCK_N = 64        # cache positions per step of the attention loop
 MAX_SPLITS = 32
+INVARIANT_CHUNK = 64  # positions per split of the batch-invariant decode (the default's at b = 1, ~350 tokens)
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, b: int, what: str) -> tuple[int, int, int]:
@@ -98,14 +99,17 @@ def attention_splits(b: int, kv: int, L: int, sms: int) -> int:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lens: torch.Tensor,
-                     scale: float, quantize: bool = False, *, splits: int | None = None
-                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     scale: float, quantize: bool = False, *, splits: int | None = None,
+                     chunk: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Grouped-query attention of one token per row: q [b, H, D] bf16 over cache positions
     0..lens[r] of k_cache, v_cache [B, KV, L, D] (query head h reads KV head h // (H / KV)).
 
     Returns out [b, H*D] bf16, or with ``quantize`` (out_q [b, H*D] e4m3, out_s [b, H*D/128]
     float32 column-major), equal to ``kernel.quantize_activations(out)`` (D = 64 groups two heads).
-    ``splits`` overrides the sequence split (tests); by default ``attention_splits``.
+    ``splits`` overrides the sequence split (tests); by default ``attention_splits``, which depends
+    on the batch. ``chunk`` (a multiple of BLOCK_N): split s holds positions [s * chunk, (s + 1) *
+    chunk) and the splits are merged one after the other, so each row's result depends on its own
+    length only, not on the batch or the cache length (batch-invariant; ``INVARIANT_CHUNK``).
     """
     if q.ndim != 3 or q.dtype != torch.bfloat16:
         raise ValueError(f"decode_attention: q must be bf16 [b, H, D]; got {tuple(q.shape)} {q.dtype}")
@@ -122,9 +126,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     q = q.contiguous()
     dev = q.device
     group = h // kv
-    s = splits or attention_splits(b, kv, L, _sm_count(dev))
-    s = max(1, min(s, triton.cdiv(L, BLOCK_N)))
-    final = s == 1 and (not quantize or d == BLOCK)
+    if chunk:
+        if chunk % BLOCK_N:
+            raise ValueError(f"decode_attention: chunk must be a multiple of {BLOCK_N}; got {chunk}")
+        s, final = triton.cdiv(L, chunk), False
+    else:
+        s = splits or attention_splits(b, kv, L, _sm_count(dev))
+        s = max(1, min(s, triton.cdiv(L, BLOCK_N)))
+        final = s == 1 and (not quantize or d == BLOCK)
     if quantize:
         out = torch.empty((b, h * d), dtype=FP8, device=dev)
         out_s = col_major_scales(b, h * d // BLOCK, dev)
@@ -141,12 +150,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, lens, out, out_s, m, l_, acc, scale * math.log2(math.e), s,
         *k_cache.stride()[:3], *v_cache.stride()[:3], *(out_s.stride() if quantize else (0, 0)),
         H=h, D=d, G=group, G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N,
-        FINAL=final, QUANT=quantize, ON_CPU=dev.type == "cpu", num_warps=4, num_stages=2)
+        FINAL=final, QUANT=quantize, ON_CPU=dev.type == "cpu", CHUNK=chunk or 0, num_warps=4, num_stages=2)
     if not final:
         hpg = BLOCK // d if quantize else 1
         ak.combine_kernel[(b, h // hpg)](
             m, l_, acc, out, out_s, s, *(out_s.stride() if quantize else (0, 0)), H=h, D=d, HPG=hpg,
-            S_PAD=triton.next_power_of_2(s), QUANT=quantize, num_warps=1 if d * hpg <= 128 else 2)
+            S_PAD=triton.next_power_of_2(s), QUANT=quantize, IN_ORDER=bool(chunk),
+            num_warps=1 if d * hpg <= 128 else 2)
     return (out, out_s) if quantize else out
 
 

@@ -60,7 +60,7 @@ def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, lens_ptr, out_ptr, os_ptr, m_
                             stride_sm, stride_sk,
                             H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                             BLOCK_N: tl.constexpr, FINAL: tl.constexpr,
-                            QUANT: tl.constexpr, ON_CPU: tl.constexpr):
+                            QUANT: tl.constexpr, ON_CPU: tl.constexpr, CHUNK: tl.constexpr = 0):
     """Grid (b, KV, SPLITS): the G query heads of one KV head (padded to G_PAD >= 16 rows for
     tl.dot) against split s of positions 0..lens[r]; the split's chunk is cut from lens[r] on the
     device, so the loop bound depends on data but the launch does not (graph capturable).
@@ -69,7 +69,9 @@ def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, lens_ptr, out_ptr, os_ptr, m_
     for the p @ v product and the denominator sums the same rounded p, so the output is an exact
     convex combination of the rows of v with weights off by at most 2^-9 relative.
     FINAL (SPLITS == 1): writes out [b, H*D] (bf16, or e4m3 + scales when QUANT, D == 128).
-    Else: float32 partials m, l [b, H, SPLITS] and acc [b, H, SPLITS, D] for combine_kernel."""
+    Else: float32 partials m, l [b, H, SPLITS] and acc [b, H, SPLITS, D] for combine_kernel.
+    CHUNK > 0: split s holds positions [s * CHUNK, (s + 1) * CHUNK), whatever SPLITS and lens[r]
+    are, so a row's splits, and its result, depend on its own length only (batch-invariant)."""
     r = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -79,7 +81,10 @@ def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, lens_ptr, out_ptr, os_ptr, m_
     heads = kvh * G + g                          # GQA: query head h reads KV head h // G
     q = tl.load(q_ptr + (r * H + heads[:, None]) * D + d[None, :], mask=live[:, None], other=0.0)
     n = tl.load(lens_ptr + r) + 1                # positions 0..lens[r], the new token included
-    chunk = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_N) * BLOCK_N
+    if CHUNK > 0:
+        chunk = CHUNK
+    else:
+        chunk = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_N) * BLOCK_N
     lo = sp * chunk
     hi = tl.minimum(lo + chunk, n)
     m_i = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
@@ -126,9 +131,13 @@ def decode_attention_kernel(q_ptr, kc_ptr, vc_ptr, lens_ptr, out_ptr, os_ptr, m_
 
 @triton.jit
 def combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, os_ptr, SPLITS, stride_sm, stride_sk,
-                   H: tl.constexpr, D: tl.constexpr, HPG: tl.constexpr, S_PAD: tl.constexpr, QUANT: tl.constexpr):
+                   H: tl.constexpr, D: tl.constexpr, HPG: tl.constexpr, S_PAD: tl.constexpr, QUANT: tl.constexpr,
+                   IN_ORDER: tl.constexpr = False):
     """Grid (b, H / HPG): merges the SPLITS partials of HPG heads (HPG * D = 128 channels = one
-    quantization group when QUANT; HPG = 1 otherwise), splits summed in a fixed order."""
+    quantization group when QUANT; HPG = 1 otherwise), splits summed in a fixed order. IN_ORDER:
+    summed one split after the other, so trailing empty splits (which add exact zeros) leave the
+    result as it is: with decode_attention_kernel's CHUNK, a row's output depends on its own
+    length only, not on SPLITS (the cache length) or the tree of a padded reduction."""
     r = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1)
     hh = grp * HPG + tl.arange(0, HPG)
@@ -137,11 +146,21 @@ def combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, os_ptr, SPLITS, stride_sm, st
     smask = (s < SPLITS)[None, :]
     part = (r * H + hh)[:, None] * SPLITS + s[None, :]                      # [HPG, S_PAD]
     m = tl.load(m_ptr + part, mask=smask, other=float("-inf"))
-    l = tl.load(l_ptr + part, mask=smask, other=0.0)
-    mx = tl.max(m, axis=1)                       # finite: split 0 always holds position 0
-    w = tl.exp2(m - mx[:, None])                 # 0 for empty splits
-    acc = tl.load(acc_ptr + part[:, :, None] * D + d[None, None, :], mask=smask[:, :, None], other=0.0)
-    o = tl.sum(acc * w[:, :, None], axis=1) / tl.sum(w * l, axis=1)[:, None]   # [HPG, D]
+    mx = tl.max(m, axis=1)                       # finite: split 0 always holds position 0 (max: exact)
+    if IN_ORDER:
+        num = tl.zeros((HPG, D), dtype=tl.float32)
+        den = tl.zeros((HPG,), dtype=tl.float32)
+        for sp in range(0, SPLITS):
+            one = (r * H + hh) * SPLITS + sp                                 # [HPG]
+            w1 = tl.exp2(tl.load(m_ptr + one) - mx)
+            num += tl.load(acc_ptr + one[:, None] * D + d[None, :]) * w1[:, None]
+            den += w1 * tl.load(l_ptr + one)
+        o = num / den[:, None]
+    else:
+        l = tl.load(l_ptr + part, mask=smask, other=0.0)
+        w = tl.exp2(m - mx[:, None])             # 0 for empty splits
+        acc = tl.load(acc_ptr + part[:, :, None] * D + d[None, None, :], mask=smask[:, :, None], other=0.0)
+        o = tl.sum(acc * w[:, :, None], axis=1) / tl.sum(w * l, axis=1)[:, None]   # [HPG, D]
     o = _bf16_rne(o)
     cols = r * H * D + hh[:, None] * D + d[None, :]
     if QUANT:

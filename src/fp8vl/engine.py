@@ -51,6 +51,8 @@ class EngineOptions:
     prefill_graphs: bool = True          # ... captured in CUDA graphs (CUDA, dense layers, cuda_graphs on)
     pdl: bool = False                    # decode GEMVs start while their input's producer runs (SM90+;
                                          # 5% slower whole steps on the H200, so off: BENCHMARKS.md)
+    batch_invariant: bool = True         # a prompt's tokens and logits do not depend on the batch (CUDA: see
+                                         # _invariant; on the CPU every path is invariant anyway)
     consumer_sums: tuple[str, ...] = ("qkv", "o", "gate_up", "down")   # FP8 decode linears whose
                                          # split-K partials the next kernel sums as it reads them (same
                                          # bits); the others' are summed by the GEMV's last split (each
@@ -94,6 +96,7 @@ class Engine:
         self.prefill_inputs: dict[str, torch.Tensor] = {}
         self.prefill_pool = None
         self.fused = self._fused_mode()
+        self.invariant = self._invariant()
         self.restated = opts.restated_prefill and self.layers is not None and self._flat_rope()
         self.batch = self._batch_size() if self.layers is not None else 1
         if self.layers is not None:
@@ -108,6 +111,16 @@ class Engine:
         if not all(isinstance(m, FP8Linear) and m.mode in ("scaled_mm", "triton") for m in mods):
             return None
         return "triton" if mods[0].mode == "triton" else "auto"
+
+    def _invariant(self) -> bool:
+        """Batch invariance on CUDA (``opts.batch_invariant``; the CPU paths are invariant as they
+        are): every prompt prefilled alone (its GEMM shapes, its vision tower's, are its own), and
+        in the decode step no kernel choice depends on the batch size: the FP8 GEMV for every M (not
+        cuBLAS above 16 rows), BF16 linears and lm_head through one Triton config (gemm.bf16_linear),
+        RMSNorm one program per row (gemm.rmsnorm), attention split by fixed position chunks. Covers
+        the Triton decode path (``_kernels_ok``) of dense families; MoE routers still run cuBLAS."""
+        return self.opts.batch_invariant and self.device.type == "cuda" and self.layers is not None \
+            and self.embed.weight.shape[1] % 128 == 0
 
     def _flat_rope(self) -> bool:
         """The rotary module returns one [b, n, hd] table (Qwen3-VL, Qwen3, Llama); Qwen2.5-VL's
@@ -158,11 +171,9 @@ class Engine:
         if n + 1 > self.opts.max_len:
             raise FP8VLError(f"a prompt of {n} tokens does not fit the engine's {self.opts.max_len}-token "
                              f"sequences; use smaller images or a shorter prompt")
-        # a padded prompt (never one the processor encoded alone) needs Transformers' masking
-        padded = any("attention_mask" in g and not bool(g["attention_mask"].all()) for g in group)
         # per-token tensors stack on a batch axis; image patches and grids concatenate (one row per image)
         inputs = {k: torch.cat([g[k] for g in group]).to(self.device) for k in group[0]}
-        if not self.restated or padded:
+        if not self.restated:
             return self._prefill_transformers(slots, inputs, n)
         d = decoder_inputs(self.model, inputs)
         x = self._prefill_layers(d, torch.tensor(slots, device=self.device))
@@ -266,12 +277,13 @@ class Engine:
         attention (its output quantized in the same kernel for an FP8 o_proj), the residual add fused
         into the next RMSNorm (+ quantization) on FP8 models. Same numerics as ``_decode`` up to the
         order of float32 sums."""
-        from .attention import add_rmsnorm_quant, decode_attention, qk_norm_rope_cache
+        from .attention import INVARIANT_CHUNK, add_rmsnorm_quant, decode_attention, qk_norm_rope_cache
 
         ln = self.len[:b]
         x = self.embed(self.tok[:b])                                        # [b, H]
         cos, sin = self._rope(x[:, None], b)
         cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()           # [b, hd]
+        chunk = INVARIANT_CHUNK if self.invariant else None
         if self.fused:
             from .gemm import rmsnorm_quant, silu_mul_quant, splitk_sum
 
@@ -279,10 +291,10 @@ class Engine:
             h = rmsnorm_quant(x, self.layers[0].ln1, self.layers[0].eps)
         for i, L in enumerate(self.layers):
             kc, vc = self.k[i][:b], self.v[i][:b]
-            qkv = lin(L.qkv, h, "qkv") if self.fused else L.qkv(rms_norm(x, L.ln1, L.eps))
+            qkv = lin(L.qkv, h, "qkv") if self.fused else self._linear(L.qkv, self._norm(x, L.ln1, L.eps))
             q = qk_norm_rope_cache(qkv, L.q_norm, L.k_norm, L.eps, cos, sin, kc, vc, ln)
             if self.fused:
-                a = decode_attention(q, kc, vc, ln, L.scaling, True)
+                a = decode_attention(q, kc, vc, ln, L.scaling, True, chunk=chunk)
                 x, *h = add_rmsnorm_quant(x, lin(L.o, a, "o"), L.ln2, L.eps)
                 delta = lin(L.down, silu_mul_quant(lin(L.gate_up, h, "gate_up")), "down")
                 if i + 1 < len(self.layers):
@@ -291,14 +303,29 @@ class Engine:
                 else:
                     x = x + splitk_sum(delta)
                 continue
-            x = x + L.o(decode_attention(q, kc, vc, ln, L.scaling))
-            h = rms_norm(x, L.ln2, L.eps)
+            x = x + self._linear(L.o, decode_attention(q, kc, vc, ln, L.scaling, chunk=chunk))
+            h = self._norm(x, L.ln2, L.eps)
             if L.mlp is not None:          # MoE block: router + experts, as the model defines them
                 x = x + L.mlp(h[:, None])[:, 0]
                 continue
-            g, u = L.gate_up(h).chunk(2, -1)
-            x = x + L.down(L.act(g) * u)
-        return self.lm_head(rms_norm(x, self.norm.weight, self.norm.variance_epsilon))
+            g, u = self._linear(L.gate_up, h).chunk(2, -1)
+            x = x + self._linear(L.down, L.act(g) * u)
+        return self._linear(self.lm_head, self._norm(x, self.norm.weight, self.norm.variance_epsilon))
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        """The decode step's RMSNorm of x [b, H]: one program per row where batch-invariant."""
+        if self.invariant:
+            from .gemm import rmsnorm
+            return rmsnorm(x, w, eps)
+        return rms_norm(x, w, eps)
+
+    def _linear(self, m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The decode step's m(x [b, K]): a BF16 nn.Linear through gemm.bf16_linear where batch-invariant
+        (cuBLAS picks its kernel by the batch size), any other module as it is."""
+        if self.invariant and type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16:
+            from .gemm import bf16_linear
+            return bf16_linear(x, m.weight, m.bias)
+        return m(x)
 
     def _fp8_lin(self, partials: tuple[str, ...] = ()):
         """lin(m, (xq, xs), name) -> [b, N]: FP8Linear ``m`` on activations its producer quantized,
@@ -309,7 +336,7 @@ class Engine:
 
         def lin(m: FP8Linear, xq_xs: tuple[torch.Tensor, torch.Tensor], name: str = "") -> torch.Tensor:
             return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, self.dtype, m.bias, self.fused, m.counters,
-                            self.opts.pdl, name in partials)
+                            self.opts.pdl, name in partials, self.invariant)
         return lin
 
     def _decode(self, b: int) -> torch.Tensor:
@@ -402,13 +429,15 @@ class Engine:
                     if req is None:
                         exhausted = True
                         break
-                    taken.append(req)
-                groups: dict[tuple, list[Request]] = {}
-                for req in taken:   # prompts of one length (and one kind) prefill together
-                    groups.setdefault((req.inputs["input_ids"].shape[1], tuple(sorted(req.inputs))), []).append(req)
-                for reqs in groups.values():
-                    slots = [free.pop(0) for _ in reqs]
-                    for slot, req, (logits, n, delta) in zip(slots, reqs, self._prefill(slots, [r.inputs for r in reqs])):
+                    taken.append((req, unpadded(req.inputs)))
+                groups: dict[tuple, list[tuple[Request, dict]]] = {}
+                for i, (req, inputs) in enumerate(taken):   # prompts of one length and kind prefill together
+                    key = (inputs["input_ids"].shape[1], tuple(sorted(inputs)), i if self.invariant else 0)
+                    groups.setdefault(key, []).append((req, inputs))
+                for pairs in groups.values():
+                    slots = [free.pop(0) for _ in pairs]
+                    reqs = [r for r, _ in pairs]
+                    for slot, req, (logits, n, delta) in zip(slots, reqs, self._prefill(slots, [i for _, i in pairs])):
                         s = _Seq(req, n, delta, [int(self._sample(logits[None])[0])])
                         if self._done(s):
                             free.append(slot)
@@ -449,20 +478,54 @@ class Engine:
                                       else None, top_p=self.opts.top_p if sample else None, top_k=None)
             yield req, self._strip(out[0, inputs["input_ids"].shape[1]:].tolist())
 
-    @torch.no_grad()
     def forced_logits(self, inputs: dict[str, torch.Tensor], answer: list[int]) -> torch.Tensor:
         """Logits [len(answer), vocab] (float32, CPU) for each answer position, the answer fed through
         the engine's own decode step token by token: what the engine computes while it generates."""
+        return self.forced_logits_batch([(inputs, answer)])[0]
+
+    @torch.no_grad()
+    def forced_logits_batch(self, pairs: list[tuple[dict[str, torch.Tensor], list[int]]]) -> list[torch.Tensor]:
+        """``forced_logits`` of several (inputs, answer) pairs, answers of one length, decoded together
+        in slots 0..len(pairs)-1 (each prompt prefilled alone): the decode step at that batch size."""
         if self.layers is None:
             raise FP8VLError("this model family generates through Transformers; the engine has no decode step")
-        logits, n, delta = self._prefill([0], [inputs])[0]
-        rows = [logits.float().cpu()]
-        for j, t in enumerate(answer[:-1]):
-            self.tok[:1].fill_(t)
-            self.pos[:1].fill_(n + j + delta)
-            self.len[:1].fill_(n + j)
-            rows.append(self._step(1)[0].float().cpu())
-        return torch.stack(rows)
+        if len(pairs) > self.batch or len({len(a) for _, a in pairs}) > 1:
+            raise FP8VLError(f"forced_logits_batch: at most {self.batch} pairs whose answers have one length")
+        first = [self._prefill([i], [unpadded(inputs)])[0] for i, (inputs, _) in enumerate(pairs)]
+        rows = [[logits.float().cpu()] for logits, _, _ in first]
+        b = self._bucket(len(pairs))
+        for j in range(len(pairs[0][1]) - 1):
+            tok, pos, ln = [0] * b, [0] * b, [0] * b
+            for i, ((_, answer), (_, n, delta)) in enumerate(zip(pairs, first)):
+                tok[i], pos[i], ln[i] = answer[j], n + j + delta, n + j
+            self.tok[:b].copy_(torch.tensor(tok))
+            self.pos[:b].copy_(torch.tensor(pos))
+            self.len[:b].copy_(torch.tensor(ln))
+            logits = self._step(b)
+            for i, r in enumerate(rows):
+                r.append(logits[i].float().cpu())
+        return [torch.stack(r) for r in rows]
+
+
+TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+def unpadded(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One prompt's inputs without its padding: the positions whose attention_mask is 0 dropped from
+    every per-token tensor (TOKEN_KEYS). Transformers' forward gives padded positions neither
+    attention nor a rotary position (Qwen-VL's rope index and ``generate``'s position ids count only
+    the unmasked tokens), so the unpadded prompt is the same prompt to the model."""
+    ids = inputs["input_ids"]
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise FP8VLError(f"a Request holds one prompt (input_ids [1, n]), got input_ids {tuple(ids.shape)}; "
+                         f"make one Request per row of the batch")
+    mask = inputs.get("attention_mask")
+    if mask is None or bool(mask.all()):
+        return inputs
+    if mask.shape != ids.shape:
+        raise FP8VLError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
+    keep = mask[0].bool()
+    return {k: v[:, keep] if k in TOKEN_KEYS and v.shape[:2] == ids.shape else v for k, v in inputs.items()}
 
 
 # ---------------------------------------------------------------- CUDA graphs and memory

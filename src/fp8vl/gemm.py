@@ -222,6 +222,57 @@ def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[to
     return q, s
 
 
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3 RMSNorm of x [M, K] bf16 (K % 128 == 0), one program per row: each row's result
+    independent of M (torch's reduction splits rows over more threads when they are few, which
+    changes the sum's order). Equal to ``layers.rms_norm`` but for rare 1-ulp flips (its float32
+    sum of squares runs in another order)."""
+    m, k = x.shape
+    if k % BLOCK or weight.shape != (k,):
+        raise ValueError(f"rmsnorm: need x [M, K] with K % 128 == 0 and weight [K]; got {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    y = torch.empty((m, k), dtype=x.dtype, device=x.device)
+    inv_k = float(torch.tensor(1.0, dtype=torch.float32) / k)
+    gk.rmsnorm_quant_kernel[(m,)](x, weight.contiguous(), y, y, k, x.stride(0), 0, 0, inv_k, eps,
+                                  GROUPS=triton.next_power_of_2(k // BLOCK), ON_CPU=x.device.type == "cpu",
+                                  QUANT=False, num_warps=8 if k >= 4096 else 4)
+    return y
+
+
+def bf16_config(n: int, k: int, sm_count: int) -> LaunchConfig:
+    """``bf16_linear``'s one config for every M: 16-row tiles (decode sizes), 64 columns, 128-wide K
+    steps; K split (2..8, each split >= 4 steps) while the tiles of one row chunk are fewer than
+    1.5 per SM, as ``decode_config`` does: the choice depends on N and K only."""
+    tiles, steps, split = triton.cdiv(n, 64), triton.cdiv(k, 128), 1
+    while split < 8 and steps // (split * 2) >= 4 and tiles * split < 1.5 * sm_count:
+        split *= 2
+    return LaunchConfig({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": split}, num_warps=4, num_stages=3)
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] bf16 @ w [N, K]^T (+ bias) with one Triton config for every M (``bf16_config``): the
+    decode step's BF16 linears (lm_head; every linear of a BF16 model) batch-invariant. K split
+    partials are summed in split order by a second launch."""
+    m, k = x.shape
+    n = w.shape[0]
+    if w.shape[1] != k:
+        raise ValueError(f"bf16_linear: x {tuple(x.shape)} does not match weight {tuple(w.shape)}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    w = w.contiguous()
+    cfg = bf16_config(n, k, _sm_count(x.device))
+    split = cfg.kwargs["SPLIT_K"]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    part = torch.empty((split, m, n) if split > 1 else (0,), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, cfg.kwargs["BLOCK_N"]) * triton.cdiv(m, cfg.kwargs["BLOCK_M"]), split)
+    _run(gk.bf16_gemm_kernel, lambda meta: grid, cfg, dict(
+        x_ptr=x, w_ptr=w, b_ptr=bias, y_ptr=y, part_ptr=part, M=m, N=n, K=k, stride_xm=x.stride(0),
+        HAS_BIAS=bias is not None, ON_CPU=x.device.type == "cpu"))
+    if split > 1:
+        _reduce(part, bias, y)
+    return y
+
+
 def output_parts(y: torch.Tensor, what: str) -> tuple[torch.Tensor, int, int]:
     """A linear's output as the consumer kernels read it (gemm_kernels.load_output): bf16 [M, N]
     -> (y, 0, 0); a split-K GEMV's unsummed float32 partials [S, M, N] (``fp8_gemm(partials=True)``)
@@ -267,16 +318,18 @@ def silu_mul_quant(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gemv_counters(n: int, device) -> torch.Tensor:
-    """The split-K arrival counters of an [N, K] weight's decode GEMV: int32, one per 16-row tile
-    (the narrowest tile), zero. A caller that owns one per weight (FP8Linear does) saves the
+    """The split-K arrival counters of an [N, K] weight's decode GEMV: int32, one per program of
+    the first grid axis (N tile and row chunk) for 16-row tiles at M <= 16 and for the table's tiles
+    (>= 64 rows) up to M = 256, zero. A caller that owns one per weight (FP8Linear does) saves the
     zero-fill launch per call; the kernel leaves it zero again."""
-    return torch.zeros(triton.cdiv(n, 16), dtype=torch.int32, device=device)
+    return torch.zeros(4 * triton.cdiv(n, 16), dtype=torch.int32, device=device)
 
 
 def _gemv(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | None = None,
           counters: torch.Tensor | None = None, fused_reduce: bool = True,
           use_pdl: bool = False, partials: bool = False) -> torch.Tensor:
-    """Decode path (M <= 16), W8A8 (``a_fp8``) or W8A16; ``config`` overrides the choice (tests);
+    """Decode path, W8A8 (``a_fp8``) or W8A16, M_PAD = 16 rows per program (any M: row chunks, each
+    row computed alike whatever M is, so the result is batch-invariant); ``config`` overrides the choice (tests);
     ``counters`` from ``gemv_counters`` (made here when None); ``fused_reduce`` False sums split-K
     partials in a second launch; ``partials`` (no bias) returns them unsummed, [S, M, N] float32,
     when K is split; ``use_pdl`` launches with programmatic dependent launch where the card has it
@@ -303,11 +356,12 @@ def _gemv(x, xs, w, ws, out_dtype, bias, a_fp8: bool, config: LaunchConfig | Non
     if split > 1:
         args["part_ptr"] = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         args["FUSED_REDUCE"] = fused_reduce and not partials
+    programs = triton.cdiv(n, cfg.kwargs["BLOCK_N"]) * triton.cdiv(m, DECODE_MAX_M)   # N tiles x row chunks
     if split > 1 and args["FUSED_REDUCE"]:     # only the in-kernel sum reads the counters
-        use = counters is not None and counters.numel() >= triton.cdiv(n, 16)
-        args["cnt_ptr"] = counters if use else gemv_counters(n, x.device)
+        use = counters is not None and counters.numel() >= programs
+        args["cnt_ptr"] = counters if use else torch.zeros(programs, dtype=torch.int32, device=x.device)
     args["PDL"] = use_pdl
-    _run(gk.gemv_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split), cfg, args, use_pdl)
+    _run(gk.gemv_kernel, lambda meta: (programs, split), cfg, args, use_pdl)
     if partials:
         return args["part_ptr"]
     if split > 1 and not fused_reduce:
@@ -404,11 +458,12 @@ def _use_cublas(device: torch.device, n: int, backend: str) -> bool:
 def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
              out_dtype: torch.dtype = torch.bfloat16, bias: torch.Tensor | None = None,
              backend: str = "auto", counters: torch.Tensor | None = None, pdl: bool = False,
-             partials: bool = False) -> torch.Tensor:
+             partials: bool = False, invariant: bool = False) -> torch.Tensor:
     """W8A8 GEMM on already-quantized activations (from ``rmsnorm_quant``, ``silu_mul_quant`` or
     ``quantize_activations_gpu``): xq [M, K] e4m3, xs [M, K/128] -> [M, N] ``out_dtype``.
 
-    M <= 16: the Triton GEMV on every card (``counters``: see ``gemv_counters``; ``pdl``: launched
+    M <= 16, or any M with ``invariant`` (a decode step whose rows must not depend on the batch
+    size: the GEMV's config depends on N and K only): the Triton GEMV on every card (``counters``: see ``gemv_counters``; ``pdl``: launched
     with programmatic dependent launch where the card has it: 5% slower in the engine's decode
     step on the H200, so off by default). ``partials`` (no bias): when the
     GEMV splits K, it returns its float32 partials [S, M, N] unsummed, for a consumer that sums
@@ -417,7 +472,7 @@ def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tens
     wait for the others. Larger M: cuBLAS on SM90 (``backend="auto"``, N a multiple of 128), the
     Triton block GEMM elsewhere or with ``backend="triton"``.
     """
-    if xq.shape[0] <= DECODE_MAX_M and backend != "cublas":
+    if (xq.shape[0] <= DECODE_MAX_M or invariant) and backend != "cublas":
         return _gemv(xq, xs, w, ws, out_dtype, bias, True, counters=counters, use_pdl=pdl, partials=partials)
     if _use_cublas(xq.device, w.shape[0], backend):
         return _cublas_block_gemm(xq, xs, w, ws, out_dtype, bias)

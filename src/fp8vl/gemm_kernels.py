@@ -109,9 +109,12 @@ def act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_sm, stride_sk,
 
 @triton.jit
 def rmsnorm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, stride_xm, stride_sm, stride_sk, inv_k, eps,
-                         GROUPS: tl.constexpr, ON_CPU: tl.constexpr, PDL: tl.constexpr = False):
+                         GROUPS: tl.constexpr, ON_CPU: tl.constexpr, PDL: tl.constexpr = False,
+                         QUANT: tl.constexpr = True):
     """One row per program: Qwen3's RMSNorm (float32 normalize, round to bf16, times the bf16
-    weight, round to bf16), then quantized per 128 channels. GROUPS = next_pow2(K / 128)."""
+    weight, round to bf16), then quantized per 128 channels (QUANT; else stored as bf16 in q_ptr).
+    GROUPS = next_pow2(K / 128). One program per row: the row's sum runs in one order whatever
+    the number of rows (torch's reduction splits a row over more threads when rows are few)."""
     release_dependents(PDL)
     row = tl.program_id(0)
     g = tl.arange(0, GROUPS)
@@ -126,9 +129,12 @@ def rmsnorm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, stride_xm, stride_sm, st
         var = ss * inv_k
     h = _bf16_rne(x * tl.math.rsqrt(var + eps))
     w = tl.load(w_ptr + cols, mask=live[:, None], other=0.0).to(tl.float32)
-    q, scale = _quantize_rows(_bf16_rne(w * h))
-    tl.store(q_ptr + row * K + cols, q.to(tl.float8e4nv), mask=live[:, None])
-    tl.store(s_ptr + row * stride_sm + g * stride_sk, scale, mask=live)
+    if QUANT:
+        q, scale = _quantize_rows(_bf16_rne(w * h))
+        tl.store(q_ptr + row * K + cols, q.to(tl.float8e4nv), mask=live[:, None])
+        tl.store(s_ptr + row * stride_sm + g * stride_sk, scale, mask=live)
+    else:
+        tl.store(q_ptr + row * K + cols, _bf16_rne(w * h).to(tl.bfloat16), mask=live[:, None])
 
 
 @triton.jit
@@ -184,7 +190,7 @@ def gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
                 A_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, ON_CPU: tl.constexpr,
                 M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, FUSED_REDUCE: tl.constexpr,
                 PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, EVEN_N: tl.constexpr = False):
-    """Decode GEMV (M <= M_PAD rows): y[:, n-tile] = sum over this split's 128-wide K blocks of
+    """Decode GEMV, M_PAD rows per program: y[:, n-tile] = sum over this split's 128-wide K blocks of
     (x . q) * w_scale (* x_scale when A_FP8), float32 accumulate. Computed transposed, acc^T
     [BLOCK_N, M_PAD] = q_tile . x_tile^T ("swap AB"): the weight tile is the tensor cores' wide A
     operand (64+ rows: Hopper's wgmma reads it from shared memory) and the few activation rows the
@@ -193,7 +199,10 @@ def gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
     transposed, it ran 0.95-1.13x BF16 against 1.05-1.28x) and transposes its accumulator once at
     the end.
 
-    Grid (N / BLOCK_N, SPLIT_K). SPLIT_K == 1 writes y (+ bias) in its dtype; otherwise each split
+    Grid (N / BLOCK_N * M / M_PAD, SPLIT_K): program 0's index is the row chunk (fastest, so the
+    chunks of one weight tile run together and share it in L2) and the N tile. Each row's result is
+    computed by the same instructions whatever M is (no config depends on M): batch-invariant.
+    SPLIT_K == 1 writes y (+ bias) in its dtype; otherwise each split
     writes float32 partials [SPLIT_K, M, N], summed in split order (deterministic): with
     FUSED_REDUCE by the last split of each N tile to finish (an arrival counter per tile, cnt_ptr,
     zero before the call and reset to zero by that split, so a CUDA graph can replay it), which
@@ -210,10 +219,12 @@ def gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
     after that wait, so it is as ordered as a plain launch. It lets its own dependent start only
     after that wait: releasing at the start let a chain of GEMVs run ahead, each one's programs
     holding SM slots and L2 lines while waiting (20-25% slower on split-K shapes, H200)."""
-    pid_n = tl.program_id(0)
+    chunks = tl.cdiv(M, M_PAD)
+    pid_n = tl.program_id(0) // chunks
+    pid_c = tl.program_id(0) % chunks
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, M_PAD)
+    offs_m = pid_c * M_PAD + tl.arange(0, M_PAD)
     offs_k = tl.arange(0, 128)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -272,7 +283,7 @@ def gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
             # every thread's partial is stored before the counter moves (barrier, then a release
             # atomic); the last arrival reads the others' partials from L2 (.cg), after its acquire
             tl.debug_barrier()
-            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            arrived = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel")
             if arrived == SPLIT_K - 1:
                 tl.debug_barrier()
                 tot = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)
@@ -281,7 +292,50 @@ def gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
                 if HAS_BIAS:
                     tot += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
                 _store_out(y_ptr + out, tot, mask)
-                tl.store(cnt_ptr + pid_n, 0)
+                tl.store(cnt_ptr + tl.program_id(0), 0)
+
+
+@triton.jit(do_not_specialize=["M", "SPLIT_K"])
+def bf16_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, M, N, K, SPLIT_K, stride_xm,
+                     HAS_BIAS: tl.constexpr, ON_CPU: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y [M, N] = x [M, K] @ w [N, K]^T (+ bias), bf16 operands, float32 accumulate, for the decode
+    step's BF16 linears: one config for every M, so each row is computed by the same instructions
+    in the same order whatever else shares the call (batch-invariant; cuBLAS picks its kernel and
+    split by M). Grid (N / BLOCK_N * M / BLOCK_M, SPLIT_K), row tiles fastest (they share the weight
+    tile in L2). SPLIT_K > 1 writes float32 partials [SPLIT_K, M, N] for splitk_reduce_kernel."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    pid_n = tl.program_id(0) // tiles_m
+    pid_m = tl.program_id(0) % tiles_m
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    steps = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(steps, SPLIT_K)
+    lo = pid_k * per
+    hi = tl.minimum(lo + per, steps)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(lo, hi):
+        kk = step * BLOCK_K + offs_k
+        mask_k = kk < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * K + kk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if ON_CPU:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    mask = mask_m[:, None] & mask_n[None, :]
+    out = offs_m[:, None] * N + offs_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        _store_out(y_ptr + out, acc, mask)
+    else:
+        tl.store(part_ptr + pid_k * M * N + out, acc, mask=mask)
 
 
 @triton.jit

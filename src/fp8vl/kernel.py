@@ -105,6 +105,30 @@ def fake_quantize_activations(x: torch.Tensor, group: int = BLOCK) -> torch.Tens
     return xq.reshape(*lead, k).to(x.dtype)
 
 
+def w8a8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int = BLOCK) -> torch.Tensor:
+    """What a W8A8 block kernel computes, on any device: x [..., K] -> [..., N] float32, with x
+    quantized per token and per 128 channels and w = (q [N, K] e4m3, scale per 128x128 tile).
+
+    Each row's result depends on that row alone, whatever else shares the call (batch-invariant):
+    a float32 GEMM rounds a row differently when it shares the call with other rows (its blocking
+    depends on M), and the next layer's activation quantization can turn that last bit into another
+    FP8 code. Here, per 128-wide K group, the FP8 codes' products are summed in float64, where the
+    sum is exact in any order (e4m3 values are multiples of 2^-9 below 2^9: each product a multiple
+    of 2^-18 below 2^18, 128 of them below 2^25, so 43 bits of float64's 53), then scaled by both
+    scales and added to the float32 accumulator group by group, in K order, as the GPU kernels do.
+    """
+    *lead, k = x.shape
+    n = q.shape[0]
+    xq, xs = quantize_activations(x.reshape(-1, k), group)                 # [M, K] e4m3, [M, K/g]
+    ws = scale.float().repeat_interleave(group, 0)[:n]                    # [N, K/g]: per output row
+    out = torch.zeros((xq.shape[0], n), dtype=torch.float32, device=x.device)
+    for g in range(k // group):
+        cols = slice(g * group, (g + 1) * group)
+        exact = xq[:, cols].double() @ q[:, cols].double().T               # [M, N], exact
+        out += exact.float() * (xs[:, g, None] * ws[None, :, g])
+    return out.reshape(*lead, n)
+
+
 def fp8_nan_count(q: torch.Tensor) -> int:
     """Number of NaN codes in an e4m3fn tensor (0x7F and 0xFF; e4m3fn has no infinities)."""
     return int(((q.view(torch.uint8) & 0x7F) == 0x7F).sum())

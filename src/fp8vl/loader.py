@@ -230,10 +230,11 @@ def check_processor(path: Path) -> None:
         raise FP8VLError(f"{path}: no {' and no '.join(missing)}; {PROCESSOR_FIX}")
 
 
-def load_processor(path: Path, vlm: bool):
+def load_processor(path: str | Path, vlm: bool):
     """The model's processor (or tokenizer); one FP8VLError naming the folder and what is missing."""
     from transformers import AutoProcessor, AutoTokenizer
 
+    path = Path(path)
     check_processor(path)
     fix = PROCESSOR_FIX
     try:

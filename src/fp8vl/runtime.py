@@ -4,8 +4,9 @@
 - ``"scaled_mm"``: real FP8 tensor-core GEMM (GPU with compute capability >= 8.9; see gemm.py);
 - ``"triton"``: the same with fp8vl's Triton kernels for every M (what non-SM90 cards run anyway;
   on SM90 it replaces cuBLAS for prefill, to prove that path);
-- ``"w8a8"``: what a W8A8 server computes, simulated: activations quantized per token and per 128
-  channels and dequantized, times the dequantized weight, accumulated in float32 (any device);
+- ``"w8a8"``: what a W8A8 server computes, simulated (``kernel.w8a8_matmul``): activations quantized
+  per token and per 128 channels, products summed per 128-wide K block and scaled, float32
+  accumulate; each row's result independent of the other rows in the call (any device);
 - ``"dequant"``: weight-only, x @ dequant(W) (any device).
 loader.py puts them into Transformers' models (without Transformers' own FP8 path, which fetches
 kernels from the hub); engine.py runs them.
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import FP8VLError
-from .kernel import FP8, dequantize_weight, fake_quantize_activations
+from .kernel import FP8, dequantize_weight, w8a8_matmul
 
 MODES = ("auto", "scaled_mm", "triton", "w8a8", "dequant")
 EXPERT = re.compile(r"^(?P<base>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
@@ -43,9 +44,9 @@ class FP8Linear(torch.nn.Module):
         self.register_buffer("weight_scale_inv", scale.float())
         self.bias = torch.nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.mode = mode
-        # the decode GEMV's split-K arrival counters (gemm.gemv_counters: int32 [N/16], kept zero by
-        # the kernel), owned here so no call pays a zero-fill launch; not part of the checkpoint
-        self.register_buffer("counters", torch.zeros(-(-self.out_features // 16), dtype=torch.int32,
+        # the decode GEMV's split-K arrival counters (gemm.gemv_counters: int32 [4 * N/16], kept zero
+        # by the kernel), owned here so no call pays a zero-fill launch; not part of the checkpoint
+        self.register_buffer("counters", torch.zeros(4 * -(-self.out_features // 16), dtype=torch.int32,
                                                      device=weight.device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,10 +55,12 @@ class FP8Linear(torch.nn.Module):
 
             backend = "triton" if self.mode == "triton" else "auto"
             return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias, backend, self.counters)
-        w = dequantize_weight(self.weight, self.weight_scale_inv, torch.float32)
-        xf = fake_quantize_activations(x.float()) if self.mode == "w8a8" else x.float()
         b = self.bias.float() if self.bias is not None else None
-        return F.linear(xf, w, b).to(x.dtype)
+        if self.mode == "w8a8":
+            y = w8a8_matmul(x, self.weight, self.weight_scale_inv)
+            return (y if b is None else y + b).to(x.dtype)
+        w = dequantize_weight(self.weight, self.weight_scale_inv, torch.float32)
+        return F.linear(x.float(), w, b).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
