@@ -8,8 +8,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .plan import REASONS
-from .tp import summarize
+from .checkpoint.plan import REASONS
+from .checkpoint.tp import summarize
 
 
 def gb(n: int) -> str:
@@ -100,7 +100,7 @@ def print_doctor(findings, console: Console) -> None:
 
 
 def print_vram(p, console: Console) -> None:
-    from .gpus import GIB
+    from .serving.gpus import GIB
 
     t = Table(title=f"vLLM memory plan: {p.model} on {p.gpu.name} (per GPU, TP {p.tp})")
     for col in ("item", "how", "GiB"):

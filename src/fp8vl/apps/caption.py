@@ -33,8 +33,8 @@ from typing import Callable, Iterable, Iterator
 
 from .caption_options import CaptionOptions, CaptionSummary, _Result, clean_caption
 from .caption_server import _base_url, _serve
-from .errors import FP8VLError, out_of_memory
-from .images import load_image
+from ..errors import FP8VLError, out_of_memory
+from ..inputs.images import load_image
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 CSV_HEADER = ["file_name", "text"]
@@ -194,8 +194,8 @@ def _check(images: list[Path], opts: CaptionOptions) -> None:
 def _local(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Result]:
     """In-process: fp8vl's engine, continuous batching; images are read and encoded by two threads
     ahead of the GPU (the processor's CPU work overlaps the model's)."""
-    from .engine import Engine, EngineOptions, Request, limit_gpu_memory, round_up
-    from .loader import encode, eos_ids, load_any
+    from ..runtime.engine import Engine, EngineOptions, Request, limit_gpu_memory, round_up
+    from ..runtime.loader import encode, eos_ids, load_any
 
     limit_gpu_memory(opts.device, opts.gpu_memory)
     fix = ("use a smaller --batch-size, a lower --max-tokens or --max-side, or --gpu-memory below what other "

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .prompts import CAPTION
+from ..inputs.prompts import CAPTION
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 from .caption_options import CaptionOptions, _Result, clean_caption
-from .errors import FP8VLError
-from .images import load_image
+from ..errors import FP8VLError
+from ..inputs.images import load_image
 
 DOWN_AFTER = 3  # consecutive images lost to connection errors or timeouts: the server is gone, stop sending
 

@@ -8,10 +8,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .convert import quantize
-from .errors import FP8VLError
-from .options import QuantizeOptions
-from .report import print_plan, print_summary, print_verify
+from ..conversion.convert import quantize
+from ..errors import FP8VLError
+from ..options import QuantizeOptions
+from ..report import print_plan, print_summary, print_verify
 from .tiny import build_tiny_qwen3_vl
 
 
@@ -20,11 +20,11 @@ STAMP = ".fp8vl-demo"   # marks a work folder the demo made (and may replace)
 
 def run_demo(workdir: Path, console: Console, limit: int = 6, max_new_tokens: int = 16) -> dict:
     """Build, quantize, verify, load both with Transformers, and evaluate drift; returns the figures."""
-    from .eval_report import layer_sqnr_plot, print_eval, write_report
-    from .evaluate import compare_models, evaluate
-    from .loader import load_hf_model
-    from .prompts import builtin, open_image
-    from .verify import verify
+    from ..check.eval_report import layer_sqnr_plot, print_eval, write_report
+    from ..check.evaluate import compare_models, evaluate
+    from ..runtime.loader import load_hf_model
+    from ..inputs.prompts import builtin, open_image
+    from ..check.verify import verify
 
     workdir = Path(workdir)
     src, out = workdir / "tiny-qwen3-vl-bf16", workdir / "tiny-qwen3-vl-fp8"

@@ -10,8 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gpus import GIB, fp8_verdict, gpu_driver_present, local_gpu
-from .serve import INSTALL
+from ..serving.gpus import GIB, fp8_verdict, gpu_driver_present, local_gpu
+from ..serving.serve import INSTALL
 
 MIN = {"transformers": (5, 0), "torch": (2, 4), "vllm": (0, 11)}  # what fp8vl is tested with; Qwen3-VL in vLLM
 

@@ -353,11 +353,11 @@ def write_header_only(folder: Path, cfg: dict, shapes: dict[str, tuple[int, ...]
     header over a sparse file: full-size inputs for ``plan``, ``serve`` and ``verify`` at no disk cost."""
     import json
 
-    from .formats import quantization_config
-    from .options import QuantizeOptions
-    from .output import out_slots
-    from .plan import make_plan
-    from .shards import DTYPES, ITEMSIZE, TensorInfo, layout
+    from ..checkpoint.formats import quantization_config
+    from ..options import QuantizeOptions
+    from ..conversion.output import out_slots
+    from ..checkpoint.plan import make_plan
+    from ..checkpoint.shards import DTYPES, ITEMSIZE, TensorInfo, layout
 
     folder.mkdir(parents=True, exist_ok=True)
     plan = make_plan(cfg, shapes, QuantizeOptions(format=fmt))

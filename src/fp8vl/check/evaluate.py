@@ -4,7 +4,7 @@ The source runs first and its results are kept on the CPU (greedy answers, next-
 its own answers, perplexity); then it is freed and the FP8 model is loaded and run on the very same
 token sequences. One model on the device at a time: an 8B pair fits a 24 GB GPU. The FP8 side
 computes what a server computes: FP8 weights with dynamic 1x128 activation quantization, through
-real FP8 GEMMs on GPUs that have them, simulated elsewhere (runtime.py).
+real FP8 GEMMs on GPUs that have them, simulated elsewhere (runtime/fp8_modules.py).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Callable
 
 import torch
 
-from .errors import out_of_memory
-from .loader import Loaded, check_processor, encode, eos_ids, load_any, model_device
-from .prompts import Prompt, open_image
+from ..errors import out_of_memory
+from ..runtime.loader import Loaded, check_processor, encode, eos_ids, load_any, model_device
+from ..inputs.prompts import Prompt, open_image
 
 
 @torch.no_grad()
@@ -46,7 +46,7 @@ def compare_models(ref: Loaded, q: Loaded, text: str, image=None) -> dict:
 
 def answers(loaded: Loaded, batches: list[dict[str, torch.Tensor]], max_new_tokens: int) -> list[list[int]]:
     """Greedy continuations (EOS excluded) of every prompt, generated together by fp8vl's engine."""
-    from .engine import Engine, EngineOptions, Request, round_up
+    from ..runtime.engine import Engine, EngineOptions, Request, round_up
 
     longest = max(b["input_ids"].shape[1] for b in batches)
     opts = EngineOptions(max_len=round_up(longest + max_new_tokens + 1), max_batch=min(len(batches), 32),
@@ -166,8 +166,8 @@ def evaluate(source: str | Path, quantized: str | Path, prompts: list[Prompt], d
              mode: str = "auto", max_new_tokens: int = 32,
              tick: Callable[[], None] = lambda: None, gpu_memory: int | None = None) -> EvalReport:
     """Run source then FP8 on the same prompts; ``tick`` is called after each prompt of each side."""
-    from .engine import limit_gpu_memory
-    from .source import resolve
+    from ..runtime.engine import limit_gpu_memory
+    from ..checkpoint.source import resolve
 
     src, q = resolve(source), Path(quantized)
     limit_gpu_memory(device, gpu_memory)

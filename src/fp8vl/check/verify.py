@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from .compat import checkpoint_findings
-from .errors import FP8VLError
-from .formats import SCALE_SUFFIXES
-from .kernel import BLOCK, all_finite, cdiv, dequantize_weight, non_finite_count
-from .options import QuantizeOptions
-from .plan import LAYER, VISION_PARTS, make_plan
-from .shards import TensorInfo, read_bytes, read_matrix, read_rows
-from .source import Checkpoint, open_checkpoint
-from .tp import SIZES, summarize, tp_report
+from ..checkpoint.compat import checkpoint_findings
+from ..errors import FP8VLError
+from ..checkpoint.formats import SCALE_SUFFIXES
+from ..kernels.numerics import BLOCK, all_finite, cdiv, dequantize_weight, non_finite_count
+from ..options import QuantizeOptions
+from ..checkpoint.plan import LAYER, VISION_PARTS, make_plan
+from ..checkpoint.shards import TensorInfo, read_bytes, read_matrix, read_rows
+from ..checkpoint.source import Checkpoint, open_checkpoint
+from ..checkpoint.tp import SIZES, summarize, tp_report
 
 SCALE_NAMES = SCALE_SUFFIXES
 SCAN_BYTES = 64 << 20
@@ -325,7 +325,7 @@ def verify(output: str | Path, source: str | Path | None = None, engines: tuple[
     pairs = check_structure(ckpt, r)
     src = None
     if source is not None:
-        from .source import resolve
+        from ..checkpoint.source import resolve
 
         src = open_checkpoint(resolve(source))
     check_files(ckpt, r, src.path if src else None)
@@ -344,7 +344,7 @@ def verify(output: str | Path, source: str | Path | None = None, engines: tuple[
 
 def recorded_errors(out: Path, pairs: dict, r: Report) -> None:
     """Without a source: the per-tensor error ``quantize`` measured and kept in the output, if any."""
-    from .drift import FILE, read_errors
+    from ..conversion.drift import FILE, read_errors
 
     errors = read_errors(out)
     if errors is None:

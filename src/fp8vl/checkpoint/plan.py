@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 from . import compat
 
-from .errors import FP8VLError
+from ..errors import FP8VLError
 from .formats import BLOCK, cdiv, text_config
-from .options import QuantizeOptions
+from ..options import QuantizeOptions
 
 # Model families fp8vl knows; any other gets the generic rule and a warning.
 KNOWN_MODEL_TYPES = {

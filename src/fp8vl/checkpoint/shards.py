@@ -21,7 +21,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import FP8VLError, InternalError
+from ..errors import FP8VLError, InternalError
 
 if TYPE_CHECKING:
     import torch

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .errors import FP8VLError
+from ..errors import FP8VLError
 from .formats import SCALE_SUFFIXES
 from .shards import TensorInfo, read_header
 

@@ -8,14 +8,14 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .version import __version__
-from .options import QuantizeOptions
-from .plan import REASONS
-from .report import config_lines
-from .tp import summarize
+from ..version import __version__
+from ..options import QuantizeOptions
+from ..checkpoint.plan import REASONS
+from ..report import config_lines
+from ..checkpoint.tp import summarize
 
 if TYPE_CHECKING:
-    from .verify import Report
+    from ..check.verify import Report
 
 FRONT = re.compile(r"\A---\n(.*?)\n---\n", re.S)
 VERIFY_BEGIN, VERIFY_END = "<!-- fp8vl:verify -->", "<!-- /fp8vl:verify -->"

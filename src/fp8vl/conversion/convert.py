@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .hub import quantize_hub
-from .options import QuantizeOptions
-from .source import is_hub_id, open_checkpoint, resolve
+from ..options import QuantizeOptions
+from ..checkpoint.source import is_hub_id, open_checkpoint, resolve
 from .staging import Staging, bytes_to_write, check_paths, copy_files, other_files
 
 if TYPE_CHECKING:

@@ -10,12 +10,12 @@ from typing import Callable
 
 import torch
 
-from .errors import FP8VLError
-from .options import DequantizeOptions
-from .formats import SCALE_SUFFIXES
-from .kernel import BLOCK, cdiv, dequantize_weight
-from .shards import NAMES, Scratch, Slot, TensorInfo, read_rows
-from .source import open_checkpoint
+from ..errors import FP8VLError
+from ..options import DequantizeOptions
+from ..checkpoint.formats import SCALE_SUFFIXES
+from ..kernels.numerics import BLOCK, cdiv, dequantize_weight
+from ..checkpoint.shards import NAMES, Scratch, Slot, TensorInfo, read_rows
+from ..checkpoint.source import open_checkpoint
 from .staging import Staging, bytes_to_write, check_paths, copy_files, other_files
 from .writer import (Chunk, Job, Piece, assign_shards, check_output, copy_jobs, write_config, write_index,
                      write_shards)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .version import __version__
-from .kernel import BLOCK, cdiv
+from ..version import __version__
+from ..kernels.numerics import BLOCK, cdiv
 
 FILE = "fp8vl-errors.json"
 Part = tuple[float, float, float, float]     # (sum err^2, sum W^2, max |err|, max |W|) of one chunk

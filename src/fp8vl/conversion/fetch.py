@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from .source import OTHER_WEIGHTS, SKIP_DIRS
+from ..checkpoint.source import OTHER_WEIGHTS, SKIP_DIRS
 from .staging import Resumable
 
-log = logging.getLogger("fp8vl.fetch")
+log = logging.getLogger("fp8vl.conversion.fetch")
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def serve(parent: int) -> None:
 # The download process's program: this fp8vl (its folder put on the path if a fresh interpreter
 # would not find it there, as when the caller extended sys.path), serving the parent given.
 CHILD = ("import sys; root = sys.argv[1]; root in sys.path or sys.path.insert(0, root); "
-         "from fp8vl.fetch import serve; serve(int(sys.argv[2]))")
+         "from fp8vl.conversion.fetch import serve; serve(int(sys.argv[2]))")
 
 
 class Downloader:
@@ -113,7 +113,7 @@ class Downloader:
     import the caller's main script again."""
 
     def __init__(self):
-        root = str(Path(__file__).resolve().parents[1])
+        root = str(Path(__file__).resolve().parents[2])
         self.proc = subprocess.Popen([sys.executable, "-c", CHILD, root, str(os.getpid())],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.lock = threading.Lock()

@@ -31,13 +31,13 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .version import __version__
-from .errors import FP8VLError, InternalError
+from ..version import __version__
+from ..errors import FP8VLError, InternalError
 from .fetch import Downloader, Fetcher, Remote, download, hub_endpoint
-from .options import QuantizeOptions
-from .plan import Entry, make_plan
-from .shards import TensorInfo, read_header
-from .source import INDEX, OTHER_WEIGHTS, Checkpoint, open_checkpoint
+from ..options import QuantizeOptions
+from ..checkpoint.plan import Entry, make_plan
+from ..checkpoint.shards import TensorInfo, read_header
+from ..checkpoint.source import INDEX, OTHER_WEIGHTS, Checkpoint, open_checkpoint
 from .staging import Resumable, Staging, bytes_to_write, copy_files, other_files
 
 if TYPE_CHECKING:
@@ -46,9 +46,9 @@ if TYPE_CHECKING:
 # The converter (output.py, drift.py, writer.py: torch among them) is imported inside quantize_hub:
 # by a conversion once the first shard is downloading, by a dry run on a thread while the hub
 # answers. torch's import (1.5-2.5 s) would otherwise be most of the start.
-CONVERTER = "fp8vl.output"
+CONVERTER = "fp8vl.conversion.output"
 
-log = logging.getLogger("fp8vl.hub")
+log = logging.getLogger("fp8vl.conversion.hub")
 JOURNAL = "journal.jsonl"
 
 

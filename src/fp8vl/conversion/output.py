@@ -22,16 +22,16 @@ from typing import Callable, Protocol
 import torch
 
 from .card import write_card
-from .compat import with_fields
+from ..checkpoint.compat import with_fields
 from .drift import Drift, chunk_error, write_errors
-from .errors import FP8VLError
-from .formats import quantization_config, scale_suffix, text_config
-from .kernel import BLOCK, all_finite, fp8_nan_count, non_finite_count, quantize_weight
-from .options import QuantizeOptions
-from .plan import Entry, Plan, make_plan, scale_shape
-from .shards import NAMES, Scratch, Slot, TensorInfo, read_matrix, read_rows
-from .source import Checkpoint, check_dtypes
-from .tp import tp_report
+from ..errors import FP8VLError
+from ..checkpoint.formats import quantization_config, scale_suffix, text_config
+from ..kernels.numerics import BLOCK, all_finite, fp8_nan_count, non_finite_count, quantize_weight
+from ..options import QuantizeOptions
+from ..checkpoint.plan import Entry, Plan, make_plan, scale_shape
+from ..checkpoint.shards import NAMES, Scratch, Slot, TensorInfo, read_matrix, read_rows
+from ..checkpoint.source import Checkpoint, check_dtypes
+from ..checkpoint.tp import tp_report
 from .writer import (Chunk, Job, Piece, assign_shards, check_output, copy_jobs, write_config, write_index,
                      write_shards)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .errors import FP8VLError
-from .source import OTHER_WEIGHTS, SKIP_DIRS
+from ..errors import FP8VLError
+from ..checkpoint.source import OTHER_WEIGHTS, SKIP_DIRS
 
 log = logging.getLogger("fp8vl")
 

@@ -16,10 +16,10 @@ from typing import Callable
 
 import torch
 
-from .errors import FP8VLError, InternalError
-from .kernel import all_finite, non_finite_count
-from .shards import Scratch, ShardWriter, Slot, TensorInfo, layout, read_bytes
-from .source import INDEX
+from ..errors import FP8VLError, InternalError
+from ..kernels.numerics import all_finite, non_finite_count
+from ..checkpoint.shards import Scratch, ShardWriter, Slot, TensorInfo, layout, read_bytes
+from ..checkpoint.source import INDEX
 
 COPY_BYTES = 16 << 20     # bytes per job when copying a tensor unchanged (x 2 x workers in flight)
 SHARD_METADATA = {"format": "pt"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import FP8VLError
+from ..errors import FP8VLError
 
 ALPHA = ("RGBA", "LA", "PA", "La", "RGBa")
 

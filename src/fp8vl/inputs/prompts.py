@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FP8VLError
+from ..errors import FP8VLError
 
 CAPTION = "Describe this image concisely with key subjects, setting, and actions. Return one detailed sentence."
 

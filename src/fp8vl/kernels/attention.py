@@ -16,7 +16,7 @@ differently: rare one-ulp flips of the bf16 output (gemm.rmsnorm_quant has the s
 for the p @ v product (as FlashAttention does) and normalized by their own sum, so each output is a
 convex combination of v's rows whose weights are off by at most 2^-9 relative: |out - exact| <=
 2^-9 * max|v| + one bf16 rounding of the output. The quantized output is
-``kernel.quantize_activations`` of that bf16 output, bit for bit.
+``numerics.quantize_activations`` of that bf16 output, bit for bit.
 
 Every launch is CUDA-graph capturable: no host syncs, shapes from the arguments only; lens is
 read on the device (the loop over positions stops at lens[r]). Positions lens[r] >= L are not
@@ -32,7 +32,7 @@ import triton
 
 from . import attention_kernels as ak
 from .gemm import col_major_scales, output_parts
-from .kernel import BLOCK, FP8
+from .numerics import BLOCK, FP8
 
 BLOCK_N = 64        # cache positions per step of the attention loop
 MAX_SPLITS = 32
@@ -104,7 +104,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     0..lens[r] of k_cache, v_cache [B, KV, L, D] (query head h reads KV head h // (H / KV)).
 
     Returns out [b, H*D] bf16, or with ``quantize`` (out_q [b, H*D] e4m3, out_s [b, H*D/128]
-    float32 column-major), equal to ``kernel.quantize_activations(out)`` (D = 64 groups two heads).
+    float32 column-major), equal to ``numerics.quantize_activations(out)`` (D = 64 groups two heads).
     ``splits`` overrides the sequence split (tests); by default ``attention_splits``.
     """
     if q.ndim != 3 or q.dtype != torch.bfloat16:

@@ -2,11 +2,11 @@
 
 Numerics, by entry point:
 - W8A8 (``fp8_gemm``, ``fp8_linear``, ``triton_block_gemm``, ``fp8_grouped_gemm``): activations
-  quantized per token and per 128 channels (``kernel.quantize_activations``, bit for bit), both
+  quantized per token and per 128 channels (``numerics.quantize_activations``, bit for bit), both
   block scales applied per 128-wide K block, float32 accumulate: what vLLM and SGLang compute, and
-  what runtime.py's ``w8a8`` simulation computes up to summation order and output rounding.
+  what runtime/fp8_modules.py's ``w8a8`` simulation computes up to summation order and output rounding.
 - W8A16 (``w8a16_linear``): x @ dequant(W)^T with the activations left in bf16, the weight tile
-  converted in registers: weight-only error (runtime.py's ``dequant`` simulation), not a server's.
+  converted in registers: weight-only error (runtime/fp8_modules.py's ``dequant`` simulation), not a server's.
 
 Paths: M <= DECODE_MAX_M runs the Triton GEMV (gemm_kernels.gemv_kernel, split-K when the matrix
 is too narrow to keep the GPU's memory busy) on every card, optionally with programmatic dependent
@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - older Triton: the pointer-load block G
     TensorDescriptor = None
 
 from . import gemm_kernels as gk
-from .kernel import BLOCK, FP8
+from .numerics import BLOCK, FP8
 
 DECODE_MAX_M = 16
 BACKENDS = ("auto", "cublas", "triton")
@@ -186,7 +186,7 @@ def col_major_scales(m: int, groups: int, device) -> torch.Tensor:
 
 def quantize_activations_gpu(x: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (K % 128 == 0) -> (q [M, K] e4m3, scale [M, K/128] float32, column-major as cuBLAS
-    reads it); bit-identical to ``kernel.quantize_activations``. With ``rows`` > M the outputs have
+    reads it); bit-identical to ``numerics.quantize_activations``. With ``rows`` > M the outputs have
     ``rows`` rows, the ones past M left unwritten: cuBLAS' row padding without a copy (a GEMM's output
     rows depend on their own input row only, and the caller drops them)."""
     m, k = x.shape

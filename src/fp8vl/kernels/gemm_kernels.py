@@ -46,7 +46,7 @@ def _e4m3_rne(v):
 @triton.jit
 def _quantize_rows(x):
     """x [R, 128] float32 -> (q [R, 128] float32 exact in e4m3, scale [R]) as
-    kernel.quantize_activations: scale = amax / 448 (0 -> 1), q = clamp(x / scale, +-448)."""
+    numerics.quantize_activations: scale = amax / 448 (0 -> 1), q = clamp(x / scale, +-448)."""
     # div_rn: IEEE division, as torch divides (a plain "/" is approximate on the GPU)
     scale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), 448.0)
     scale = tl.where(scale == 0.0, 1.0, scale)

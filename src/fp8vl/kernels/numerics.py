@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import BLOCK, cdiv  # noqa: F401  (re-exported: the tile size is a format fact)
+from ..checkpoint.formats import BLOCK, cdiv  # noqa: F401  (re-exported: the tile size is a format fact)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value

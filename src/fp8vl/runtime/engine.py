@@ -25,10 +25,10 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .errors import FP8VLError
+from ..errors import FP8VLError
 from .layers import _Layer, _decoder_layers, _text_parts, rms_norm, torch_attention_block
 from .prefill import DecoderInputs, decoder_inputs, dense_deepstack, run_layers
-from .runtime import FP8Experts, FP8Linear
+from .fp8_modules import FP8Experts, FP8Linear
 
 GiB = 1024**3
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -266,14 +266,14 @@ class Engine:
         attention (its output quantized in the same kernel for an FP8 o_proj), the residual add fused
         into the next RMSNorm (+ quantization) on FP8 models. Same numerics as ``_decode`` up to the
         order of float32 sums."""
-        from .attention import add_rmsnorm_quant, decode_attention, qk_norm_rope_cache
+        from ..kernels.attention import add_rmsnorm_quant, decode_attention, qk_norm_rope_cache
 
         ln = self.len[:b]
         x = self.embed(self.tok[:b])                                        # [b, H]
         cos, sin = self._rope(x[:, None], b)
         cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()           # [b, hd]
         if self.fused:
-            from .gemm import rmsnorm_quant, silu_mul_quant, splitk_sum
+            from ..kernels.gemm import rmsnorm_quant, silu_mul_quant, splitk_sum
 
             lin = self._fp8_lin(self.opts.consumer_sums)
             h = rmsnorm_quant(x, self.layers[0].ln1, self.layers[0].eps)
@@ -305,7 +305,7 @@ class Engine:
         with the engine's GEMM backend, m's split-K counters and the PDL choice; a split-K GEMV of a
         linear named in ``partials`` leaves its output as float32 partials [S, b, N] for a
         consumer that sums them (gemm.fp8_gemm)."""
-        from .gemm import fp8_gemm
+        from ..kernels.gemm import fp8_gemm
 
         def lin(m: FP8Linear, xq_xs: tuple[torch.Tensor, torch.Tensor], name: str = "") -> torch.Tensor:
             return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, self.dtype, m.bias, self.fused, m.counters,
@@ -322,7 +322,7 @@ class Engine:
         cos, sin = cos[:, 0], sin[:, 0]                                     # [b, hd]
         mask = (self.span[None, :] <= ln[:, None])[:, None, None, :]        # [b, 1, 1, L]: once for all layers
         if self.fused:
-            from .gemm import quantize_activations_gpu, rmsnorm_quant, silu_mul_quant
+            from ..kernels.gemm import quantize_activations_gpu, rmsnorm_quant, silu_mul_quant
 
             lin = self._fp8_lin()
         for i, L in enumerate(self.layers):

@@ -1,7 +1,7 @@
 """Run FP8 block checkpoints in plain PyTorch/Transformers: one Linear module and a loader.
 
 ``FP8Linear`` holds the checkpoint's own FP8 weight and block scales and computes, by ``mode``:
-- ``"scaled_mm"``: real FP8 tensor-core GEMM (GPU with compute capability >= 8.9; see gemm.py);
+- ``"scaled_mm"``: real FP8 tensor-core GEMM (GPU with compute capability >= 8.9; see kernels/gemm.py);
 - ``"triton"``: the same with fp8vl's Triton kernels for every M (what non-SM90 cards run anyway;
   on SM90 it replaces cuBLAS for prefill, to prove that path);
 - ``"w8a8"``: what a W8A8 server computes, simulated: activations quantized per token and per 128
@@ -18,8 +18,8 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .errors import FP8VLError
-from .kernel import FP8, dequantize_weight, fake_quantize_activations
+from ..errors import FP8VLError
+from ..kernels.numerics import FP8, dequantize_weight, fake_quantize_activations
 
 MODES = ("auto", "scaled_mm", "triton", "w8a8", "dequant")
 EXPERT = re.compile(r"^(?P<base>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
@@ -50,7 +50,7 @@ class FP8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode in ("scaled_mm", "triton"):
-            from .gemm import fp8_linear
+            from ..kernels.gemm import fp8_linear
 
             backend = "triton" if self.mode == "triton" else "auto"
             return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias, backend, self.counters)
@@ -110,7 +110,7 @@ class FP8Experts(torch.nn.Module):
     def _grouped(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """W8A8 on the GPU in four launches: x [T, H] quantized once, each (token, expert) pair a row of
         the grouped GEMV for gate_up, SiLU-and-mul quantized in one kernel, grouped down, weighted sum."""
-        from .gemm import fp8_grouped_gemm, quantize_activations_gpu, silu_mul_quant
+        from ..kernels.gemm import fp8_grouped_gemm, quantize_activations_gpu, silu_mul_quant
 
         gu, gus, dn, dns = self.stacked
         t, k = top_k_index.shape

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .runtime import FP8Linear
+from .fp8_modules import FP8Linear
 
 
 @dataclass

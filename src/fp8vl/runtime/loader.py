@@ -21,12 +21,12 @@ from typing import Iterator
 
 import torch
 
-from .errors import FP8VLError
-from .formats import SCALE_SUFFIXES
-from .plan import VISION_PARTS
-from .runtime import EXPERT, FP8Experts, FP8Linear, fp8_mode, resolve_mode
-from .shards import TensorInfo, read_tensor
-from .source import open_checkpoint
+from ..errors import FP8VLError
+from ..checkpoint.formats import SCALE_SUFFIXES
+from ..checkpoint.plan import VISION_PARTS
+from .fp8_modules import EXPERT, FP8Experts, FP8Linear, fp8_mode, resolve_mode
+from ..checkpoint.shards import TensorInfo, read_tensor
+from ..checkpoint.source import open_checkpoint
 
 SCALE = re.compile(rf"^(?P<module>.+)\.(?P<kind>{'|'.join(SCALE_SUFFIXES)})$")
 
@@ -89,8 +89,8 @@ def load_model(path: str | Path, device: str = "cpu", mode: str = "auto",
                dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
     """Any fp8vl / Qwen / compressed-tensors FP8 checkpoint, or a plain BF16/FP16/FP32 one, on ``device``.
 
-    FP8 linears become ``FP8Linear`` (``mode`` as in runtime.py; set on every module), split MoE
-    experts ``FP8Experts``; every other tensor is cast to ``dtype``. ``runtime.fp8_mode(model)`` says
+    FP8 linears become ``FP8Linear`` (``mode`` as in fp8_modules.py; set on every module), split MoE
+    experts ``FP8Experts``; every other tensor is cast to ``dtype``. ``fp8_modules.fp8_mode(model)`` says
     the mode (None for a checkpoint without FP8 weights).
     """
     path = Path(path)

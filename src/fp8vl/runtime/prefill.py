@@ -119,8 +119,8 @@ def run_layers(layers: list[_Layer], x: torch.Tensor, cos: torch.Tensor, sin: to
     hd, kv = cos.shape[-1], k_caches[0].shape[1]
     cos, sin = cos[:, None], sin[:, None]                              # [b, 1, n, hd]
     if fused:
-        from .attention import add_rmsnorm_quant
-        from .gemm import fp8_gemm, quantize_activations_gpu, rmsnorm_quant, silu_mul_quant
+        from ..kernels.attention import add_rmsnorm_quant
+        from ..kernels.gemm import fp8_gemm, quantize_activations_gpu, rmsnorm_quant, silu_mul_quant
 
         def lin(m, xq_xs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:      # [b*n, N]
             return fp8_gemm(*xq_xs, m.weight, m.weight_scale_inv, x.dtype, m.bias, fused, m.counters)

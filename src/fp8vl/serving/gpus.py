@@ -6,7 +6,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .errors import FP8VLError
+from ..errors import FP8VLError
 
 GIB = 1024**3
 

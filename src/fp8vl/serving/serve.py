@@ -6,7 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .errors import FP8VLError
+from ..errors import FP8VLError
 from .vram import VramPlan, vllm_args
 
 ENGINES = ("vllm", "transformers")

@@ -13,11 +13,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import FP8VLError
-from .formats import text_config
+from ..errors import FP8VLError
+from ..checkpoint.formats import text_config
 from .gpus import GIB, GPU, bf16_verdict, fp8_verdict
-from .source import open_checkpoint
-from .tp import SIZES, summarize, tp_report
+from ..checkpoint.source import open_checkpoint
+from ..checkpoint.tp import SIZES, summarize, tp_report
 
 NON_TORCH = int(0.6 * GIB)    # CUDA context, NCCL and allocator slack outside PyTorch's pool
 CUDA_GRAPHS = int(0.5 * GIB)  # captured decode graphs (0 with --enforce-eager)

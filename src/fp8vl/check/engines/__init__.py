@@ -1,7 +1,7 @@
 """Run vLLM's or SGLang's own loader code on a checkpoint, on the CPU, in the engine's interpreter.
 
 vLLM and SGLang pin their own torch and Transformers, so they live in their own virtual
-environments, never in fp8vl's. ``fp8vl verify --vllm`` runs ``python -m fp8vl.engines.vllm_check``
+environments, never in fp8vl's. ``fp8vl verify --vllm`` runs ``python -m fp8vl.check.engines.vllm_check``
 in an interpreter that has the engine (the current one if it imports it, else one given with
 ``--engine-python``), with fp8vl's source on PYTHONPATH; the check writes its result as JSON.
 """
@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 # engine -> (distribution name, check module, the release the checks were written against)
-ENGINES = {"vllm": ("vllm", "fp8vl.engines.vllm_check", "0.33.0"),
-           "sglang": ("sglang", "fp8vl.engines.sglang_check", "0.5.23")}
-SRC = Path(__file__).resolve().parents[2]   # the folder holding the fp8vl package
+ENGINES = {"vllm": ("vllm", "fp8vl.check.engines.vllm_check", "0.33.0"),
+           "sglang": ("sglang", "fp8vl.check.engines.sglang_check", "0.5.23")}
+SRC = Path(__file__).resolve().parents[3]   # the folder holding the fp8vl package
 
 
 def engine_version(python: str, engine: str) -> str | None:
@@ -79,7 +79,7 @@ def check_engine(report, checkpoint: str | Path, engine: str, pythons: tuple[str
     """Run ``engine``'s check on ``checkpoint`` and add its findings to ``report`` (verify.Report).
 
     Without the engine: one warning saying how to install it, and nothing else. vLLM's measured TP
-    sizes are compared with fp8vl's own TP report (tp.py): a disagreement is a warning."""
+    sizes are compared with fp8vl's own TP report (checkpoint/tp.py): a disagreement is a warning."""
     found = find_python(engine, pythons)
     if found is None:
         report.add("warning", engine, install_hint(engine) + "; skipped")

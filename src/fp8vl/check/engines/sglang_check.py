@@ -1,6 +1,6 @@
 """SGLang's own loader code on an FP8 checkpoint, on the CPU: ``fp8vl verify --sglang``.
 
-Run in SGLang's interpreter: ``python -m fp8vl.engines.sglang_check DIR --json OUT``. Steps, as
+Run in SGLang's interpreter: ``python -m fp8vl.check.engines.sglang_check DIR --json OUT``. Steps, as
 SGLang's ``DefaultModelLoader.load_model`` takes them (written against SGLang 0.5.23):
 ``ServerArgs(model_path=DIR, device="cpu")`` -> ``ModelConfig.from_server_args``; a one-process gloo
 group; ``_get_quantization_config`` (the quant config with the model class's packed modules) and

@@ -1,6 +1,6 @@
 """vLLM's own loader code on an FP8 checkpoint, on the CPU: ``fp8vl verify --vllm``.
 
-Run in vLLM's interpreter: ``python -m fp8vl.engines.vllm_check DIR --json OUT [--tp 1,2,4,8]``.
+Run in vLLM's interpreter: ``python -m fp8vl.check.engines.vllm_check DIR --json OUT [--tp 1,2,4,8]``.
 Steps, as ``vllm serve`` takes them (written against vLLM 0.33.0):
 
 1. ``EngineArgs(model=DIR).create_engine_config()``: vLLM reads config.json and picks its
