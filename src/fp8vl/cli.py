@@ -133,8 +133,8 @@ def verify_cmd(
     engine_tp: str = typer.Option("1,2,4,8", "--engine-tp", help="TP sizes vLLM builds and loads ('' for none)"),
 ) -> None:
     """Check an FP8 checkpoint's structure (and, with --source, its error); exit 1 on any failure."""
-    from .conversion.card import update_card as write_section, verify_section
-    from .check.eval_report import layer_sqnr_plot
+    from .conversion.card import update_card as write_section
+    from .check.eval_report import layer_sqnr_plot, verify_section
     from .report import print_verify
     from .check.verify import verify
 

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .checkpoint.compat import config_lines
 from .checkpoint.plan import REASONS
 from .checkpoint.tp import summarize
 
@@ -43,12 +44,6 @@ def print_plan(res, console: Console) -> None:
         console.print(line)
     for w in res.plan.warnings:
         console.print(f"[yellow]warning:[/] {w}")
-
-
-def config_lines(plan) -> list[str]:
-    """One line per config.json field fp8vl adds for the engines (compat.config_fields)."""
-    return [f"config.json: {k} = {str(v).lower() if isinstance(v, bool) else v} added (vLLM needs it; "
-            f"Transformers 5 omits it)" for k, v in plan.config_fields.items()]
 
 
 def print_summary(res, console: Console) -> None:

@@ -1,5 +1,6 @@
 """Eval results as a terminal table, a Markdown report with plots, and a model-card section; the
-per-tensor SQNR chart (``verify --plot``, and the report's second plot).
+per-tensor SQNR chart (``verify --plot``, and the report's second plot); verify's model-card section
+(``verify --update-card``).
 
 Rendering only: the results' types are imported for annotations, so drawing a chart loads no model code.
 """
@@ -14,11 +15,14 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from ..checkpoint.tp import summarize
+
 if TYPE_CHECKING:
     from .evaluate import EvalReport
     from .verify import Report
 
 CARD_BEGIN, CARD_END = "<!-- fp8vl:eval -->", "<!-- /fp8vl:eval -->"
+VERIFY_BEGIN, VERIFY_END = "<!-- fp8vl:verify -->", "<!-- /fp8vl:verify -->"
 COLUMNS = ("prompts", "mean KL", "max KL", "top-1", "greedy exact", "first divergence", "PPL src", "PPL fp8")
 
 
@@ -123,3 +127,17 @@ def card_section(r: EvalReport) -> str:
                       f"FP8 side computed as a W8A8 server does ({r.runtime}, {r.device}); "
                       f"{len(r.prompts)} prompts, greedy answers of up to {r.max_new_tokens} tokens.", "",
                       *markdown_table(r), CARD_END, ""])
+
+
+def verify_section(r: Report) -> str:
+    """``fp8vl verify --update-card``'s section: every check, bytes by dtype, TP sizes, SQNR figures."""
+    lines = [VERIFY_BEGIN, "## Verification (fp8vl verify)", "", "| check | result |", "|---|---|"]
+    lines += [f"| {c.name} | {c.level}: {c.message} |" for c in r.checks]
+    lines += ["", "Bytes by dtype: " + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in r.bytes_by_dtype.items()),
+              "", summarize(r.tp) + "." if r.tp else ""]
+    if r.tensors:
+        mean = sum(t.sqnr_db for t in r.tensors) / len(r.tensors)
+        how = "vs source" if r.kept_identical is not None else "vs source, measured while converting"
+        lines += ["", f"Per-tensor SQNR {how}: mean {mean:.1f} dB, worst "
+                      f"{min(t.sqnr_db for t in r.tensors):.1f} dB over {len(r.tensors)} FP8 tensors."]
+    return "\n".join(lines + [VERIFY_END, ""])

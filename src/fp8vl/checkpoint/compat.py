@@ -32,6 +32,13 @@ def config_fields(config: dict) -> dict[str, object]:
     return out
 
 
+def config_lines(plan) -> list[str]:
+    """One line per config.json field fp8vl adds for the engines (config_fields), as the summary and
+    the card say it."""
+    return [f"config.json: {k} = {str(v).lower() if isinstance(v, bool) else v} added (vLLM needs it; "
+            f"Transformers 5 omits it)" for k, v in plan.config_fields.items()]
+
+
 def with_fields(config: dict, fields: dict[str, object]) -> dict:
     """A copy of ``config`` with ``fields`` (dotted paths, one level of nesting) set."""
     out = {**config}

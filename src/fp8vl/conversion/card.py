@@ -6,19 +6,14 @@ import re
 import shlex
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..version import __version__
 from ..options import QuantizeOptions
+from ..checkpoint.compat import config_lines
 from ..checkpoint.plan import REASONS
-from ..report import config_lines
 from ..checkpoint.tp import summarize
 
-if TYPE_CHECKING:
-    from ..check.verify import Report
-
 FRONT = re.compile(r"\A---\n(.*?)\n---\n", re.S)
-VERIFY_BEGIN, VERIFY_END = "<!-- fp8vl:verify -->", "<!-- /fp8vl:verify -->"
 
 
 def source_front_matter(source: Path) -> dict[str, object]:
@@ -186,20 +181,6 @@ def write_dequantized_card(tmp: Path, source: Path, out: Path, dtype: str) -> No
         "FP8 copy was made from.", "",
         "```bash", " ".join(shlex.quote(a) for a in cmd), "```", ""])
     (tmp / "README.md").write_text(text)
-
-
-def verify_section(r: Report) -> str:
-    """``fp8vl verify --update-card``'s section: every check, bytes by dtype, TP sizes, SQNR figures."""
-    lines = [VERIFY_BEGIN, "## Verification (fp8vl verify)", "", "| check | result |", "|---|---|"]
-    lines += [f"| {c.name} | {c.level}: {c.message} |" for c in r.checks]
-    lines += ["", "Bytes by dtype: " + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in r.bytes_by_dtype.items()),
-              "", summarize(r.tp) + "." if r.tp else ""]
-    if r.tensors:
-        mean = sum(t.sqnr_db for t in r.tensors) / len(r.tensors)
-        how = "vs source" if r.kept_identical is not None else "vs source, measured while converting"
-        lines += ["", f"Per-tensor SQNR {how}: mean {mean:.1f} dB, worst "
-                      f"{min(t.sqnr_db for t in r.tensors):.1f} dB over {len(r.tensors)} FP8 tensors."]
-    return "\n".join(lines + [VERIFY_END, ""])
 
 
 def update_card(path: Path, section: str) -> None:
