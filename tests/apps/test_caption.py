@@ -20,11 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from fp8vl.caption import CaptionOptions, caption, find_images, progress_bar, sidecar
+from fp8vl.apps.caption import CaptionOptions, caption, find_images, progress_bar, sidecar
 from fp8vl.errors import FP8VLError
 from fp8vl.report import print_caption_summary
-from helpers import run_cli
-from test_images import _exif_rotated, _photo
+from helpers import _exif_rotated, _photo, run_cli
 
 TRANSFORMERS = Path(sys.executable).parent / "transformers"
 FAST = dict(retries=1, backoff=0.01, timeout=30)   # a dead server is noticed in well under a second

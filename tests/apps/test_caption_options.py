@@ -1,6 +1,6 @@
 """The caption text as both backends write it."""
 
-from fp8vl.caption_options import clean_caption
+from fp8vl.apps.caption_options import clean_caption
 
 
 def test_clean_caption():

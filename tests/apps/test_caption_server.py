@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fp8vl.caption import CaptionOptions, caption, sidecar
-from fp8vl.caption_server import image_data_url
-from fp8vl.images import load_image
-from helpers import popen_cli, run_cli
+from fp8vl.apps.caption import CaptionOptions, caption, sidecar
+from fp8vl.apps.caption_server import image_data_url
+from fp8vl.inputs.images import load_image
+from helpers import _exif_rotated, _photo, popen_cli, run_cli
 from test_caption import FAST, _jsonl
-from test_images import _exif_rotated, _photo
 
 
 def test_the_image_sent_is_the_upright_jpeg(tmp_path):

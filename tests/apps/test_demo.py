@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
-from fp8vl.demo import STAMP, run_demo
+from fp8vl.apps.demo import STAMP, run_demo
 from fp8vl.errors import FP8VLError
 
 

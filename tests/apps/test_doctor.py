@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 
-from fp8vl.doctor import diagnose
-from fp8vl.gpus import GIB
+from fp8vl.apps.doctor import diagnose
+from fp8vl.serving.gpus import GIB
 from helpers import ROOT, run_cli
 
 

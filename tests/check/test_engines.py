@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from fp8vl.engines import engine_version, find_python, run_check
-from fp8vl.verify import verify
+from fp8vl.check.engines import engine_version, find_python, run_check
+from fp8vl.check.verify import verify
 
 
 @pytest.fixture(scope="module", autouse=True)

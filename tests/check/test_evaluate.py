@@ -1,8 +1,8 @@
 """``fp8vl eval``: drift figures checked against an independent computation.
 
 The reference here is written plainly: Transformers' own processor and model for the BF16 source,
-``fp8vl.runtime.load_fp8_model(mode="w8a8")`` for the FP8 side (its numerics are judged against
-plain float32 math in test_runtime.py), greedy answers from ``generate``, and KL / top-1 /
+``fp8vl.runtime.loader.load_fp8_model(mode="w8a8")`` for the FP8 side (its numerics are judged against
+plain float32 math in runtime/test_fp8_modules.py), greedy answers from ``generate``, and KL / top-1 /
 perplexity computed in float64 from the logits. fp8vl's report must carry the same figures.
 """
 
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from fp8vl.errors import FP8VLError
-from fp8vl.evaluate import evaluate
-from fp8vl.prompts import Prompt, builtin, load_jsonl, open_image
+from fp8vl.check.evaluate import evaluate
+from fp8vl.inputs.prompts import Prompt, builtin, load_jsonl, open_image
 from helpers import astronaut, run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -36,7 +36,7 @@ class Reference:
     def __init__(self, src: Path, fp8: Path):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from fp8vl.loader import load_fp8_model
+        from fp8vl.runtime.loader import load_fp8_model
 
         self.proc = AutoProcessor.from_pretrained(src)
         self.src = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.bfloat16, device_map="cpu").eval()
@@ -103,7 +103,7 @@ def dense_report(dense_fp8):
 def summarize(prompts: list[dict]) -> dict:
     """The summary of the report these per-prompt figures belong to (EvalReport.summary itself is
     checked on figures with known answers in test_summary_of_known_figures)."""
-    from fp8vl.evaluate import EvalReport, PromptResult
+    from fp8vl.check.evaluate import EvalReport, PromptResult
 
     r = EvalReport("s", "q", "runtime", "cpu", NEW_TOKENS, [PromptResult(**p) for p in prompts])
     return r.summary()
@@ -112,7 +112,7 @@ def summarize(prompts: list[dict]) -> dict:
 def test_summary_of_known_figures():
     """Means, maxima, the share of exact answers, the mean first divergence over diverging prompts,
     and geometric-mean perplexities, on figures whose answers are known: (2*2)^0.5 = 2 ... """
-    from fp8vl.evaluate import EvalReport, PromptResult
+    from fp8vl.check.evaluate import EvalReport, PromptResult
 
     r = EvalReport("s", "q", "runtime", "cpu", 8, [
         PromptResult("a", "text", 0.1, 0.5, 1.0, True, None, "x", "x", 2.0, 1.0),

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from engine_outputs import FORMATS, build_outputs, checks, edited_copy, engine_python
-from fp8vl.tiny import ARCHS
-from fp8vl.verify import verify
+from fp8vl.apps.tiny import ARCHS
+from fp8vl.check.verify import verify
 
 FOUND = engine_python("sglang")
 pytestmark = pytest.mark.skipif(FOUND is None, reason="SGLang is not installed here: `make test-sglang` sets it up")

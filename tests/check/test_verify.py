@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fp8vl import QuantizeOptions, quantize
-from fp8vl.verify import verify
+from fp8vl.check.verify import verify
 from helpers import (FP8, INDEX, expert_slices, load_tensors, popen_cli, read_config, ref_dequantize, run_cli,
                      same_bytes, tensor_files, text_config)
 

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from engine_outputs import FORMATS, build_outputs, checks, edited_copy, engine_python
-from fp8vl.tiny import ARCHS
-from fp8vl.tp import SIZES
-from fp8vl.verify import verify
+from fp8vl.apps.tiny import ARCHS
+from fp8vl.checkpoint.tp import SIZES
+from fp8vl.check.verify import verify
 from helpers import run_cli
 
 FOUND = engine_python("vllm")
@@ -102,7 +102,7 @@ def wide_moe(tmp_path_factory):
     from transformers import AutoModelForImageTextToText
 
     from fp8vl import QuantizeOptions, quantize
-    from fp8vl.tiny import processor_for, qwen3_vl_config, train_tokenizer
+    from fp8vl.apps.tiny import processor_for, qwen3_vl_config, train_tokenizer
 
     root = tmp_path_factory.mktemp("wide-moe")
     tok = train_tokenizer()

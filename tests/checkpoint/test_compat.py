@@ -1,5 +1,5 @@
 """What fp8vl writes or says for the engines (compat.py), on real tiny checkpoints saved by Transformers 5.
-Whether the engines then load them is tests/test_vllm_check.py and tests/test_sglang_check.py."""
+Whether the engines then load them is tests/check/test_vllm_check.py and tests/check/test_sglang_check.py."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import json
 import pytest
 
 from fp8vl import QuantizeOptions, quantize
-from fp8vl.compat import checkpoint_findings, config_fields, layout_warnings, with_fields
-from fp8vl.plan import make_plan
-from fp8vl.tiny import build_tiny
-from fp8vl.verify import verify
+from fp8vl.checkpoint.compat import checkpoint_findings, config_fields, layout_warnings, with_fields
+from fp8vl.checkpoint.plan import make_plan
+from fp8vl.apps.tiny import build_tiny
+from fp8vl.check.verify import verify
 from helpers import read_config, run_cli
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fp8vl import QuantizeOptions, quantize
-from fp8vl.formats import quantization_config, scale_suffix
+from fp8vl.checkpoint.formats import quantization_config, scale_suffix
 from helpers import (FP8, TILE, astronaut, expand_scales, language_linears, load_tensors, read_config,
                      same_bytes)
 
@@ -149,8 +149,8 @@ def test_fp8_format_config_lists_the_same_modules_under_both_keys():
 @pytest.fixture(scope="module")
 def ct_loaded(ct_dense, hf_models):
     """(source, compressed-tensors output) loaded by Transformers, and their next-token comparison."""
-    from fp8vl.evaluate import compare_models
-    from fp8vl.loader import load_hf_model
+    from fp8vl.check.evaluate import compare_models
+    from fp8vl.runtime.loader import load_hf_model
 
     src, q = hf_models("dense", "src"), load_hf_model(ct_dense)
     return src, q, compare_models(src, q, PROMPT, astronaut())

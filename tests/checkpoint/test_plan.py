@@ -1,4 +1,4 @@
-"""fp8vl.plan on the headers of the tiny dense, tied and MoE Qwen3-VL checkpoints."""
+"""fp8vl.checkpoint.plan on the headers of the tiny dense, tied and MoE Qwen3-VL checkpoints."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 
 from fp8vl import QuantizeOptions
 from fp8vl.errors import FP8VLError
-from fp8vl.plan import make_plan
-from fp8vl.shards import read_header
+from fp8vl.checkpoint.plan import make_plan
+from fp8vl.checkpoint.shards import read_header
 from helpers import language_linears, read_config, text_config
 
 

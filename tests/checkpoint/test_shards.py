@@ -1,4 +1,5 @@
-"""fp8vl.shards: hand-written safetensors reading and streaming writing, judged by the safetensors library."""
+"""fp8vl.checkpoint.shards: hand-written safetensors reading and streaming writing, judged by the safetensors
+library."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fp8vl.errors import FP8VLError, InternalError
-from fp8vl.shards import ShardWriter, Slot, read_header, read_rows, read_tensor
+from fp8vl.checkpoint.shards import ShardWriter, Slot, read_header, read_rows, read_tensor
 from helpers import FP8, as_bytes, same_bytes
 
 

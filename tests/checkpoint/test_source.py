@@ -1,4 +1,4 @@
-"""fp8vl.source: what a SOURCE folder may hold: index paths, symlinks, config shapes."""
+"""fp8vl.checkpoint.source: what a SOURCE folder may hold: index paths, symlinks, config shapes."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from fp8vl import FP8VLError, QuantizeOptions, quantize
-from fp8vl.dequantize import dequantize
-from fp8vl.verify import verify
+from fp8vl.conversion.dequantize import dequantize
+from fp8vl.check.verify import verify
 from helpers import INDEX, file_hashes, run_cli
 
 
@@ -28,7 +28,7 @@ def test_index_naming_a_shard_outside_source_is_refused_before_opening_it(dense_
     outside = tmp_path / "outside.safetensors"
     outside.write_bytes(b"\xff" * 64)          # were it opened and parsed, it would fail as a corrupt header
     (src / "model.safetensors").rename(src / "model-00001-of-00001.safetensors")
-    from fp8vl.shards import read_header
+    from fp8vl.checkpoint.shards import read_header
     infos, _ = read_header(src / "model-00001-of-00001.safetensors")
     wmap = {n: "model-00001-of-00001.safetensors" for n in infos}
     victim = sorted(infos)[0]

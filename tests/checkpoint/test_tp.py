@@ -2,7 +2,7 @@
 
 Shapes only (no weights): the FP8 linears each model's checkpoint holds, [N, K] per module, with the
 published sizes. The expected per-rank sizes are recomputed here from the roles vLLM gives each linear;
-tests/test_vllm_check.py checks the same report against vLLM itself on tiny models.
+tests/check/test_vllm_check.py checks the same report against vLLM itself on tiny models.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from fp8vl.tp import SIZES, summarize, tp_report
+from fp8vl.checkpoint.tp import SIZES, summarize, tp_report
 
 BLOCK = 128
 

@@ -1,4 +1,4 @@
-"""fp8vl.card: the output's model card links only hub ids, names the output as it is, leaks no local path."""
+"""fp8vl.conversion.card: the output's model card links only hub ids, names the output as it is, leaks no local path."""
 
 from __future__ import annotations
 

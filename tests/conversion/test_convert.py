@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import yaml
 
 from fp8vl import FP8VLError, QuantizeOptions, quantize
-from fp8vl.tiny import build_tiny_qwen3_vl
+from fp8vl.apps.tiny import build_tiny_qwen3_vl
 from helpers import (BAD_CASES, FP8, INDEX, ROOT, astronaut, expand_scales, expert_slices, file_hashes,
                      language_linears, load_tensors, read_config, ref_block_quantize, same_bytes, tensor_files,
                      text_config, within_e4m3_bound)
@@ -212,8 +212,8 @@ def test_small_max_shard_size_gives_several_consistent_shards(dense_sharded, den
 
 
 def test_transformers_loads_sharded_output_like_the_single_shard_one(dense_sharded, hf_models):
-    from fp8vl.evaluate import logits_for
-    from fp8vl.loader import encode, load_hf_model
+    from fp8vl.check.evaluate import logits_for
+    from fp8vl.runtime.loader import encode, load_hf_model
 
     one, many = hf_models("dense", "fp8"), load_hf_model(dense_sharded)
     batch = encode(one, PROMPT, astronaut())
@@ -224,7 +224,7 @@ def test_transformers_loads_sharded_output_like_the_single_shard_one(dense_shard
 
 @pytest.mark.parametrize("kind", ["dense", "tied"])
 def test_transformers_next_token_kl_to_source_is_small_but_nonzero(hf_models, kind):
-    from fp8vl.evaluate import compare_models
+    from fp8vl.check.evaluate import compare_models
 
     m = compare_models(hf_models(kind, "src"), hf_models(kind, "fp8"), PROMPT, astronaut())
     print(f"{kind}: KL mean {m['kl_mean']:.4f} max {m['kl_max']:.4f} top-1 {m['top1']:.3f} over {m['tokens']}")
@@ -461,7 +461,7 @@ def test_finite_weights_too_large_for_a_float16_scale_say_so(tmp_path):
 def test_error_file_only_where_asked(dense_src, tmp_path):
     """Measuring each tensor's error costs more than quantizing it, so a local conversion records it
     only with record_error (hub conversions always do: their source is gone afterwards)."""
-    from fp8vl.verify import verify
+    from fp8vl.check.verify import verify
 
     plain = tmp_path / "plain"
     res = quantize(dense_src, plain, QuantizeOptions(workers=1))

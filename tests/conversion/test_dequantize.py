@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fp8vl import FP8VLError, QuantizeOptions, quantize
-from fp8vl.dequantize import dequantize
+from fp8vl.conversion.dequantize import dequantize
 from fp8vl.options import DequantizeOptions
 from helpers import (FP8, INDEX, expand_scales, file_hashes, load_tensors, read_config, run_cli, same_bytes,
                      text_config)
@@ -113,8 +113,8 @@ def test_moe_experts_stay_split_per_expert(round_trips):
 
 
 def test_transformers_loads_the_dequantized_model_like_the_fp8_one(round_trips, hf_models):
-    from fp8vl.evaluate import logits_for
-    from fp8vl.loader import encode, load_hf_model
+    from fp8vl.check.evaluate import logits_for
+    from fp8vl.runtime.loader import encode, load_hf_model
     from helpers import astronaut
 
     _, bf16, _ = round_trips["dense"]

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from fp8vl.drift import FILE, chunk_error, summarize_parts
+from fp8vl.conversion.drift import FILE, chunk_error, summarize_parts
 from helpers import ref_block_quantize
 
 

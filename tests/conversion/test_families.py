@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from fp8vl import QuantizeOptions, quantize
-from fp8vl.plan import make_plan
-from fp8vl.tiny import build_tiny
+from fp8vl.checkpoint.plan import make_plan
+from fp8vl.apps.tiny import build_tiny
 from helpers import FP8, TILE, load_tensors, read_config, ref_block_quantize, same_bytes, text_config
 
 ARCHS = ["qwen2_5_vl", "gemma3", "qwen3", "llama", "qwen3_vl_tied"]
@@ -181,8 +181,8 @@ def digest(t: torch.Tensor) -> str:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fp8vl_runtime_loads_each_family_with_its_fp8_bytes(families, source_logits, arch):
-    from fp8vl.loader import load_fp8_model
-    from fp8vl.runtime import fp8_mode, fp8_modules
+    from fp8vl.runtime.loader import load_fp8_model
+    from fp8vl.runtime.fp8_modules import fp8_mode, fp8_modules
 
     f = families[arch]
     ids, ref, _ = source_logits(arch)
@@ -254,7 +254,7 @@ def test_quantize_vision_output_loads_in_fp8vl_runtime_with_codes_times_scale(de
     """Partial output tiles (linear_fc1 [344, 128]) are valid FP8 block format and vLLM loads them;
     Transformers' CPU dequantizer refuses them (its scale grid must divide the weight), so the
     check goes through fp8vl's runtime, which dequantizes partial tiles."""
-    from fp8vl.loader import load_fp8_model
+    from fp8vl.runtime.loader import load_fp8_model
     from helpers import expand_scales
 
     out = tmp_path / "vision-fp8"

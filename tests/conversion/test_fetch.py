@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from fp8vl.fetch import Downloader, DownloadFailed, Fetcher, Remote
-from fp8vl.staging import Resumable
+from fp8vl.conversion.fetch import Downloader, DownloadFailed, Fetcher, Remote
+from fp8vl.conversion.staging import Resumable
 from hub_server import HubServer, hub_env
 
 

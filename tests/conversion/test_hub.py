@@ -21,11 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fp8vl import FP8VLError, QuantizeOptions, quantize
-from fp8vl.drift import FILE as ERRORS
-from fp8vl.hub import first_shard, largest_first
-from fp8vl.source import open_checkpoint
-from fp8vl.staging import disk_usage
-from fp8vl.verify import verify
+from fp8vl.conversion.drift import FILE as ERRORS
+from fp8vl.conversion.hub import first_shard, largest_first
+from fp8vl.checkpoint.source import open_checkpoint
+from fp8vl.conversion.staging import disk_usage
+from fp8vl.check.verify import verify
 from helpers import INDEX, file_hashes
 from hub_server import HubServer, _sha256, hub_env
 
@@ -170,7 +170,7 @@ def test_disk_peak_is_output_plus_two_shards_and_shards_go_largest_first(hub, bi
             time.sleep(0.005)
     w = threading.Thread(target=watch)
     w.start()
-    with caplog.at_level(logging.DEBUG, logger="fp8vl.fetch"):
+    with caplog.at_level(logging.DEBUG, logger="fp8vl.conversion.fetch"):
         quantize("org/big", out, QuantizeOptions(max_shard_size=12 << 20, workers=2))
     stop.set()
     w.join()
@@ -178,7 +178,7 @@ def test_disk_peak_is_output_plus_two_shards_and_shards_go_largest_first(hub, bi
     reading = list(dict.fromkeys(json.loads((big_repo / INDEX).read_text())["weight_map"].values()))
     size = {f: (big_repo / f).stat().st_size for f in reading}
     order = sorted(reading, key=lambda f: -size[f])           # largest first, ties in the index's order
-    events = [r.getMessage().split()[:2] for r in caplog.records if r.name == "fp8vl.fetch"]
+    events = [r.getMessage().split()[:2] for r in caplog.records if r.name == "fp8vl.conversion.fetch"]
     deleted = [f for what, f in events if what == "deleted"]
     assert deleted == order
     assert len(set(size.values())) == 3 and order != reading and order != sorted(order)   # 12, 8 and ~4 MB
@@ -309,7 +309,7 @@ def _download_processes(home: Path, wait: float = 2.0) -> list[int]:
         pids = []
         for d in Path("/proc").glob("[0-9]*"):
             try:
-                if b"fp8vl.fetch" in (d / "cmdline").read_bytes() and \
+                if b"fp8vl.conversion.fetch" in (d / "cmdline").read_bytes() and \
                         f"HF_HOME={home}".encode() in (d / "environ").read_bytes().split(b"\0"):
                     pids.append(int(d.name))
             except OSError:

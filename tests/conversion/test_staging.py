@@ -1,4 +1,4 @@
-"""fp8vl.staging: what OUTPUT may be replaced, free space checked up front, a disk that fills anyway.
+"""fp8vl.conversion.staging: what OUTPUT may be replaced, free space checked up front, a disk that fills anyway.
 
 Disk-full cases run on a real small tmpfs (mounted here; skipped where mounting is not allowed);
 the up-front check also runs on the real filesystem, with a sparse source whose plan is larger
@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from fp8vl import FP8VLError, QuantizeOptions, quantize
-from fp8vl.dequantize import dequantize
+from fp8vl.conversion.dequantize import dequantize
 from fp8vl.options import DequantizeOptions
 from helpers import ROOT, cli_env, file_hashes
 

@@ -1,4 +1,4 @@
-"""fp8vl.writer: the check after writing, chunk jobs that return their bytes, the shard writer's
+"""fp8vl.conversion.writer: the check after writing, chunk jobs that return their bytes, the shard writer's
 loop and pool.
 """
 
@@ -25,8 +25,8 @@ def test_output_that_does_not_match_the_plan_is_reported_as_a_bug(dense_fp8, tmp
     """check_output reopens what was written; a mismatch with the plan is fp8vl's fault, not the
     user's: InternalError (a traceback in the CLI), not an FP8VLError that reads like bad input."""
     from fp8vl.errors import InternalError
-    from fp8vl.shards import Slot
-    from fp8vl.writer import check_output
+    from fp8vl.checkpoint.shards import Slot
+    from fp8vl.conversion.writer import check_output
 
     out = tmp_path / "out"
     shutil.copytree(dense_fp8.out, out)
@@ -51,8 +51,8 @@ def two_torch_threads():
 
 
 def test_copy_jobs_return_the_bytes_and_write_nothing(tmp_path):
-    from fp8vl.shards import Scratch, read_header
-    from fp8vl.writer import COPY_BYTES, copy_jobs
+    from fp8vl.checkpoint.shards import Scratch, read_header
+    from fp8vl.conversion.writer import COPY_BYTES, copy_jobs
 
     t = torch.arange(COPY_BYTES // 4 + 1000, dtype=torch.int32)          # 2 jobs, the last partial
     save_file({"t": t}, tmp_path / "a.safetensors")
@@ -80,8 +80,8 @@ def test_write_shards_writes_what_the_jobs_return_in_a_loop_or_on_a_pool(tmp_pat
     import threading
     from functools import partial
 
-    from fp8vl.shards import Slot
-    from fp8vl.writer import Chunk, Job, Piece, write_shards
+    from fp8vl.checkpoint.shards import Slot
+    from fp8vl.conversion.writer import Chunk, Job, Piece, write_shards
 
     from safetensors.torch import load_file
 
@@ -135,8 +135,8 @@ def test_write_shards_in_a_given_order_writes_the_same_files(tmp_path):
     from functools import partial
 
     from fp8vl.errors import InternalError
-    from fp8vl.shards import Slot
-    from fp8vl.writer import Chunk, Job, Piece, write_shards
+    from fp8vl.checkpoint.shards import Slot
+    from fp8vl.conversion.writer import Chunk, Job, Piece, write_shards
 
     data = {n: torch.arange(i * 100, i * 100 + 50 + i, dtype=torch.int32) for i, n in enumerate("abcd")}
     slots = {n: Slot(n, "I32", tuple(t.shape), t.numel() * 4) for n, t in data.items()}

@@ -3,16 +3,14 @@ pixel by pixel on real files written and reopened by Pillow."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
-from skimage import data
 
 from fp8vl.errors import FP8VLError
-from fp8vl.images import load_image, open_rgb, to_rgb
-from fp8vl.prompts import open_image
+from fp8vl.inputs.images import load_image, open_rgb, to_rgb
+from fp8vl.inputs.prompts import open_image
+from helpers import _exif_rotated, _photo
 
 WHITE = (255, 255, 255)
 
@@ -27,21 +25,6 @@ def gray(a: np.ndarray) -> np.ndarray:
     """The R channel, after checking R = G = B."""
     assert (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()
     return a[..., 0]
-
-
-def _photo(name: str) -> Image.Image:
-    a = getattr(data, name)()
-    return Image.fromarray(a.astype(np.uint8) * 255 if a.dtype == bool else a)
-
-
-def _exif_rotated(path: Path) -> Path:
-    """A 300x200 (WxH) JPEG, red top-left corner, EXIF orientation 6: shown rotated 90 degrees clockwise."""
-    im = _photo("chelsea").convert("RGB").resize((300, 200))
-    im.paste((255, 0, 0), (0, 0, 60, 40))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    im.save(path, exif=exif, quality=95)
-    return path
 
 
 def test_mid_grey_16_bit_png_arrives_mid_grey(tmp_path):

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from helpers import INTERPRETER, qwen3_rmsnorm, run_under_triton_interpreter, same_bits
-from fp8vl import attention
-from fp8vl.engine import capture_graph
-from fp8vl.layers import torch_attention_block, torch_decode_attention, torch_qk_norm_rope_cache
-from fp8vl.kernel import quantize_activations
+from fp8vl.kernels import attention
+from fp8vl.runtime.engine import capture_graph
+from fp8vl.runtime.layers import torch_attention_block, torch_decode_attention, torch_qk_norm_rope_cache
+from fp8vl.kernels.numerics import quantize_activations
 
 interp = pytest.mark.skipif(not INTERPRETER, reason="runs in the TRITON_INTERPRET=1 child process")
 gpu = pytest.mark.skipif(INTERPRETER or not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -194,7 +194,7 @@ def test_add_rmsnorm_quant_is_the_add_then_the_fused_norm(k):
 def test_consumers_sum_split_k_partials_as_the_gemv_would():
     """add_rmsnorm_quant and qk_norm_rope_cache given a GEMV's unsummed float32 partials [S, M, N]
     compute the bits they compute on gemm.splitk_sum of them (the GEMV's own sum)."""
-    from fp8vl.gemm import splitk_sum
+    from fp8vl.kernels.gemm import splitk_sum
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 256, generator=g).to(BF)

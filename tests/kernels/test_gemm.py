@@ -7,15 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from helpers import grouped_gemm_case, qwen3_rmsnorm, rel, same_bits, w8a8_reference
-from fp8vl.engine import capture_graph
-from fp8vl.kernel import dequantize_weight, quantize_activations, quantize_weight
+from fp8vl.runtime.engine import capture_graph
+from fp8vl.kernels.numerics import dequantize_weight, quantize_activations, quantize_weight
 
 pytestmark = pytest.mark.gpu
 cuda_fp8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 if not cuda_fp8:
     pytest.skip("needs a CUDA GPU with compute capability >= 8.9", allow_module_level=True)
 
-gemm = pytest.importorskip("fp8vl.gemm")
+gemm = pytest.importorskip("fp8vl.kernels.gemm")
 
 
 @pytest.fixture(autouse=True)
@@ -162,7 +162,7 @@ def test_consumers_of_split_k_partials_at_the_8b_decode_shapes(m):
     + rope + cache, o and down -> residual add + RMSNorm + quantization, gate_up -> SwiGLU +
     quantization, the last down -> splitk_sum. Every output has the bits of the GEMV's own sum,
     with the engine's table configs and with a forced split (gate_up's table does not split)."""
-    from fp8vl.attention import add_rmsnorm_quant, qk_norm_rope_cache
+    from fp8vl.kernels.attention import add_rmsnorm_quant, qk_norm_rope_cache
 
     g = torch.Generator(device="cuda").manual_seed(m)
     x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -284,11 +284,11 @@ def test_fp8_linear_bias_and_batch_dims():
 @pytest.mark.parametrize("mode", ["scaled_mm", "triton"])
 def test_runtime_on_gpu_matches_simulation(tmp_path, mode):
     from fp8vl import quantize
-    from fp8vl.evaluate import kl_stats, logits_for
-    from fp8vl.loader import encode, load_any
-    from fp8vl.runtime import fp8_mode
-    from fp8vl.prompts import open_image
-    from fp8vl.tiny import build_tiny_qwen3_vl
+    from fp8vl.check.evaluate import kl_stats, logits_for
+    from fp8vl.runtime.loader import encode, load_any
+    from fp8vl.runtime.fp8_modules import fp8_mode
+    from fp8vl.inputs.prompts import open_image
+    from fp8vl.apps.tiny import build_tiny_qwen3_vl
 
     src = build_tiny_qwen3_vl(tmp_path / "src")
     quantize(src, tmp_path / "fp8")
@@ -311,7 +311,7 @@ def test_runtime_on_gpu_matches_simulation(tmp_path, mode):
 
 def test_gpu_conversion_is_byte_identical_to_cpu(tmp_path):
     from fp8vl import QuantizeOptions, quantize
-    from fp8vl.tiny import build_tiny_qwen3_vl
+    from fp8vl.apps.tiny import build_tiny_qwen3_vl
 
     src = build_tiny_qwen3_vl(tmp_path / "src", "moe")
     for scale_dtype in ("float32", "bfloat16"):

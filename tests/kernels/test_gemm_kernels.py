@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from helpers import (INTERPRETER, fp8_weight, grouped_gemm_case, qwen3_rmsnorm, rel, run_under_triton_interpreter,
                      same_bits, w8a8_reference)
-from fp8vl import gemm
-from fp8vl.kernel import FP8_MAX, dequantize_weight, quantize_activations
+from fp8vl.kernels import gemm
+from fp8vl.kernels.numerics import FP8_MAX, dequantize_weight, quantize_activations
 
 interp = pytest.mark.skipif(not INTERPRETER, reason="runs in the TRITON_INTERPRET=1 child process")
 
@@ -293,7 +293,7 @@ def test_table_configs_fit_the_shared_memory_of_ada_and_consumer_blackwell(cc):
     """Every decode-GEMV config the table gives for the Qwen3-VL decoder linears (fused qkv, o,
     fused gate_up, down; M = 1 and 8; launched with PDL too where the card has it; W8A8 and W8A16)
     and the block GEMM's table configs fit a block's shared memory on 8.9 and 12.0 cards."""
-    from fp8vl import gemm_kernels as gk
+    from fp8vl.kernels import gemm_kernels as gk
 
     sms = {(8, 9): 76, (12, 0): 170}[cc]                  # an RTX 4080, an RTX 5090
     shapes = [s for h, i, heads in DECODERS for s in (((heads + 16) * 128, h), (h, heads * 128), (2 * i, h), (h, i))]

@@ -1,11 +1,11 @@
-"""fp8vl.kernel against the plain tile-by-tile reference in helpers.py."""
+"""fp8vl.kernels.numerics against the plain tile-by-tile reference in helpers.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fp8vl.kernel import (dequantize_weight, fake_quantize_activations, fp8_nan_count, quantize_activations,
+from fp8vl.kernels.numerics import (dequantize_weight, fake_quantize_activations, fp8_nan_count, quantize_activations,
                           quantize_weight)
 from helpers import (FP8, as_bytes, ref_activation_quantize, ref_block_quantize,
                      ref_dequantize, within_e4m3_bound)

@@ -1,4 +1,4 @@
-"""fp8vl.engine and fp8vl.loader on the tiny real-architecture models, on the CPU (no graphs).
+"""fp8vl.runtime.engine and fp8vl.runtime.loader on the tiny real-architecture models, on the CPU (no graphs).
 
 The engine's own prefill and decode steps are judged against Transformers' forward of the very same weights
 (teacher-forced on the engine's answer), its batching against itself at batch 1, and the loader
@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fp8vl.engine import Engine, EngineOptions, Request
+from fp8vl.runtime.engine import Engine, EngineOptions, Request
 from fp8vl.errors import FP8VLError
-from fp8vl.evaluate import kl_stats
-from fp8vl.loader import Loaded, encode, eos_ids, load_processor
-from fp8vl.loader import load_model
-from fp8vl.runtime import FP8Linear, fp8_mode
+from fp8vl.check.evaluate import kl_stats
+from fp8vl.runtime.loader import Loaded, encode, eos_ids, load_processor
+from fp8vl.runtime.loader import load_model
+from fp8vl.runtime.fp8_modules import FP8Linear, fp8_mode
 from helpers import pad_tokens
 
 
@@ -167,7 +167,7 @@ def test_loader_never_holds_a_widened_copy_of_an_fp8_weight(tmp_path):
     tensor (what loading through Transformers' dequantizing path does). The same watch must see
     the widening copy of an explicit dequantization, so the watch can fail (Transformers' own load,
     which widens in some releases only, is no dependable control)."""
-    from fp8vl.tiny import build_tiny_qwen3_vl
+    from fp8vl.apps.tiny import build_tiny_qwen3_vl
     from fp8vl import QuantizeOptions, quantize
 
     src = build_tiny_qwen3_vl(tmp_path / "src", "dense")
@@ -177,7 +177,7 @@ def test_loader_never_holds_a_widened_copy_of_an_fp8_weight(tmp_path):
         import torch
         from torch.utils._python_dispatch import TorchDispatchMode
         from safetensors import safe_open
-        from fp8vl.loader import load_model
+        from fp8vl.runtime.loader import load_model
         from pathlib import Path
         fp8_shapes = set()
         for shard in Path({str(out)!r}).glob("*.safetensors"):
@@ -201,8 +201,8 @@ def test_loader_never_holds_a_widened_copy_of_an_fp8_weight(tmp_path):
         assert fp8_shapes, "no FP8 weights"
         print("WIDE", wide)
         wide.clear()
-        from fp8vl.kernel import dequantize_weight
-        from fp8vl.runtime import FP8Linear
+        from fp8vl.kernels.numerics import dequantize_weight
+        from fp8vl.runtime.fp8_modules import FP8Linear
         lin = next(x for x in m.modules() if isinstance(x, FP8Linear))
         with Watch():
             dequantize_weight(lin.weight, lin.weight_scale_inv, torch.bfloat16)
@@ -218,7 +218,7 @@ def test_loader_never_holds_a_widened_copy_of_an_fp8_weight(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_memory_cap_is_respected_and_graphs_match_eager(dense_fp8):
-    from fp8vl.engine import limit_gpu_memory
+    from fp8vl.runtime.engine import limit_gpu_memory
 
     L = Loaded(load_model(dense_fp8.out, "cuda"), load_processor(dense_fp8.out, True), True, dense_fp8.out)
     reqs = [Request({k: v.cpu() for k, v in r.inputs.items()}, r.tag) for r in _requests(L)]
@@ -274,7 +274,7 @@ def test_gpu_moe_decode_is_captured_and_matches_eager(moe_fp8):
     assert graphs._use_graphs()
     assert {r.tag: i for r, i in graphs.generate(reqs)} == {r.tag: i for r, i in eager.generate(reqs)}
     # the grouped path computes what the per-expert loop computes (W8A8 both; sums in another order)
-    from fp8vl.runtime import FP8Experts
+    from fp8vl.runtime.fp8_modules import FP8Experts
 
     ex = next(m for m in L.model.modules() if isinstance(m, FP8Experts))
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -310,7 +310,7 @@ def test_gpu_split_k_partials_summed_by_their_consumers_give_the_same_logits(wid
     kernel that reads them (q/k norm + rope, residual add + RMSNorm + quantization, SwiGLU, the last
     layer's splitk_sum) gives the very logits and answers of each GEMV summing its own
     (consumer_sums=()), decode in CUDA graphs."""
-    from fp8vl.gemm import decode_config
+    from fp8vl.kernels.gemm import decode_config
 
     L = Loaded(load_model(wide_fp8.out, "cuda"), load_processor(wide_fp8.out, True), True, wide_fp8.out)
     reqs = _cuda_requests(L)
@@ -352,8 +352,8 @@ def test_gpu_prefill_graph_replays_the_eager_layers(which, dense_src, dense_fp8)
     """The captured prefill (inputs padded to a multiple of 64) gives bit for bit what the same
     layers compute eagerly on the same padded inputs: hidden states and cache entries; and the
     engine's logits with graphs stay within bf16 rounding of the unpadded eager prefill."""
-    from fp8vl.engine import PREFILL_PAD, round_up
-    from fp8vl.prefill import decoder_inputs, dense_deepstack, run_layers
+    from fp8vl.runtime.engine import PREFILL_PAD, round_up
+    from fp8vl.runtime.prefill import decoder_inputs, dense_deepstack, run_layers
 
     path = dense_src if which == "src" else dense_fp8.out
     L = Loaded(load_model(path, "cuda"), load_processor(path, True), True, path)

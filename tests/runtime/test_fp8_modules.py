@@ -1,7 +1,7 @@
-"""fp8vl.runtime: FP8Linear's simulated modes against plain float32 math, and load_fp8_model.
+"""fp8vl.runtime.fp8_modules: FP8Linear's simulated modes against plain float32 math, and load_fp8_model.
 
 The reference numerics come from helpers (tile-by-tile weight quantization/dequantization,
-token-by-token activation quantization), not from fp8vl.kernel.
+token-by-token activation quantization), not from fp8vl.kernels.numerics.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fp8vl.errors import FP8VLError
-from fp8vl.loader import load_fp8_model
-from fp8vl.runtime import FP8Experts, FP8Linear, fp8_mode, fp8_modules, resolve_mode
+from fp8vl.runtime.loader import load_fp8_model
+from fp8vl.runtime.fp8_modules import FP8Experts, FP8Linear, fp8_mode, fp8_modules, resolve_mode
 from helpers import (FP8, TILE, expand_scales, expert_slices, load_tensors, read_config, ref_activation_quantize,
                      ref_block_quantize, ref_dequantize, text_config, within_e4m3_bound)
 

@@ -1,4 +1,4 @@
-"""fp8vl.prefill on the tiny real-architecture models: the restated prefill against Transformers'
+"""fp8vl.runtime.prefill on the tiny real-architecture models: the restated prefill against Transformers'
 forward of the very same weights (logits and the keys/values it caches), in float32 on the CPU,
 and its fused FP8 path against the W8A8 simulation on a GPU (skipped without one)."""
 
@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fp8vl.engine import PREFILL_PAD, Engine, EngineOptions, round_up
-from fp8vl.evaluate import kl_stats
-from fp8vl.layers import _decoder_layers
-from fp8vl.loader import Loaded, encode, load_model, load_processor
-from fp8vl.prefill import decoder_inputs, dense_deepstack, run_layers
-from fp8vl.tiny import build_tiny
+from fp8vl.runtime.engine import PREFILL_PAD, Engine, EngineOptions, round_up
+from fp8vl.check.evaluate import kl_stats
+from fp8vl.runtime.layers import _decoder_layers
+from fp8vl.runtime.loader import Loaded, encode, load_model, load_processor
+from fp8vl.runtime.prefill import decoder_inputs, dense_deepstack, run_layers
+from fp8vl.apps.tiny import build_tiny
 from helpers import pad_tokens
 
 VLM = {"qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl"}
@@ -164,7 +164,7 @@ def test_gpu_fused_fp8_prefill_is_close_to_the_w8a8_simulation(dense_src, dense_
     closer than half of FP8's own drift from the BF16 source. (Not top-1 for top-1: the tiny random
     model has near-ties, and a one-ulp difference in a float32 sum can flip an activation's FP8 code;
     on the H200 one of the two prompts' top-1 flips between BF16 and the simulation too.)"""
-    from fp8vl.runtime import FP8Linear
+    from fp8vl.runtime.fp8_modules import FP8Linear
 
     fp8 = _loaded(dense_fp8.out, True, torch.bfloat16, "auto", "cuda")
     src = _loaded(dense_src, True, torch.bfloat16, "auto", "cuda")

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from fp8vl import FP8VLError
-from fp8vl.gpus import GIB, GPU, lookup
-from fp8vl.serve import INSTALL, run, serve_command
-from fp8vl.tiny import write_header_only
-from fp8vl.vram import plan_vram
+from fp8vl.serving.gpus import GIB, GPU, lookup
+from fp8vl.serving.serve import INSTALL, run, serve_command
+from fp8vl.apps.tiny import write_header_only
+from fp8vl.serving.vram import plan_vram
 from helpers import FP8VL, cli_env, run_cli
 from test_vram import ckpt_8b, qwen3_vl_8b_config  # noqa: F401  (module fixture)
 

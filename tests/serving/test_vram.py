@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from fp8vl import FP8VLError
-from fp8vl.gpus import GIB, GPU, KNOWN, bf16_verdict, fp8_verdict, lookup
-from fp8vl.tiny import qwen3_vl_8b_config_dict, qwen3_vl_8b_shapes, write_header_only
-from fp8vl.vram import plan_vram
+from fp8vl.serving.gpus import GIB, GPU, KNOWN, bf16_verdict, fp8_verdict, lookup
+from fp8vl.apps.tiny import qwen3_vl_8b_config_dict, qwen3_vl_8b_shapes, write_header_only
+from fp8vl.serving.vram import plan_vram
 from helpers import run_cli
 
 
