@@ -61,10 +61,10 @@ $(SGLANG_VENV)/.fp8vl-sglang-$(SGLANG_VERSION):
 	touch $@
 
 test-vllm: $(STAMP) $(VLLM_VENV)/.fp8vl-vllm-$(VLLM_VERSION)
-	FP8VL_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q tests/test_vllm_check.py
+	FP8VL_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q tests/check/test_vllm_check.py
 
 test-sglang: $(STAMP) $(SGLANG_VENV)/.fp8vl-sglang-$(SGLANG_VERSION)
-	FP8VL_SGLANG_PYTHON=$(abspath $(SGLANG_VENV))/bin/python $(PY) -m pytest -q tests/test_sglang_check.py
+	FP8VL_SGLANG_PYTHON=$(abspath $(SGLANG_VENV))/bin/python $(PY) -m pytest -q tests/check/test_sglang_check.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/convert.py

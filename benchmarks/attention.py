@@ -25,8 +25,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import timed  # noqa: E402  (the CUDA-graph timer the kernel tables use)
 
-from fp8vl import attention, gemm  # noqa: E402
-from fp8vl.layers import torch_attention_block  # noqa: E402
+from fp8vl.kernels import attention, gemm  # noqa: E402
+from fp8vl.runtime.layers import torch_attention_block  # noqa: E402
 
 H, KV, D, HIDDEN, LAYERS, EPS = 32, 8, 128, 4096, 36, 1e-6
 

@@ -50,7 +50,7 @@ def images(folder: Path, n: int) -> list[Path]:
 
 def build(work: Path, layers: int) -> tuple[Path, Path]:
     from fp8vl import QuantizeOptions, quantize
-    from fp8vl.tiny import build_qwen3_vl_8b
+    from fp8vl.apps.tiny import build_qwen3_vl_8b
 
     bf16, fp8 = work / "bf16", work / "fp8"
     if not (bf16 / "config.json").exists():
@@ -65,10 +65,10 @@ def build(work: Path, layers: int) -> tuple[Path, Path]:
 
 
 def engine_rows(label: str, path: Path, pics: list[Path], new_tokens: int, batches: list[int]) -> list[dict]:
-    from fp8vl.images import load_image
-    from fp8vl.engine import Engine, EngineOptions, Request, round_up
-    from fp8vl.loader import encode, load_any
-    from fp8vl.prompts import CAPTION
+    from fp8vl.inputs.images import load_image
+    from fp8vl.runtime.engine import Engine, EngineOptions, Request, round_up
+    from fp8vl.runtime.loader import encode, load_any
+    from fp8vl.inputs.prompts import CAPTION
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -117,10 +117,10 @@ def step_rows(label: str, loaded, pics: list[Path], batches: list[int]) -> list[
     """Where the time goes: the prefill (vision tower + prompt) of 1 and of 8 same-length image prompts,
     through Transformers' forward, fp8vl's layers eagerly and in CUDA graphs; one decode step at each
     batch size."""
-    from fp8vl.images import load_image
-    from fp8vl.engine import Engine, EngineOptions
-    from fp8vl.loader import encode
-    from fp8vl.prompts import CAPTION
+    from fp8vl.inputs.images import load_image
+    from fp8vl.runtime.engine import Engine, EngineOptions
+    from fp8vl.runtime.loader import encode
+    from fp8vl.inputs.prompts import CAPTION
 
     inputs = [encode(loaded, CAPTION, load_image(p, 512), device="cpu") for p in pics[:8]]
     n = inputs[0]["input_ids"].shape[1]
@@ -133,7 +133,7 @@ def step_rows(label: str, loaded, pics: list[Path], batches: list[int]) -> list[
         """The graph prefill split in two: what Transformers computes before the language model
         (embeddings, vision tower, DeepStack, M-RoPE positions: BF16 in both checkpoints) and the
         text decoder (rotary tables, DeepStack scatter, the layer loop's graph replay)."""
-        from fp8vl.prefill import decoder_inputs
+        from fp8vl.runtime.prefill import decoder_inputs
 
         eng = Engine(loaded.model, [], EngineOptions(max_len=512, max_batch=8, max_new_tokens=64))
         ins = {k: torch.cat([g[k] for g in inputs[:b]]).to(eng.device) for k in inputs[0]}
@@ -207,9 +207,9 @@ def print_step_tables(rows: list[dict]) -> None:
 
 def old_path_row(label: str, loaded, pics: list[Path], new_tokens: int) -> dict:
     """Transformers' generate, one image at a time: what caption --model did before the engine."""
-    from fp8vl.images import load_image
-    from fp8vl.loader import encode
-    from fp8vl.prompts import CAPTION
+    from fp8vl.inputs.images import load_image
+    from fp8vl.runtime.loader import encode
+    from fp8vl.inputs.prompts import CAPTION
 
     batch = encode(loaded, CAPTION, load_image(pics[0], 512))
     kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=None, top_p=None,
@@ -230,7 +230,7 @@ def caption_row(fp8: Path, folder: Path, new_tokens: int, cap: str | None) -> di
     """The real `fp8vl caption --model` path in a fresh process (optionally under a memory cap)."""
     code = f"""
 import json, time, torch
-from fp8vl.caption import CaptionOptions, caption
+from fp8vl.apps.caption import CaptionOptions, caption
 from fp8vl.options import parse_size
 cap = {cap!r}
 opts = CaptionOptions(model={str(fp8)!r}, device="cuda", max_tokens={new_tokens}, txt=False,

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from fp8vl.drift import chunk_error
-from fp8vl.kernel import BLOCK, quantize_weight
+from fp8vl.conversion.drift import chunk_error
+from fp8vl.kernels.numerics import BLOCK, quantize_weight
 from fp8vl.options import parse_size
-from fp8vl.output import CHUNK_BYTES
-from fp8vl.shards import ShardWriter, Slot
-from fp8vl.tiny import H, I, L_FULL, qwen3_vl_8b_config_dict, qwen3_vl_8b_shapes, write_header_only
+from fp8vl.conversion.output import CHUNK_BYTES
+from fp8vl.checkpoint.shards import ShardWriter, Slot
+from fp8vl.apps.tiny import H, I, L_FULL, qwen3_vl_8b_config_dict, qwen3_vl_8b_shapes, write_header_only
 
 def write_synthetic(path: Path, layers: int, shard_bytes: int) -> int:
     """Stream a random BF16 checkpoint to ``path`` (std 0.02, a few outliers); returns its bytes."""

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp8vl.engine import capture_graph
-from fp8vl.kernel import quantize_weight
-from fp8vl.runtime import FP8Linear
+from fp8vl.runtime.engine import capture_graph
+from fp8vl.kernels.numerics import quantize_weight
+from fp8vl.runtime.fp8_modules import FP8Linear
 
 H, I, HEADS, KV, HD, VOCAB = 4096, 12288, 32, 8, 128, 151936
 

@@ -40,7 +40,7 @@ from convert import write_synthetic  # noqa: E402  (benchmarks/convert.py)
 from hub_server import HubServer, hub_env  # noqa: E402
 
 from fp8vl.options import parse_size  # noqa: E402
-from fp8vl.staging import disk_usage  # noqa: E402
+from fp8vl.conversion.staging import disk_usage  # noqa: E402
 
 REPO = "bench/qwen3-vl-synthetic"
 DOWNLOAD = ("import sys; from concurrent.futures import ThreadPoolExecutor; "

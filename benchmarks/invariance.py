@@ -17,7 +17,7 @@ from pathlib import Path
 def run(loaded, inputs, new_tokens: int, max_batch: int | None, invariant: bool) -> tuple[dict, float, int]:
     import torch
 
-    from fp8vl.engine import Engine, EngineOptions, Request, round_up
+    from fp8vl.runtime.engine import Engine, EngineOptions, Request, round_up
 
     max_len = round_up(max(i["input_ids"].shape[1] for i in inputs) + new_tokens + 1)
     eng = Engine(loaded.model, [], EngineOptions(max_len=max_len, max_batch=max_batch, max_new_tokens=new_tokens,
@@ -49,9 +49,9 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from caption import build, images
 
-    from fp8vl.images import load_image
-    from fp8vl.loader import encode, load_any
-    from fp8vl.prompts import CAPTION
+    from fp8vl.inputs.images import load_image
+    from fp8vl.runtime.loader import encode, load_any
+    from fp8vl.inputs.prompts import CAPTION
 
     bf16, fp8 = build(a.workdir, a.layers)
     pics = images(a.workdir / "images", a.images)

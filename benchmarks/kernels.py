@@ -30,10 +30,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fp8vl import gemm
-from fp8vl import gemm_kernels as gk
-from fp8vl.engine import capture_graph
-from fp8vl.kernel import dequantize_weight, fake_quantize_activations, quantize_activations, quantize_weight
+from fp8vl.kernels import gemm
+from fp8vl.kernels import gemm_kernels as gk
+from fp8vl.runtime.engine import capture_graph
+from fp8vl.kernels.numerics import dequantize_weight, fake_quantize_activations, quantize_activations, quantize_weight
 
 # (hidden, intermediate, attention heads, kv heads), head_dim 128, from the models' published
 # config.json text_config: the decoder linears as the engine runs them (fused qkv and gate_up)
@@ -126,7 +126,7 @@ def consumer(name: str, model: str, m: int):
     """The kernel the engine's decode step runs on this linear's output (qkv: q/k norm + rotary +
     cache write; o, down: residual add + RMSNorm + quantization; gate_up: SwiGLU + quantization),
     as fn(y) for y bf16 [m, N] or split-K partials [S, m, N]."""
-    from fp8vl.attention import add_rmsnorm_quant, qk_norm_rope_cache
+    from fp8vl.kernels.attention import add_rmsnorm_quant, qk_norm_rope_cache
 
     h, _, _, kv = MODELS[model]
     bf = dict(device="cuda", dtype=torch.bfloat16)

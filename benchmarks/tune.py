@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from fp8vl import gemm
+from fp8vl.kernels import gemm
 from kernels import MODELS, read_floor, shapes, timed, weight_copies  # benchmarks/kernels.py
 
 

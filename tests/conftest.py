@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from fp8vl import QuantizeOptions, quantize  # noqa: E402
-from fp8vl.tiny import build_tiny_qwen3_vl  # noqa: E402
+from fp8vl.apps.tiny import build_tiny_qwen3_vl  # noqa: E402
 from helpers import BAD_CASES, INDEX  # noqa: E402
 
 
@@ -86,7 +86,7 @@ def converted(dense_fp8, tied_fp8):
 @pytest.fixture(scope="session")
 def hf_models(dense_fp8, tied_fp8):
     """Source and FP8 output of dense and tied, loaded by Transformers on CPU (lazily, once)."""
-    from fp8vl.loader import load_hf_model
+    from fp8vl.runtime.loader import load_hf_model
 
     cache: dict[tuple[str, str], object] = {}
     paths = {("dense", "src"): dense_fp8.src, ("dense", "fp8"): dense_fp8.out,

@@ -1,5 +1,5 @@
 """Tiny outputs of every supported architecture in both formats, for the real-engine tests
-(test_vllm_check.py, test_sglang_check.py), and the interpreter that has the engine.
+(check/test_vllm_check.py, check/test_sglang_check.py), and the interpreter that has the engine.
 
 The engines live in their own venvs: ``make test-vllm`` / ``make test-sglang`` set them up and
 name them in FP8VL_VLLM_PYTHON / FP8VL_SGLANG_PYTHON. Where neither that nor the running
@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 
 from fp8vl import QuantizeOptions, quantize
-from fp8vl.engines import find_python
-from fp8vl.tiny import ARCHS, build_tiny
+from fp8vl.check.engines import find_python
+from fp8vl.apps.tiny import ARCHS, build_tiny
 
 FORMATS = ("fp8", "compressed-tensors")
 

@@ -1,8 +1,8 @@
 """Shared test code: an independent FP8 reference written plainly, and file/tensor utilities.
 
 Nothing here imports fp8vl's numerics at import time: the plain reference is what the tests judge
-fp8vl against. The GPU kernels' checks (last section) build on fp8vl.kernel's W8A8 simulation, which
-test_kernel.py judges against that plain reference.
+fp8vl against. The GPU kernels' checks (last section) build on fp8vl.kernels.numerics's W8A8 simulation, which
+kernels/test_numerics.py judges against that plain reference.
 """
 
 from __future__ import annotations
@@ -175,6 +175,29 @@ def astronaut():
     return Image.fromarray(data.astronaut()).convert("RGB")
 
 
+
+def _photo(name: str):
+    """A photograph that ships with scikit-image, as PIL (boolean images as 0/255)."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    a = getattr(data, name)()
+    return Image.fromarray(a.astype(np.uint8) * 255 if a.dtype == bool else a)
+
+
+def _exif_rotated(path: Path) -> Path:
+    """A 300x200 (WxH) JPEG, red top-left corner, EXIF orientation 6: shown rotated 90 degrees clockwise."""
+    from PIL import Image
+
+    im = _photo("chelsea").convert("RGB").resize((300, 200))
+    im.paste((255, 0, 0), (0, 0, 60, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(path, exif=exif, quality=95)
+    return path
+
+
 # ---------------------------------------------------------------- the CLI
 
 def cli_env() -> dict[str, str]:
@@ -215,9 +238,8 @@ def run_under_triton_interpreter(test_file: str) -> None:
     if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
         pytest.skip(f"Triton {triton.__version__}'s interpreter fails under NumPy {numpy.__version__} "
                     "(needs Triton >= 3.7 or NumPy < 2.4)")
-    root = Path(test_file).resolve().parents[1]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file],
-                       cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-6000:] + r.stderr[-3000:]
 
@@ -245,14 +267,14 @@ def w8a8_reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.T
     """What a W8A8 server computes for x [M, K] and FP8 weight q [N, K] with block scales s, in float32
     (on a GPU, with TF32 off): activations quantized per token and 128 channels, weights dequantized
     -> [M, N]."""
-    from fp8vl.kernel import dequantize_weight, fake_quantize_activations
+    from fp8vl.kernels.numerics import dequantize_weight, fake_quantize_activations
 
     return fake_quantize_activations(x.float()) @ dequantize_weight(q, s, torch.float32).t()
 
 
 def fp8_weight(n: int, k: int, seed: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """A random [n, k] weight (std 0.02, as in a model) quantized by fp8vl: (codes, block scales)."""
-    from fp8vl.kernel import quantize_weight
+    from fp8vl.kernels.numerics import quantize_weight
 
     g = torch.Generator(device).manual_seed(seed)
     return quantize_weight(torch.randn(n, k, generator=g, device=device) * 0.02)
@@ -261,7 +283,7 @@ def fp8_weight(n: int, k: int, seed: int, device: str = "cpu") -> tuple[torch.Te
 def grouped_gemm_case(experts: int, n: int, k: int, ids: list[int], device: str = "cpu"):
     """gemm.fp8_grouped_gemm on ``len(ids)`` bf16 rows, row r routed to expert ids[r] (-1: none) of
     ``experts`` random FP8 weights [n, k] -> (y [rows, n], each row's W8A8 reference or None)."""
-    from fp8vl import gemm
+    from fp8vl.kernels import gemm
 
     weights = [fp8_weight(n, k, e, device) for e in range(experts)]
     g = torch.Generator(device).manual_seed(experts)

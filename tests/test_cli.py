@@ -23,7 +23,7 @@ def assert_one_line_error(r):
     return lines[0]
 
 
-# Every bad input is judged through the API in test_convert.py; the command is checked on three of
+# Every bad input is judged through the API in conversion/test_convert.py; the command is checked on three of
 # them for what the CLI adds: exit code 2, one line, no traceback, nothing written.
 CLI_CASES = ("missing folder", "corrupt header", "output not empty")
 assert set(CLI_CASES) <= set(BAD_CASES)
@@ -140,7 +140,7 @@ def imported_by(args: list[str], cwd) -> dict:
 
 
 def test_help_plan_serve_and_doctor_start_without_torch(dense_fp8, tmp_path):
-    from fp8vl.gpus import gpu_driver_present
+    from fp8vl.serving.gpus import gpu_driver_present
 
     assert imported_by(["--help"], tmp_path) == {"rc": 0, "heavy": []}
     assert imported_by(["plan", dense_fp8.out, "--gpu", "RTX 4080"], tmp_path) == {"rc": 0, "heavy": []}

@@ -1,4 +1,5 @@
-"""The package's import graph: no circle between fp8vl's modules, imports inside functions included."""
+"""The package's import graph, imports inside functions included: no circle between fp8vl's modules,
+and no layer imports one above it."""
 
 import ast
 from pathlib import Path
@@ -6,6 +7,24 @@ from pathlib import Path
 import fp8vl
 
 ROOT = Path(fp8vl.__file__).parent
+
+# fp8vl's layers, lowest first: a module may import its own layer and the layers below, never one above.
+# A dotted name stands for that module and, for a package, every module in it; the package root
+# ("fp8vl", its __init__) stands for itself only. Every module of fp8vl must fall in one layer, so a
+# new top-level module needs a place here.
+LAYERS = [
+    ["fp8vl.errors", "fp8vl.options", "fp8vl.version"],   # the base: errors, options, the version
+    ["fp8vl.checkpoint"],   # what a checkpoint is and what becomes FP8
+    ["fp8vl.kernels"],      # FP8 block numerics, GEMM and attention kernels
+    ["fp8vl.conversion"],   # quantize (folder or hub), dequantize, the output and its card
+    ["fp8vl.runtime"],      # FP8 modules, loader, decoder layers, prefill, engine
+    ["fp8vl.inputs"],       # prompts and images
+    ["fp8vl.check"],        # verify (and the engines' loaders), eval, their rendering
+    ["fp8vl.serving"],      # GPU facts, vLLM memory plan, the server command
+    ["fp8vl.report"],       # console rendering of the layers' results
+    ["fp8vl.apps"],         # caption, doctor, demo, tiny models
+    ["fp8vl.cli", "fp8vl.__main__", "fp8vl"],   # the command and the public API
+]
 
 
 def _module(path: Path) -> str:
@@ -61,24 +80,50 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_no_import_circle_between_modules():
+def layer_of(module: str, layers: list[list[str]] = LAYERS) -> tuple[int, str] | None:
+    """(index, name) of the layer entry that holds ``module``: the longest name that is the module or
+    a package above it (a name without a dot, the root, holds itself only); None if there is none."""
+    hits = [(len(n), i, n) for i, names in enumerate(layers) for n in names
+            if module == n or ("." in n and module.startswith(n + "."))]
+    return max(hits)[1:] if hits else None
+
+
+def upward(graph: dict[str, set[str]], layers: list[list[str]] = LAYERS) -> list[str]:
+    """Every import of a layer above the importer's, one line each."""
+    found = []
+    for a in sorted(graph):
+        for b in sorted(graph[a]):
+            (i, la), (j, lb) = layer_of(a, layers), layer_of(b, layers)
+            if j > i:
+                found.append(f"{a} (layer {i}: {la}) imports {b} (layer {j}: {lb})")
+    return found
+
+
+def test_no_import_circle_and_no_layer_imports_one_above():
     graph = import_graph()
-    assert len(graph) > 20 and "fp8vl.engine" in graph["fp8vl.cli"] | graph["fp8vl.caption"]
+    assert len(graph) > 20 and "fp8vl.runtime.engine" in graph["fp8vl.cli"] | graph["fp8vl.apps.caption"]
     assert cycles(graph) == []
+    assert [m for m in sorted(graph) if layer_of(m) is None] == [], "modules in no layer: add them to LAYERS"
+    assert upward(graph) == []
 
 
-def test_the_check_sees_a_circle():
+def test_the_checks_see_a_circle_and_an_import_of_a_layer_above():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
+    layers = [["p.low"], ["p.high", "p"]]
+    graph = {"p.low.a": {"p.high.b"}, "p.high.b": {"p.low.a", "p.high.c"}, "p.high.c": set(), "p": {"p.low.a"}}
+    assert upward(graph, layers) == ["p.low.a (layer 0: p.low) imports p.high.b (layer 1: p.high)"]
+    assert layer_of("p.other", layers) is None and layer_of("p", layers) == (1, "p")
 
 
 def test_the_cli_and_the_hub_path_import_without_torch():
-    """A hub conversion imports torch once its first shard is downloading (hub.py); that only
+    """A hub conversion imports torch once its first shard is downloading (conversion/hub.py); that only
     overlaps anything if reaching ``quantize_hub`` does not import torch first."""
     import subprocess
     import sys
 
-    code = ("import sys, fp8vl.cli, fp8vl.convert, fp8vl.hub; "
-            "print(sorted(m for m in ('torch', 'fp8vl.output', 'fp8vl.writer') if m in sys.modules))")
+    code = ("import sys, fp8vl.cli, fp8vl.conversion.convert, fp8vl.conversion.hub; "
+            "print(sorted(m for m in ('torch', 'fp8vl.conversion.output', 'fp8vl.conversion.writer') "
+            "if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        cwd=ROOT.parent)
     assert r.returncode == 0, r.stderr

@@ -11,7 +11,7 @@ def __getattr__(name: str):
     """``quantize`` and ``Result`` are imported on first use (PEP 562): they need torch, which takes
     seconds to import, and ``fp8vl --help``, ``plan``, ``serve`` and ``doctor`` do not."""
     if name in ("quantize", "Result"):
-        from . import convert
+        from .conversion import convert
 
         return getattr(convert, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -80,7 +80,7 @@ def quantize_cmd(
     stops resumes where it was when run again."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    from .convert import quantize
+    from .conversion.convert import quantize
     from .options import QuantizeOptions, parse_size
     from .report import print_plan, print_summary
 
@@ -112,7 +112,7 @@ def dequantize_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty OUTPUT"),
 ) -> None:
     """Turn an FP8 block checkpoint back into BF16 (streaming; quantization_config removed)."""
-    from .dequantize import dequantize
+    from .conversion.dequantize import dequantize
     from .options import DequantizeOptions, parse_size
 
     out = dequantize(source, output, DequantizeOptions(dtype, overwrite, workers, parse_size(max_shard_size)))
@@ -133,10 +133,10 @@ def verify_cmd(
     engine_tp: str = typer.Option("1,2,4,8", "--engine-tp", help="TP sizes vLLM builds and loads ('' for none)"),
 ) -> None:
     """Check an FP8 checkpoint's structure (and, with --source, its error); exit 1 on any failure."""
-    from .card import update_card as write_section, verify_section
-    from .eval_report import layer_sqnr_plot
+    from .conversion.card import update_card as write_section
+    from .check.eval_report import layer_sqnr_plot, verify_section
     from .report import print_verify
-    from .verify import verify
+    from .check.verify import verify
 
     if plot is not None and source is None:   # before the checks, which take a while on a large model
         raise FP8VLError("--plot needs --source (the chart shows the error against the source)")
@@ -179,11 +179,11 @@ def eval_cmd(
     """Run SOURCE and QUANTIZED on the same prompts: KL, top-1, perplexity, greedy agreement."""
     from rich.progress import Progress
 
-    from . import prompts as P
-    from .eval_report import card_section, print_eval, write_report
-    from .evaluate import evaluate
+    from .inputs import prompts as P
+    from .check.eval_report import card_section, print_eval, write_report
+    from .check.evaluate import evaluate
     from .options import parse_size
-    from .card import update_card as write_section
+    from .conversion.card import update_card as write_section
 
     _quiet_transformers()
     items = P.load_jsonl(prompts) if prompts else P.builtin(limit)
@@ -211,9 +211,9 @@ def _sqnr_chart(source: str, quantized: Path, out_dir: Path) -> Optional[Path]:
     """Per-tensor SQNR chart for the report: from the error fp8vl recorded while converting
     (fp8vl-errors.json) where there is one, else by `verify --source` (every FP8 tensor read and
     compared with its source: said on the console, and so is a failure to draw it)."""
-    from .drift import FILE
-    from .eval_report import layer_sqnr_plot
-    from .verify import verify
+    from .conversion.drift import FILE
+    from .check.eval_report import layer_sqnr_plot
+    from .check.verify import verify
 
     recorded = (Path(quantized) / FILE).is_file()
     if not recorded:
@@ -231,7 +231,7 @@ def _sqnr_chart(source: str, quantized: Path, out_dir: Path) -> Optional[Path]:
 
 
 def _gpu(gpu: Optional[str], vram: Optional[str], cc: Optional[str]):
-    from .gpus import GPU, local_gpu, lookup
+    from .serving.gpus import GPU, local_gpu, lookup
     from .options import parse_size
 
     if gpu and vram:
@@ -248,7 +248,7 @@ def _gpu(gpu: Optional[str], vram: Optional[str], cc: Optional[str]):
 
 
 def _plan(model_dir, gpu, vram, cc, tp, utilization, max_pixels, images, batched, kv_cache_dtype, eager):
-    from .vram import plan_vram
+    from .serving.vram import plan_vram
 
     return plan_vram(model_dir, _gpu(gpu, vram, cc), tp, utilization, max_pixels, images, batched,
                      kv_cache_dtype, eager)
@@ -275,7 +275,7 @@ def plan_cmd(
 ) -> None:
     """VRAM plan for vLLM on a GPU: the arithmetic, the largest --max-model-len, the verdict."""
     from .report import print_vram
-    from .serve import serve_command
+    from .serving.serve import serve_command
 
     p = _plan(model_dir, gpu, vram, cc, tp, utilization, max_pixels, images, batched, kv_cache_dtype, eager)
     print_vram(p, console)
@@ -295,7 +295,7 @@ def serve_cmd(
     batched: int = BATCHED_OPT, kv_cache_dtype: str = KV_OPT, eager: bool = EAGER_OPT,
 ) -> None:
     """Start vLLM (or Transformers' server) on MODEL_DIR with flags from `fp8vl plan`."""
-    from .serve import run, serve_command
+    from .serving.serve import run, serve_command
 
     p = _plan(model_dir, gpu, vram, cc, tp, utilization, max_pixels, images, batched, kv_cache_dtype, eager) \
         if engine == "vllm" else None
@@ -333,9 +333,9 @@ def caption_cmd(
                                              "e.g. 15.5GiB for a 16 GB card (default: the card's)"),
 ) -> None:
     """Caption images in batch through a server or in-process; resumable, never overwrites by default."""
-    from .caption import CaptionOptions, caption, progress_bar
+    from .apps.caption import CaptionOptions, caption, progress_bar
     from .options import parse_size
-    from .prompts import CAPTION, read_utf8
+    from .inputs.prompts import CAPTION, read_utf8
     from .report import print_caption_summary
 
     if prompt and prompt_file:
@@ -363,7 +363,7 @@ def doctor_cmd(
     model: Optional[Path] = typer.Option(None, "--model", help="the source model: checks the disk space for it"),
 ) -> None:
     """Check Python, torch/CUDA, GPU and FP8 support, Transformers, vLLM, disk and RAM; say how to fix."""
-    from .doctor import diagnose
+    from .apps.doctor import diagnose
     from .report import print_doctor
 
     need = 0
@@ -380,7 +380,7 @@ def demo_cmd(
     workdir: Path = typer.Option(Path("demo-out"), "--workdir", help="where the tiny models are written"),
 ) -> None:
     """Build a tiny Qwen3-VL, quantize it, and compare BF16 and FP8 on an image prompt (offline)."""
-    from .demo import run_demo
+    from .apps.demo import run_demo
 
     _quiet_transformers()
     run_demo(workdir, console)

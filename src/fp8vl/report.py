@@ -8,8 +8,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .plan import REASONS
-from .tp import summarize
+from .checkpoint.compat import config_lines
+from .checkpoint.plan import REASONS
+from .checkpoint.tp import summarize
 
 
 def gb(n: int) -> str:
@@ -43,12 +44,6 @@ def print_plan(res, console: Console) -> None:
         console.print(line)
     for w in res.plan.warnings:
         console.print(f"[yellow]warning:[/] {w}")
-
-
-def config_lines(plan) -> list[str]:
-    """One line per config.json field fp8vl adds for the engines (compat.config_fields)."""
-    return [f"config.json: {k} = {str(v).lower() if isinstance(v, bool) else v} added (vLLM needs it; "
-            f"Transformers 5 omits it)" for k, v in plan.config_fields.items()]
 
 
 def print_summary(res, console: Console) -> None:
@@ -100,7 +95,7 @@ def print_doctor(findings, console: Console) -> None:
 
 
 def print_vram(p, console: Console) -> None:
-    from .gpus import GIB
+    from .serving.gpus import GIB
 
     t = Table(title=f"vLLM memory plan: {p.model} on {p.gpu.name} (per GPU, TP {p.tp})")
     for col in ("item", "how", "GiB"):
