@@ -112,10 +112,15 @@ def dequantize_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty OUTPUT"),
 ) -> None:
     """Turn an FP8 block checkpoint back into BF16 (streaming; quantization_config removed)."""
-    from .conversion.dequantize import dequantize
+    from .checkpoint.source import local_folder
+    from .conversion.staging import check_paths
     from .options import DequantizeOptions, parse_size
 
-    out = dequantize(source, output, DequantizeOptions(dtype, overwrite, workers, parse_size(max_shard_size)))
+    opts = DequantizeOptions(dtype, overwrite, workers, parse_size(max_shard_size))
+    check_paths(local_folder(source), output.expanduser().resolve(), overwrite)   # refusals before torch loads
+    from .conversion.dequantize import dequantize
+
+    out = dequantize(source, output, opts)
     console.print(f"[bold green]wrote[/] {out} ({dtype})")
 
 
@@ -133,17 +138,23 @@ def verify_cmd(
     engine_tp: str = typer.Option("1,2,4,8", "--engine-tp", help="TP sizes vLLM builds and loads ('' for none)"),
 ) -> None:
     """Check an FP8 checkpoint's structure (and, with --source, its error); exit 1 on any failure."""
-    from .conversion.card import update_card as write_section
-    from .check.eval_report import layer_sqnr_plot, verify_section
-    from .report import print_verify
-    from .check.verify import verify
+    from .checkpoint.source import local_folder, locate
 
-    if plot is not None and source is None:   # before the checks, which take a while on a large model
+    # the arguments before the checks (which take a while on a large model) and before torch loads
+    local_folder(output)
+    if source is not None:
+        locate(source)
+    if plot is not None and source is None:
         raise FP8VLError("--plot needs --source (the chart shows the error against the source)")
     try:
         tp_sizes = tuple(int(t) for t in engine_tp.split(",") if t.strip())
     except ValueError:
         raise FP8VLError(f"--engine-tp {engine_tp!r}: give TP sizes like 1,2,4,8") from None
+    from .conversion.card import update_card as write_section
+    from .check.eval_report import layer_sqnr_plot, verify_section
+    from .report import print_verify
+    from .check.verify import verify
+
     engines = tuple(e for e, on in (("vllm", vllm), ("sglang", sglang)) if on)
     r = verify(output, source, engines, tuple(engine_python), tp_sizes)
     if json_out is not None and str(json_out) == "-":
@@ -179,18 +190,24 @@ def eval_cmd(
     """Run SOURCE and QUANTIZED on the same prompts: KL, top-1, perplexity, greedy agreement."""
     from rich.progress import Progress
 
+    from .checkpoint.source import local_folder, locate
     from .inputs import prompts as P
+    from .options import parse_size
+
+    # the arguments before torch and Transformers load (seconds): a refusal comes at once
+    locate(source)
+    local_folder(quantized)
+    items = P.load_jsonl(prompts) if prompts else P.builtin(limit)
+    cap = parse_size(gpu_memory) if gpu_memory else None
     from .check.eval_report import card_section, print_eval, write_report
     from .check.evaluate import evaluate
-    from .options import parse_size
     from .conversion.card import update_card as write_section
 
     _quiet_transformers()
-    items = P.load_jsonl(prompts) if prompts else P.builtin(limit)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("source, then FP8", total=2 * len(items))
         r = evaluate(source, quantized, items, device, mode, max_new_tokens, tick=lambda: bar.advance(task),
-                     gpu_memory=parse_size(gpu_memory) if gpu_memory else None)
+                     gpu_memory=cap)
     print_eval(r, console, per_prompt=prompts is not None)
     if json_out is not None:
         json_out.write_text(r.to_json())
@@ -343,6 +360,10 @@ def caption_cmd(
     text = read_utf8(prompt_file, "prompt file").strip() if prompt_file else prompt or CAPTION
     if not text:
         raise FP8VLError(f"{prompt_file if prompt_file else '--prompt'}: the prompt is empty")
+    if endpoint is None and model:
+        from .checkpoint.source import local_folder
+
+        local_folder(model)   # in-process: a model folder, checked before the model loads
     if endpoint is None:
         _quiet_transformers()
     opts = CaptionOptions(endpoint=endpoint, model=model, prompt=text, trigger=trigger, max_side=max_side,
@@ -368,7 +389,9 @@ def doctor_cmd(
 
     need = 0
     if model is not None:
-        need = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) * 2 // 3
+        from .checkpoint.source import local_folder
+
+        need = sum(f.stat().st_size for f in local_folder(model).glob("*.safetensors")) * 2 // 3
     findings = diagnose(output_dir, need)
     print_doctor(findings, console)
     if any(f.level == "error" for f in findings):

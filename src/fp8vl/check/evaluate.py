@@ -167,8 +167,9 @@ def evaluate(source: str | Path, quantized: str | Path, prompts: list[Prompt], d
              tick: Callable[[], None] = lambda: None, gpu_memory: int | None = None) -> EvalReport:
     """Run source then FP8 on the same prompts; ``tick`` is called after each prompt of each side."""
     from ..runtime.engine import limit_gpu_memory
-    from ..checkpoint.source import resolve
+    from ..checkpoint.source import local_folder, locate, resolve
 
+    locate(source), local_folder(quantized)   # both paths checked before anything is downloaded or loaded
     src, q = resolve(source), Path(quantized)
     limit_gpu_memory(device, gpu_memory)
     for folder in (src, q):  # both, before the source side runs for minutes

@@ -16,13 +16,12 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.compat import checkpoint_findings
-from ..errors import FP8VLError
 from ..checkpoint.formats import SCALE_SUFFIXES, scale_suffix
 from ..kernels.numerics import BLOCK, all_finite, cdiv, dequantize_weight, non_finite_count
 from ..options import QuantizeOptions
 from ..checkpoint.plan import LAYER, VISION_PARTS, make_plan
 from ..checkpoint.shards import TensorInfo, read_bytes, read_matrix, read_rows
-from ..checkpoint.source import Checkpoint, open_checkpoint
+from ..checkpoint.source import Checkpoint, local_folder, locate, open_checkpoint, resolve
 from ..checkpoint.tp import SIZES, summarize, tp_report
 
 SCALE_NAMES = SCALE_SUFFIXES
@@ -317,16 +316,15 @@ def verify(output: str | Path, source: str | Path | None = None, engines: tuple[
     """``engines``: "vllm", "sglang": also run that engine's own loader on the checkpoint (engines/),
     in the first of ``engine_python`` (or this interpreter) that has it; vLLM at ``engine_tp`` sizes."""
     out = Path(output)
-    if not out.is_dir():
-        raise FP8VLError(f"{out}: no such folder")
+    local_folder(output)
+    if source is not None:
+        locate(source)   # a missing SOURCE is said before the checks, which take a while on a large model
     ckpt = open_checkpoint(out, allow_quantized=True)
     r = Report(str(out), _fmt(ckpt.config.get("quantization_config") or {}))
     _check_index(ckpt, r)
     pairs = check_structure(ckpt, r)
     src = None
     if source is not None:
-        from ..checkpoint.source import resolve
-
         src = open_checkpoint(resolve(source))
     check_files(ckpt, r, src.path if src else None)
     if src is not None:
