@@ -331,3 +331,24 @@ def test_a_path_argument_is_checked_first_in_one_line_without_the_hub_or_torch(d
     assert done["rc"] == 2 and len(lines) == 1 and lines[0].startswith(f"error: {line}"), done
     assert "Traceback" not in done["stderr"] and "hf download" not in done["stderr"]
     assert done["heavy"] == [], done
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal needs a machine without a GPU")
+def test_caption_in_process_device_cuda_without_a_gpu_is_one_line_with_the_fix(dense_fp8, tmp_path):
+    astronaut().resize((64, 64)).save(tmp_path / "a.png")
+    r = run_cli("caption", tmp_path, "--model", dense_fp8.out, "--device", "cuda", cwd=tmp_path)
+    line = assert_one_line_error(r)
+    assert line.startswith("error: --device cuda: ") and "--device cpu" in line, line
+    assert not (tmp_path / "a.txt").exists()
+
+
+def test_caption_summary_says_where_an_in_process_run_ran():
+    from rich.console import Console
+
+    from fp8vl.apps.caption_options import CaptionSummary
+    from fp8vl.report import print_caption_summary
+
+    for device, said in (("cpu", "(tiny (fp8 w8a8)) on cpu"), ("cuda", "on cuda"), (None, "(tiny (fp8 w8a8))\n")):
+        console = Console(record=True, width=300)
+        print_caption_summary(CaptionSummary(done=1, seconds=1.0, model="tiny (fp8 w8a8)"), console, device)
+        assert said in console.export_text(), console.export_text()

@@ -180,7 +180,7 @@ def eval_cmd(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSONL: {\"text\", \"image\"?, \"id\"?} a line"),
     limit: Optional[int] = typer.Option(None, "--limit", help="use only the first N built-in prompts of each kind"),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="GPU memory the run may use, e.g. 15.5GiB"),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    device: str = typer.Option("auto", "--device", help="auto (a usable CUDA GPU, else the CPU), cpu or cuda"),
     mode: str = typer.Option("auto", "--mode", help="FP8 runtime: auto, scaled_mm, triton, w8a8 (simulated) or dequant"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="greedy answer length"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write all results as JSON here"),
@@ -192,13 +192,14 @@ def eval_cmd(
 
     from .checkpoint.source import local_folder, locate
     from .inputs import prompts as P
-    from .options import parse_size
+    from .options import parse_size, resolve_device
 
     # the arguments before torch and Transformers load (seconds): a refusal comes at once
     locate(source)
     local_folder(quantized)
     items = P.load_jsonl(prompts) if prompts else P.builtin(limit)
     cap = parse_size(gpu_memory) if gpu_memory else None
+    device = resolve_device(device)   # imports torch; "cuda" without a usable GPU: one line, before any work
     from .check.eval_report import card_section, print_eval, write_report
     from .check.evaluate import evaluate
     from .conversion.card import update_card as write_section
@@ -342,7 +343,8 @@ def caption_cmd(
     retries: int = typer.Option(4, "--retries"), backoff: float = typer.Option(0.5, "--backoff"),
     timeout: float = typer.Option(120.0, "--timeout", help="seconds per request"),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="default: $OPENAI_API_KEY or EMPTY"),
-    device: str = typer.Option("cpu", "--device", help="in-process: cpu or cuda"),
+    device: str = typer.Option("auto", "--device", help="in-process: auto (a usable CUDA GPU, else the CPU), "
+                               "cpu or cuda"),
     mode: str = typer.Option("auto", "--mode", help="in-process FP8 runtime: auto, scaled_mm, triton, w8a8, dequant"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="in-process: sequences decoded together "
                                              "(default: as many as fit)"),
@@ -373,7 +375,7 @@ def caption_cmd(
                           gpu_memory=parse_size(gpu_memory) if gpu_memory else None)
     with progress_bar(console) as tick:
         summary = caption(paths, opts, progress=tick)
-    print_caption_summary(summary, console)
+    print_caption_summary(summary, console, opts.device if endpoint is None else None)
     if summary.failed:
         raise typer.Exit(1)
 

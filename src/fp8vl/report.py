@@ -114,11 +114,13 @@ def print_vram(p, console: Console) -> None:
         console.print(p.tp_line)
 
 
-def print_caption_summary(s, console: Console) -> None:
-    """One line for a caption run (a CaptionSummary), then one per failed image."""
+def print_caption_summary(s, console: Console, device: str | None = None) -> None:
+    """One line for a caption run (a CaptionSummary), then one per failed image; ``device``: where an
+    in-process run ran."""
     console.print(f"[bold green]captioned[/] {s.done}, skipped {s.skipped} (already captioned), "
                   f"[{'bold red' if s.failed else 'green'}]failed {len(s.failed)}[/] in {s.seconds:.1f} s: "
                   f"{s.images_per_s:.2f} images/s, {s.tokens_per_s:.1f} tokens/s ({escape(s.model)})"
+                  + (f" on {device}" if device else "")
                   + (f"; model loaded in {s.load_seconds:.1f} s, then {s.captioning_images_per_s:.2f} images/s"
                      if s.load_seconds else ""))
     for path, reason in s.failed:
