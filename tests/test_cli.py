@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -352,3 +353,38 @@ def test_caption_summary_says_where_an_in_process_run_ran():
         console = Console(record=True, width=300)
         print_caption_summary(CaptionSummary(done=1, seconds=1.0, model="tiny (fp8 w8a8)"), console, device)
         assert said in console.export_text(), console.export_text()
+
+
+# ---------------------------------------------------------------- pasteable output
+
+def test_text_from_data_prints_as_is_not_as_rich_markup():
+    """Paths, messages and fixes can hold [word]: rich would read it as a style and drop it."""
+    from rich.console import Console
+
+    from fp8vl.apps.doctor import Finding
+    from fp8vl.check.verify import Check, Report
+    from fp8vl.report import print_doctor, print_verify
+
+    console = Console(record=True, width=400)
+    print_doctor([Finding("warning", "vllm [serve]", "[bold]not[/bold] installed", "pip install 'fp8vl[serve]'")],
+                 console)
+    print_verify(Report("/models/x [v2]", "fp8", [Check("error", "config", "expected [red]x[/red]")]), console)
+    text = console.export_text()
+    for literal in ("vllm [serve]", "[bold]not[/bold] installed", "pip install 'fp8vl[serve]'", "/models/x [v2]",
+                    "expected [red]x[/red]"):
+        assert literal in text, (literal, text)
+
+
+@pytest.mark.parametrize("command", [[], ["quantize"], ["verify"], ["eval"], ["caption"], ["serve"]])
+def test_help_shows_flags_as_plain_switches(command, tmp_path):
+    """typer 0.2x's rich help wrote `--debug <bool>`, as if the flag took a value."""
+    r = run_cli(*command, "--help", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "<bool>" not in r.stdout and "Usage: fp8vl" in r.stdout, r.stdout
+    flag = {(): "--debug", ("quantize",): "--dry-run", ("verify",): "--vllm", ("eval",): "--update-card",
+            ("caption",): "--overwrite", ("serve",): "--enforce-eager"}[tuple(command)]
+    for name in (flag, "--help"):
+        row = next(line for line in r.stdout.splitlines() if f"{name} " in line)
+        assert re.search(rf"{name}\s+[^<\s]", row), row        # the help text, no type, follows the switch
+    if command == ["quantize"]:       # options that take a value still show its type
+        assert re.search(r"--workers\s+<int>", r.stdout) and re.search(r"--dry-run\s+print the plan", r.stdout)

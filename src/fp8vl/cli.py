@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 import signal
 import sys
 from pathlib import Path
@@ -22,6 +21,29 @@ from .errors import FP8VLError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="FP8 copies of vision-language models: quantize, verify, evaluate, run.")
+
+
+def _flags_as_switches() -> None:
+    """typer 0.2x's rich help gives every option a type, flags too (`--debug <bool>`, `--help <bool>`),
+    as if they took a value; click's own help shows a flag as a plain switch, and so does fp8vl's.
+    Older typer releases (no ``display_type_rich``) already did."""
+    try:
+        from typer.core import TyperOption
+
+        typed = TyperOption.display_type_rich
+    except (ImportError, AttributeError):
+        return
+    if getattr(typed, "fp8vl", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else typed(self, ctx)
+
+    display_type_rich.fp8vl = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_as_switches()
 # Piped output (logs, CI) gets 120 columns instead of rich's 80, so the tables stay readable.
 console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
@@ -121,7 +143,7 @@ def dequantize_cmd(
     from .conversion.dequantize import dequantize
 
     out = dequantize(source, output, opts)
-    console.print(f"[bold green]wrote[/] {out} ({dtype})")
+    console.print(f"[bold green]wrote[/] {escape(str(out))} ({dtype})")
 
 
 @app.command("verify")
@@ -166,7 +188,7 @@ def verify_cmd(
     if plot is not None:
         if not r.tensors:
             raise FP8VLError("--plot needs --source (the chart shows the error against the source)")
-        err.print(f"chart: {layer_sqnr_plot(r, plot)}")  # stderr: stdout may be the JSON
+        err.print(f"chart: {escape(str(layer_sqnr_plot(r, plot)))}")  # stderr: stdout may be the JSON
     if update_card:
         write_section(output, verify_section(r))
     if not r.ok:
@@ -214,7 +236,7 @@ def eval_cmd(
         json_out.write_text(r.to_json())
     if report is not None:
         sqnr = _sqnr_chart(source, quantized, report)
-        console.print(f"report: {write_report(r, report, sqnr)}")
+        console.print(f"report: {escape(str(write_report(r, report, sqnr)))}")
     if update_card:
         write_section(quantized, card_section(r))
 
@@ -297,8 +319,16 @@ def plan_cmd(
 
     p = _plan(model_dir, gpu, vram, cc, tp, utilization, max_pixels, images, batched, kv_cache_dtype, eager)
     print_vram(p, console)
-    console.print(" ".join(shlex.quote(a) for a in serve_command(model_dir, "vllm", p, enforce_eager=eager)),
-                  markup=False, highlight=False)
+    _print_command(serve_command(model_dir, "vllm", p, enforce_eager=eager))
+
+
+def _print_command(cmd: list[str]) -> None:
+    """A command as it pastes into a shell: quoted, and where it is longer than the console is wide,
+    broken into lines that end in ` \\` (never wrapped by the console, whose breaks a shell would split)."""
+    from .serving.serve import shell_lines
+
+    for line in shell_lines(cmd, max(console.width, 40)):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -318,7 +348,7 @@ def serve_cmd(
     p = _plan(model_dir, gpu, vram, cc, tp, utilization, max_pixels, images, batched, kv_cache_dtype, eager) \
         if engine == "vllm" else None
     cmd = serve_command(model_dir, engine, p, host, port, list(ctx.args), eager)
-    console.print(" ".join(shlex.quote(a) for a in cmd), soft_wrap=True, markup=False, highlight=False)
+    _print_command(cmd)
     if not dry_run:
         raise typer.Exit(run(cmd))
 
