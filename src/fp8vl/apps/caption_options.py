@@ -41,7 +41,8 @@ class CaptionOptions:
     def __post_init__(self) -> None:
         # In-process, the device is settled here, so every part of the run (the memory cap, the load,
         # the summary) sees the one that runs; "cuda" without a usable GPU is refused before any work.
-        if self.endpoint is None:
+        # Only with a model: the default options (caption()'s default argument) must not import torch.
+        if self.endpoint is None and self.model:
             object.__setattr__(self, "device", resolve_device(self.device))
 
 
