@@ -159,7 +159,8 @@ def verify_cmd(
                                             "SGLang (repeatable); default: this interpreter"),
     engine_tp: str = typer.Option("1,2,4,8", "--engine-tp", help="TP sizes vLLM builds and loads ('' for none)"),
 ) -> None:
-    """Check an FP8 checkpoint's structure (and, with --source, its error); exit 1 on any failure."""
+    """Check an FP8 checkpoint's structure (and, with --source, its error); exit 1 on any failure, 3 when
+    the checks passed but a requested engine check (--vllm, --sglang) could not run."""
     from .checkpoint.source import local_folder, locate
 
     # the arguments before the checks (which take a while on a large model) and before torch loads
@@ -193,6 +194,8 @@ def verify_cmd(
         write_section(output, verify_section(r))
     if not r.ok:
         raise typer.Exit(1)
+    if r.skipped:
+        raise typer.Exit(3)
 
 
 @app.command("eval")

@@ -87,7 +87,12 @@ def print_verify(r, console: Console) -> None:
         for x in sorted(r.tensors, key=lambda x: x.sqnr_db)[:8]:
             w.add_row(escape(x.name), f"{x.rel_error:.4f}", f"{x.sqnr_db:.2f}")
         console.print(w)
-    console.print("[bold green]PASSED[/]" if r.ok else "[bold red]FAILED[/]")
+    verdict = "[bold green]PASSED[/]" if r.ok else "[bold red]FAILED[/]"
+    if r.skipped:   # never a bare PASSED when a requested check did not run
+        rows = "its row" if len(r.skipped) == 1 else "their rows"
+        verdict = (f"{'PASSED what ran' if r.ok else verdict}; [bold yellow]SKIPPED[/]: {escape(', '.join(r.skipped))} "
+                   f"(not installed here or in any --engine-python: see {rows})")
+    console.print(verdict)
 
 
 def print_doctor(findings, console: Console) -> None:

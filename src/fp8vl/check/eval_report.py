@@ -134,6 +134,8 @@ def verify_section(r: Report) -> str:
     """``fp8vl verify --update-card``'s section: every check, bytes by dtype, TP sizes, SQNR figures."""
     lines = [VERIFY_BEGIN, "## Verification (fp8vl verify)", "", "| check | result |", "|---|---|"]
     lines += [f"| {c.name} | {c.level}: {c.message} |" for c in r.checks]
+    if r.skipped:
+        lines += ["", f"Skipped (requested, not run): {', '.join(r.skipped)}."]
     lines += ["", "Bytes by dtype: " + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in r.bytes_by_dtype.items()),
               "", summarize(r.tp) + "." if r.tp else ""]
     if r.tensors:

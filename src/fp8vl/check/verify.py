@@ -56,6 +56,7 @@ class Report:
     tp: dict = field(default_factory=dict)
     tensors: list[TensorError] = field(default_factory=list)   # with a source only
     kept_identical: int | None = None
+    skipped: list[str] = field(default_factory=list)   # requested checks that did not run ("vllm": no engine)
 
     @property
     def ok(self) -> bool:
