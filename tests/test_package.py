@@ -128,3 +128,10 @@ def test_the_cli_and_the_hub_path_import_without_torch():
                        cwd=ROOT.parent)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", r.stdout
+
+
+def test_readme_says_how_to_reach_the_command_after_make_demo():
+    """make demo installs into .venv, which is not on PATH: a bare `fp8vl` afterwards is 'command not found'."""
+    readme = (ROOT.parents[1] / "README.md").read_text()
+    two = readme.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    assert "`.venv/bin/fp8vl`" in two and "`. .venv/bin/activate`" in two
