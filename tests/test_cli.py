@@ -388,3 +388,15 @@ def test_help_shows_flags_as_plain_switches(command, tmp_path):
         assert re.search(rf"{name}\s+[^<\s]", row), row        # the help text, no type, follows the switch
     if command == ["quantize"]:       # options that take a value still show its type
         assert re.search(r"--workers\s+<int>", r.stdout) and re.search(r"--dry-run\s+print the plan", r.stdout)
+
+
+def test_device_cuda_without_a_gpu_driver_is_refused_before_torch_loads(dense_fp8, tmp_path):
+    """Where the OS shows no GPU device (Linux without /dev/nvidiactl, ...), --device cuda needs no torch
+    import (seconds) to be refused."""
+    from fp8vl.options import gpu_driver_present
+
+    if gpu_driver_present():
+        pytest.skip("a GPU driver is present: PyTorch is asked")
+    done = run_in_process(["eval", dense_fp8.src, dense_fp8.out, "--device", "cuda"], tmp_path)
+    assert done["rc"] == 2 and done["heavy"] == [], done
+    assert done["stderr"].startswith("error: --device cuda: no GPU driver here"), done

@@ -1,9 +1,11 @@
-"""The one options object for ``fp8vl quantize``; CLI flags mirror its fields one to one."""
+"""The options objects of ``fp8vl quantize`` and ``dequantize`` (CLI flags mirror their fields one to one),
+and where a model runs (``resolve_device``: ``--device`` of ``eval`` and ``caption``)."""
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 from .errors import FP8VLError
@@ -51,6 +53,13 @@ class QuantizeOptions:
                     raise FP8VLError(f"--ignore {p!r}: bad regular expression ({e})") from e
 
 
+def gpu_driver_present() -> bool:
+    """False only where no GPU can be visible: Linux without NVIDIA (or ROCm, or WSL2) device nodes.
+    Checked before asking PyTorch, whose import alone takes seconds."""
+    return not sys.platform.startswith("linux") or any(
+        os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd"))
+
+
 def resolve_device(device: str) -> str:
     """Where a model runs (``eval``, ``caption --model``): ``auto`` is ``cuda`` where a GPU can be used
     here, else ``cpu``; ``cuda`` (``cuda:N``) only where it can, else one FP8VLError line with the fix;
@@ -71,6 +80,8 @@ def resolve_device(device: str) -> str:
 def _cuda_unusable(device: str) -> str | None:
     """Why ``device`` cannot be used here (None: it can). A tensor is put on it: a GPU that PyTorch
     counts but cannot initialise (driver too old, busy in exclusive mode) fails here, not mid-run."""
+    if not gpu_driver_present():   # said at once: no torch import (seconds) to learn what the OS shows
+        return "no GPU driver here (no NVIDIA, ROCm or WSL device in /dev)"
     import torch
 
     try:

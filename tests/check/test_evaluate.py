@@ -369,6 +369,7 @@ def test_device_auto_is_the_gpu_where_one_can_be_used_else_the_cpu(monkeypatch):
         assert "\n" not in str(e.value)
     # a GPU PyTorch counts but cannot initialise (an old driver, busy in exclusive mode): auto takes the
     # CPU, cuda is refused with the reason
+    monkeypatch.setattr(options, "gpu_driver_present", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch, "zeros", lambda *a, **k: (_ for _ in ()).throw(
