@@ -139,7 +139,8 @@ def run_in_process(args: list[str], cwd) -> dict:
             f"print(json.dumps({{'rc': rc, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))")
     r = subprocess.run([sys.executable, "-c", code, json.dumps([str(a) for a in args])], capture_output=True,
                        text=True, cwd=cwd, env=cli_env(), timeout=120)
-    return {**json.loads(r.stdout.strip().splitlines()[-1]), "stderr": r.stderr}
+    *printed, last = r.stdout.rstrip("\n").split("\n")
+    return {**json.loads(last), "stdout": printed, "stderr": r.stderr}
 
 
 def imported_by(args: list[str], cwd) -> dict:
@@ -331,7 +332,7 @@ def test_a_path_argument_is_checked_first_in_one_line_without_the_hub_or_torch(d
     lines = done["stderr"].strip().splitlines()
     assert done["rc"] == 2 and len(lines) == 1 and lines[0].startswith(f"error: {line}"), done
     assert "Traceback" not in done["stderr"] and "hf download" not in done["stderr"]
-    assert done["heavy"] == [], done
+    assert done["heavy"] == [] and done["stdout"] == [], done       # nothing before it (no progress bar drawn)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal needs a machine without a GPU")

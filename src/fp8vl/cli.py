@@ -113,6 +113,12 @@ def quantize_cmd(
                            in_flight=in_flight, record_error=record_error)
     if output is None and not dry_run:
         raise FP8VLError("OUTPUT is missing (or pass --dry-run to only print the plan)")
+    from .checkpoint.source import locate
+    from .conversion.staging import check_paths
+
+    found = locate(source)   # quantize() checks these too; here they also come before any progress bar
+    if not opts.dry_run:
+        check_paths(found if isinstance(found, Path) else None, output.expanduser().resolve(), overwrite)
     if opts.dry_run:
         quantize(source, None, opts, on_plan=lambda plan: print_plan(plan, console))
         return
