@@ -331,6 +331,8 @@ def caption_cmd(
                                              "(default: as many as fit)"),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="in-process: GPU memory the run may use, "
                                              "e.g. 15.5GiB for a 16 GB card (default: the card's)"),
+    batch_invariant: bool = typer.Option(False, "--batch-invariant", help="in-process on a GPU: each caption "
+                                         "independent of the batch it shares (slower; the CPU always is)"),
 ) -> None:
     """Caption images in batch through a server or in-process; resumable, never overwrites by default."""
     from .apps.caption import CaptionOptions, caption, progress_bar
@@ -349,7 +351,8 @@ def caption_cmd(
                           concurrency=concurrency, max_tokens=max_tokens, temperature=temperature, txt=txt,
                           jsonl=jsonl, csv=csv, overwrite=overwrite, retries=retries, backoff=backoff,
                           timeout=timeout, api_key=api_key, device=device, mode=mode, batch_size=batch_size,
-                          gpu_memory=parse_size(gpu_memory) if gpu_memory else None)
+                          gpu_memory=parse_size(gpu_memory) if gpu_memory else None,
+                          batch_invariant=batch_invariant)
     with progress_bar(console) as tick:
         summary = caption(paths, opts, progress=tick)
     print_caption_summary(summary, console)

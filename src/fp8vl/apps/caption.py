@@ -211,7 +211,7 @@ def _local(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Resu
         longest = encode(loaded, opts.prompt, Image.new("RGB", (opts.max_side, opts.max_side)))
         eopts = EngineOptions(max_len=round_up(longest["input_ids"].shape[1] + opts.max_tokens + 1),
                               max_batch=opts.batch_size, max_new_tokens=opts.max_tokens,
-                              temperature=opts.temperature)
+                              temperature=opts.temperature, batch_invariant=opts.batch_invariant)
         engine = Engine(loaded.model, eos_ids(loaded), eopts)
         info["load_seconds"] = time.perf_counter() - t0
         failed: list[_Result] = []

@@ -35,6 +35,8 @@ class CaptionOptions:
     device: str = "cpu"              # local backend
     mode: str = "auto"               # local backend FP8 runtime: auto, scaled_mm, triton, w8a8 or dequant
     batch_size: int | None = None    # local backend: sequences decoded together (None: as many as fit)
+    batch_invariant: bool = False    # local backend on CUDA: captions independent of the batch (slower;
+                                     # the CPU is invariant anyway): EngineOptions.batch_invariant
     gpu_memory: int | None = None    # local backend: bytes of GPU memory the run may use (None: the card)
 
 
