@@ -38,6 +38,9 @@ class CaptionOptions:
     batch_invariant: bool = False    # local backend on CUDA: captions independent of the batch (slower;
                                      # the CPU is invariant anyway): EngineOptions.batch_invariant
     gpu_memory: int | None = None    # local backend: bytes of GPU memory the run may use (None: the card)
+    workers: int | None = None       # local backend: image decode/processor worker processes (0: two
+                                     # threads in this process; None: caption_local.default_workers)
+    retry_failed: bool = False       # try again the images an earlier run recorded as failed
 
 
 @dataclass
@@ -73,6 +76,7 @@ class _Result:
     seconds: float = 0.0
     error: str | None = None
     down: bool = False               # failed because the server could not be reached
+    broken: bool = False             # failed because the image itself cannot be read (recorded: not retried)
 
 
 def clean_caption(text: str | None, trigger: str | None = None) -> str:
