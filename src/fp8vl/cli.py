@@ -389,6 +389,13 @@ def caption_cmd(
                                              "(default: as many as fit)"),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="in-process: GPU memory the run may use, "
                                              "e.g. 15.5GiB for a 16 GB card (default: the card's)"),
+    batch_invariant: bool = typer.Option(False, "--batch-invariant", help="in-process on a GPU: each caption "
+                                         "independent of the batch it shares (slower; the CPU always is)"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="in-process: image decode/processor worker "
+                                          "processes (0: threads; default: half the cores up to 8)"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="try again the images an earlier run "
+                                      "found unreadable"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress (the summary only)"),
 ) -> None:
     """Caption images in batch through a server or in-process; resumable, never overwrites by default."""
     from .apps.caption import CaptionOptions, caption, progress_bar
@@ -411,9 +418,10 @@ def caption_cmd(
                           concurrency=concurrency, max_tokens=max_tokens, temperature=temperature, txt=txt,
                           jsonl=jsonl, csv=csv, overwrite=overwrite, retries=retries, backoff=backoff,
                           timeout=timeout, api_key=api_key, device=device, mode=mode, batch_size=batch_size,
-                          gpu_memory=parse_size(gpu_memory) if gpu_memory else None)
-    with progress_bar(console) as tick:
-        summary = caption(paths, opts, progress=tick)
+                          gpu_memory=parse_size(gpu_memory) if gpu_memory else None,
+                          batch_invariant=batch_invariant, workers=workers, retry_failed=retry_failed)
+    with progress_bar(console, quiet) as (progress, loading):
+        summary = caption(paths, opts, progress=progress, loading=loading)
     print_caption_summary(summary, console, opts.device if endpoint is None else None)
     if summary.failed:
         raise typer.Exit(1)

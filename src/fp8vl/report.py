@@ -135,3 +135,57 @@ def print_caption_summary(s, console: Console, device: str | None = None) -> Non
                      if s.load_seconds else ""))
     for path, reason in s.failed:
         console.print(f"  [red]failed[/] {escape(str(path))}: {escape(reason)}", highlight=False)
+
+
+class Phases:
+    """Progress of a long run's phases, for people and for logs: on a terminal, a rich bar per phase;
+    otherwise (a pipe, ``nohup``, CI) a plain line when a phase starts, every ``every`` seconds while it
+    runs and when it ends, so no phase is silent for long. ``quiet``: nothing at all.
+
+    ``update = phases.start("loading model", total, unit)`` then ``update(done, total=None, **extra)``
+    (``unit`` "B" shows bytes as GB; ``extra`` fields, e.g. tokens, are shown as rates per second)."""
+
+    def __init__(self, console: Console, quiet: bool = False, every: float = 5.0):
+        import time
+
+        self.console, self.quiet, self.every, self.clock = console, quiet, every, time.perf_counter
+        self.bar = None
+        if not quiet and console.is_terminal:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[text]}"),
+                                TimeElapsedColumn(), console=console, transient=True)
+
+    def __enter__(self) -> "Phases":
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def _text(self, done: float, total: float | None, unit: str, t0: float, extra: dict) -> str:
+        show = (lambda n: f"{n / 1e9:.2f}") if unit == "B" else (lambda n: f"{n:.0f}")
+        unit = "GB" if unit == "B" else unit
+        text = f"{show(done)}/{show(total)} {unit}" if total else f"{show(done)} {unit}"
+        secs = max(self.clock() - t0, 1e-9)
+        rates = [f"{done / secs:.2f} {unit}/s"] + [f"{v / secs:.1f} {k}/s" for k, v in extra.items()]
+        return f"{text}, {', '.join(rates)}"
+
+    def start(self, name: str, total: float | None = None, unit: str = ""):
+        """Begin phase ``name``; returns its ``update(done, total=None, **extra)``."""
+        t0, last, state = self.clock(), [0.0], {"total": total}
+        task = self.bar.add_task(name, total=total, text="") if self.bar is not None else None
+        if self.bar is None and not self.quiet:
+            self.console.print(f"{name} ...", highlight=False, markup=False)
+
+        def update(done: float, total: float | None = None, **extra) -> None:
+            state["total"] = total if total is not None else state["total"]
+            text = self._text(done, state["total"], unit, t0, extra)
+            if task is not None:
+                self.bar.update(task, completed=done, total=state["total"], text=text)
+            elif not self.quiet and (self.clock() - last[0] >= self.every or done == state["total"]):
+                last[0] = self.clock()
+                self.console.print(f"{name}: {text}", highlight=False, markup=False)
+        return update

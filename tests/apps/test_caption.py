@@ -267,16 +267,18 @@ def test_local_backend_captions_in_process(fp8_dir, tmp_path):
         _photo(n).save(tmp_path / f"{n}.jpg")
     out = io.StringIO()
     opts = CaptionOptions(model=str(fp8_dir), max_tokens=8, trigger="ohwx", jsonl=tmp_path / "c.jsonl")
-    with progress_bar(Console(file=out, force_terminal=True, width=120), transient=False) as tick:
-        s = caption([tmp_path], opts, progress=tick)
+    with progress_bar(Console(file=out, width=120)) as (progress, loading):     # a log, not a terminal
+        s = caption([tmp_path], opts, progress=progress, loading=loading)
     assert (s.done, s.skipped, s.failed) == (2, 0, []) and 2 <= s.tokens <= 16
     assert "fp8" in s.model
     assert 0 < s.load_seconds < s.seconds and s.captioning_images_per_s > s.images_per_s
     for n in ["astronaut", "coffee"]:
         text = (tmp_path / f"{n}.txt").read_text()
         assert text.startswith("ohwx, ") and len(text) > len("ohwx, ")
-    assert [r["tokens"] for r in _jsonl(tmp_path / "c.jsonl")] and "2/2" in out.getvalue()
-    assert "img/s" in out.getvalue()
+    lines = out.getvalue().splitlines()
+    assert [r["tokens"] for r in _jsonl(tmp_path / "c.jsonl")]
+    assert lines[0] == "loading the model ..." and lines[1].startswith("loading the model: ") and " GB/s" in lines[1]
+    assert "captioning: 2/2 images" in lines[-1] and "tokens/s" in lines[-1], lines
 
 
 
@@ -322,7 +324,7 @@ def test_out_of_memory_mid_batch_is_one_line_and_keeps_the_captions(fp8_dir, tmp
     def cat_out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    def after_first(n, total):
+    def after_first(n, total, tokens):
         monkeypatch.setattr(torch, "cat", cat_out_of_memory)
 
     with pytest.raises(FP8VLError) as e:
@@ -345,3 +347,76 @@ def test_local_backend_batch_1_and_batch_n_write_the_same_captions(fp8_dir, tmp_
         assert (s.done, s.failed) == (5, [])
         texts[bs] = {p.name: p.read_text() for p in sorted(tmp_path.glob("*.txt"))}
     assert len(texts[1]) == 5 and texts[1] == texts[3]
+
+
+def test_worker_processes_write_the_captions_threads_write(fp8_dir, tmp_path):
+    """Images prepared in a worker process (spawned before the model loads) and in threads of this
+    process: the same captions, and a corrupt image is a failure either way."""
+    for i, n in enumerate(["astronaut", "coffee", "chelsea"]):
+        _photo(n).resize((64 + 48 * i, 96)).save(tmp_path / f"{n}.png")
+    (tmp_path / "zz-corrupt.jpg").write_bytes(b"\xff\xd8\xff" + np.random.default_rng(1).bytes(2000))
+    texts = {}
+    for workers in (0, 1):
+        s = caption([tmp_path], CaptionOptions(model=str(fp8_dir), max_tokens=8, workers=workers, overwrite=True,
+                                               retry_failed=True))
+        assert s.done == 3 and [p.name for p, _ in s.failed] == ["zz-corrupt.jpg"], (workers, s.failed)
+        texts[workers] = {p.name: p.read_text() for p in sorted(tmp_path.glob("*.txt"))}
+    assert len(texts[0]) == 3 and texts[0] == texts[1]
+
+
+def test_unreadable_images_are_recorded_listed_and_not_retried(fp8_dir, tmp_path, monkeypatch):
+    """A corrupt image fails once, is recorded, and the next run lists it without opening it or
+    loading the model (nothing else left); --retry-failed tries it again. With --jsonl the record is
+    a line of it; a rerun whose only image left is unreadable loads nothing."""
+    import fp8vl.runtime.loader as loader
+
+    _photo("coffee").save(tmp_path / "coffee.png")
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(np.random.default_rng(0).bytes(3000))
+    opts = CaptionOptions(model=str(fp8_dir), max_tokens=4)
+    s = caption([tmp_path], opts)
+    assert s.done == 1 and [p for p, _ in s.failed] == [bad]
+    assert (tmp_path / ".broken.jpg.fp8vl-failed").is_file()
+    loads = []
+    monkeypatch.setattr(loader, "load_any", lambda *a, **k: loads.append(a) or 1 / 0)
+    s = caption([tmp_path], opts)                                   # listed, never opened, no model
+    assert (s.done, s.skipped, loads) == (0, 1, []) and s.load_seconds == 0.0
+    assert [p for p, _ in s.failed] == [bad] and "--retry-failed" in s.failed[0][1]
+    s = caption([tmp_path], CaptionOptions(model=str(fp8_dir), max_tokens=4, retry_failed=True))
+    assert [p for p, _ in s.failed] == [bad] and loads == [] and "cannot read image" in s.failed[0][1]
+    # --jsonl: the record is a line there
+    log = tmp_path / "c.jsonl"
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    bad.rename(sub / "broken.jpg")
+    jopts = CaptionOptions(model=str(fp8_dir), max_tokens=4, txt=False, jsonl=log)
+    s = caption([sub], jopts)
+    assert [p.name for p, _ in s.failed] == ["broken.jpg"] and loads == []
+    assert [(r["file"], "cannot read image" in r["error"]) for r in _jsonl(log)] == [("sub/broken.jpg", True)]
+    s = caption([sub], jopts)
+    assert "--retry-failed" in s.failed[0][1] and not (sub / ".broken.jpg.fp8vl-failed").exists()
+
+
+def test_a_second_run_on_the_same_outputs_is_refused_naming_the_first(tmp_path):
+    """Two caption runs on one folder: the second is refused with one line naming the first's PID, and
+    it writes nothing; the lock is gone once the first ends."""
+    import textwrap
+
+    _photo("coffee").save(tmp_path / "coffee.png")
+    holder = textwrap.dedent(f"""
+        import sys, time
+        from fp8vl.apps.caption import CaptionOptions, _outputs_locked
+        with _outputs_locked([{str(tmp_path)!r}], CaptionOptions(model="m")):
+            print("held", flush=True)
+            sys.stdin.readline()
+    """)
+    p = subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        r = run_cli("caption", tmp_path, "--model", tmp_path / "no-model", cwd=tmp_path)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"PID {p.pid}" in r.stderr and ".fp8vl-caption.lock" in r.stderr
+        assert not sidecar(tmp_path / "coffee.png").exists()
+    finally:
+        p.communicate("\n", timeout=30)
+    assert not (tmp_path / ".fp8vl-caption.lock").exists()

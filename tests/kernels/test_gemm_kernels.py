@@ -359,3 +359,44 @@ def test_table_configs_fit_the_shared_memory_of_ada_and_consumer_blackwell(cc):
         base = dict(A_FP8=a_fp8, HAS_BIAS=False, ON_CPU=False, PAIRS=False)
         used = compiled_shared_bytes(gk.block_gemm_kernel, cc, base, cfg, "*fp8e4nv" if a_fp8 else "*bf16")
         assert 0 < used <= SHARED_PER_BLOCK[cc], (cfg, a_fp8, used)
+
+
+def compile_for(kernel, cc: tuple[int, int], types: dict, constexprs: dict, num_warps: int = 4,
+                num_stages: int = 3) -> int:
+    """``kernel`` compiled (no GPU) for compute capability ``cc``: argument types by name (others
+    i32), pointers 16-divisible -> its shared memory in bytes."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*")})
+    opts = dict(num_warps=num_warps, num_stages=num_stages)
+    return triton.compile(src, target=GPUTarget("cuda", cc[0] * 10 + cc[1], 32), options=opts).metadata.shared
+
+
+@pytest.mark.skipif(INTERPRETER, reason="compiles for real targets")
+@pytest.mark.parametrize("cc", [(9, 0), (8, 9), (12, 0)])
+def test_batch_invariant_kernels_compile_for_hopper_ada_and_blackwell(cc):
+    """The kernels only the batch-invariant decode runs (bf16_linear's GEMM, the plain RMSNorm,
+    attention in fixed chunks merged in order) compile for real cards, within a block's shared memory."""
+    from fp8vl.kernels import attention_kernels as ak
+    from fp8vl.kernels import gemm_kernels as gk
+
+    cfg = gemm.bf16_config(4096, 4096, 132)
+    used = compile_for(gk.bf16_gemm_kernel, cc, {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16",
+                                                  "y_ptr": "*bf16", "part_ptr": "*fp32"},
+                       {"HAS_BIAS": False, "ON_CPU": False,
+                        **{k: v for k, v in cfg.kwargs.items() if k != "SPLIT_K"}}, cfg.num_warps, cfg.num_stages)
+    assert 0 < used <= 99 << 10, used
+    compile_for(gk.rmsnorm_quant_kernel, cc, {"x_ptr": "*bf16", "w_ptr": "*bf16", "q_ptr": "*bf16", "s_ptr": "*fp32",
+                                              "inv_k": "fp32", "eps": "fp32"},
+                {"GROUPS": 32, "ON_CPU": False, "PDL": False, "QUANT": False}, 8)
+    ptrs = {"q_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "lens_ptr": "*i64", "out_ptr": "*fp8e4nv",
+            "os_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "qk_scale": "fp32"}
+    compile_for(ak.decode_attention_kernel, cc, ptrs, {"H": 32, "D": 128, "G": 4, "G_PAD": 16, "BLOCK_N": 64,
+                                                      "FINAL": False, "QUANT": True, "ON_CPU": False, "CHUNK": 64}, 4, 2)
+    compile_for(ak.combine_kernel, cc, ptrs, {"H": 32, "D": 128, "HPG": 1, "S_PAD": 8, "QUANT": True,
+                                             "IN_ORDER": True}, 1, 1)

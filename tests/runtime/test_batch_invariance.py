@@ -48,7 +48,7 @@ def _requests(L: Loaded) -> list[Request]:
 
 
 def _run(L: Loaded, reqs, eos, **opts) -> dict[str, list[int]]:
-    eng = Engine(L.model, eos, EngineOptions(max_len=512, max_new_tokens=TOKENS, **opts))
+    eng = Engine(L.model, eos, EngineOptions(max_len=512, max_new_tokens=TOKENS, batch_invariant=True, **opts))
     return {r.tag: ids for r, ids in eng.generate(reqs)}
 
 
@@ -75,7 +75,8 @@ def test_greedy_answers_do_not_depend_on_the_batch(arch, which, checkpoints):
 
 
 def _step_logits(L: Loaded, reqs: list[Request], answers: list[list[int]], batch: int) -> list[torch.Tensor]:
-    eng = Engine(L.model, [], EngineOptions(max_len=512, max_new_tokens=TOKENS, max_batch=batch))
+    eng = Engine(L.model, [], EngineOptions(max_len=512, max_new_tokens=TOKENS, max_batch=batch,
+                                            batch_invariant=True))
     out = []
     for i in range(0, len(reqs), batch):
         out += eng.forced_logits_batch([(r.inputs, a) for r, a in zip(reqs[i:i + batch], answers[i:i + batch])])
@@ -102,7 +103,7 @@ def test_decode_logits_are_bit_identical_across_batch_sizes(which, checkpoints):
 @pytest.mark.parametrize("which", ["src", "fp8"])
 def test_gpu_answers_and_logits_do_not_depend_on_the_batch(which, dense_src, dense_fp8):
     """On the GPU (CUDA graphs, Triton decode kernels, FP8 GEMMs where the card has them), with
-    ``batch_invariant`` (the default): the answers at batch 1, 3, all at once and with refills are
+    ``batch_invariant``: the answers at batch 1, 3, all at once and with refills are
     the same, and so is every decode step's logits, bit for bit, at batch 1, 3 and 7 (the GEMV's
     row chunks, 16 rows each, and cuBLAS' sizes are crossed at 7 with graph buckets 8 and 16)."""
     path = dense_src if which == "src" else dense_fp8.out
@@ -113,7 +114,7 @@ def test_gpu_answers_and_logits_do_not_depend_on_the_batch(which, dense_src, den
     twice = reqs + [Request(r.inputs, r.tag + "+") for r in reqs]      # 28 at once: GEMV row chunks
     both = _run(L, twice, [], max_batch=len(twice), prefill_batch=len(twice))
     assert both == {**alone, **{t + "+": a for t, a in alone.items()}}
-    eng = Engine(L.model, [], EngineOptions(max_len=512, max_new_tokens=24, max_batch=1))
+    eng = Engine(L.model, [], EngineOptions(max_len=512, max_new_tokens=24, max_batch=1, batch_invariant=True))
     assert eng.invariant
     answers = [ids for _, ids in eng.generate(reqs[:7])]
     one = _step_logits(L, reqs[:7], answers, 1)

@@ -2,7 +2,7 @@
 
 Server backend (``endpoint`` set): any OpenAI-compatible server, see caption_server.py. Local backend
 (no endpoint): the model folder is loaded once with fp8vl's runtime and images are captioned by
-fp8vl's engine, greedily. The options, the per-image result and the caption cleaning both backends
+fp8vl's engine, greedily, see caption_local.py. The options, the per-image result and the caption cleaning both backends
 share are in caption_options.py.
 
 Outputs, written by the main thread as each caption arrives, so a killed run loses no finished one:
@@ -12,7 +12,12 @@ and ``csv``, a Hugging Face ImageFolder ``metadata.csv`` (file_name,text): rows 
 come and the file is rewritten at the end with every known caption exactly once. A rerun skips the
 images already captioned (sidecar present; with txt off, listed in the jsonl or csv) unless
 ``overwrite``. An unreadable image, or one that a backend fails on, is reported and the batch goes
-on. Ctrl-C stops at once: the captions already written stay, in-flight requests are dropped, a rerun
+on; an unreadable one is also recorded (a ``{file, error}`` line in ``jsonl``, else a hidden
+``.IMAGE.fp8vl-failed`` beside it) and a rerun lists it instead of trying again, unless
+``retry_failed``. In-process, the model is loaded only once an image to caption has been opened:
+a run with nothing left loads nothing. One run at a time writes a given set of outputs: each
+folder of images and each jsonl/csv file is locked (``.fp8vl-caption.lock`` in the folder,
+``.NAME.fp8vl-lock`` beside the file) for the run's life; a second run is refused. Ctrl-C stops at once: the captions already written stay, in-flight requests are dropped, a rerun
 does the rest.
 """
 
@@ -24,17 +29,15 @@ import json
 import os
 import tempfile
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from .caption_local import local_backend
 from .caption_options import CaptionOptions, CaptionSummary, _Result, clean_caption
 from .caption_server import _base_url, _serve
-from ..errors import FP8VLError, out_of_memory
-from ..inputs.images import load_image
+from ..errors import FP8VLError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 CSV_HEADER = ["file_name", "text"]
@@ -69,6 +72,11 @@ def sidecar(image: Path) -> Path:
     return image.with_suffix(".txt")
 
 
+def failure_mark(image: Path) -> Path:
+    """Where a run without --jsonl records that ``image`` cannot be read (hidden, beside it)."""
+    return image.with_name(f".{image.name}.fp8vl-failed")
+
+
 # ---------------------------------------------------------------- outputs
 
 def _key(path: Path) -> Path:
@@ -80,13 +88,14 @@ def _rel(image: Path, out_file: Path) -> str:
     return img.relative_to(base).as_posix() if img.is_relative_to(base) else str(img)
 
 
-def _read_jsonl(path: Path) -> dict[Path, str]:
+def _read_jsonl(path: Path, field: str = "caption") -> dict[Path, str]:
+    """file -> the ``field`` of its last record that has one: caption, or error (unreadable images)."""
     out = {}
     if path.is_file():
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:  # a line cut by a killed run is not a caption
+            try:  # a line cut by a killed run is not a record
                 d = json.loads(line)
-                out[_key(path.parent / d["file"])] = d["caption"]
+                out[_key(path.parent / d["file"])] = d[field]
             except (ValueError, KeyError, TypeError):
                 continue
     return out
@@ -138,6 +147,7 @@ def _has_txt(image: Path) -> bool:
 
 
 def _save(r: _Result, opts: CaptionOptions) -> None:
+    failure_mark(r.path).unlink(missing_ok=True)
     if opts.txt:
         _write_atomic(sidecar(r.path), r.caption)
     if opts.jsonl:
@@ -146,6 +156,91 @@ def _save(r: _Result, opts: CaptionOptions) -> None:
         _append(opts.jsonl, json.dumps(rec, ensure_ascii=False) + "\n")
     if opts.csv:
         _append(opts.csv, _csv_line([_rel(r.path, opts.csv), r.caption]), _csv_line(CSV_HEADER))
+
+
+def _record_failure(r: _Result, opts: CaptionOptions) -> None:
+    """An unreadable image, for the next run to list rather than try again."""
+    if opts.jsonl:
+        _append(opts.jsonl, json.dumps({"file": _rel(r.path, opts.jsonl), "error": r.error}, ensure_ascii=False) + "\n")
+    else:
+        try:
+            failure_mark(r.path).write_text(r.error or "", encoding="utf-8")
+        except OSError:
+            pass   # a read-only folder: the image is tried again next time, nothing else is lost
+
+
+def _known_failures(images: list[Path], opts: CaptionOptions) -> dict[Path, str]:
+    """Images an earlier run recorded as unreadable (and has not captioned since) -> the error."""
+    if opts.jsonl:
+        errors, captions = _read_jsonl(opts.jsonl, "error"), _read_jsonl(opts.jsonl)
+        return {p: errors[_key(p)] for p in images if _key(p) in errors and _key(p) not in captions}
+    return {p: failure_mark(p).read_text(encoding="utf-8", errors="replace").strip() for p in images
+            if failure_mark(p).is_file()}
+
+
+def _readable(todo: list[Path]) -> tuple[list[Path], list[_Result]]:
+    """``todo`` from its first image that opens (header and, for PNG, chunk checksums: no decode),
+    and a failure for each one before it: the model is loaded only if an image is left to caption."""
+    from PIL import Image
+
+    bad = []
+    for i, p in enumerate(todo):
+        try:
+            with Image.open(p) as im:
+                im.verify()
+            return todo[i:], bad
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a bad file
+            bad.append(_Result(p, error=f"{p}: cannot read image ({type(e).__name__}: {e}); replace or remove it",
+                               broken=True))
+    return [], bad
+
+
+def _lock(path: Path) -> int:
+    """An exclusive flock on ``path`` (created, holding our PID) -> its descriptor; one FP8VLError line
+    naming the holder's PID when another process has it. The kernel releases it when the process ends,
+    however it ends."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise FP8VLError(f"another fp8vl caption run (PID {pid}) is writing these captions (it holds "
+                             f"{path}); wait for it to finish or stop it") from None
+        try:   # the file we locked is still the one at path (its last holder unlinks it on release)
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+@contextmanager
+def _outputs_locked(paths: Iterable[str | Path], opts: CaptionOptions) -> Iterator[None]:
+    """Hold a lock on every output this run writes, for its whole life: each folder given (its
+    sidecars: ``.fp8vl-caption.lock`` in it) and the jsonl/csv files (``.NAME.fp8vl-lock`` beside
+    each); removed again at the end. Two runs on overlapping but different folders are not seen."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    files = []
+    if opts.txt:
+        files += [(Path(p) if Path(p).is_dir() else Path(p).parent) / ".fp8vl-caption.lock" for p in paths]
+    files += [f.parent / f".{f.name}.fp8vl-lock" for f in (opts.jsonl, opts.csv) if f]
+    held: list[tuple[Path, int]] = []
+    try:
+        for f in dict.fromkeys(_key(f) for f in files):
+            held.append((f, _lock(f)))
+        yield
+    finally:
+        for f, fd in held:
+            f.unlink(missing_ok=True)   # while still held: a waiting run then locks a new file
+            os.close(fd)
 
 
 def _final_csv(images: list[Path], opts: CaptionOptions) -> None:
@@ -189,74 +284,22 @@ def _check(images: list[Path], opts: CaptionOptions) -> None:
                                  f"to metadata.csv, so put the csv in the images' folder or a parent")
 
 
-# ---------------------------------------------------------------- in-process backend
-
-def _local(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Result]:
-    """In-process: fp8vl's engine, continuous batching; images are read and encoded by two threads
-    ahead of the GPU (the processor's CPU work overlaps the model's)."""
-    from ..runtime.engine import Engine, EngineOptions, Request, limit_gpu_memory, round_up
-    from ..runtime.loader import encode, eos_ids, load_any
-
-    limit_gpu_memory(opts.device, opts.gpu_memory)
-    fix = ("use a smaller --batch-size, a lower --max-tokens or --max-side, or --gpu-memory below what other "
-           "programs leave free; the captions written so far are kept")
-    with out_of_memory(opts.device, fix):
-        t0 = time.perf_counter()
-        loaded = load_any(opts.model, opts.device, opts.mode)
-        info["model"] = f"{opts.model} ({loaded.label})"
-        tok = getattr(loaded.processor, "tokenizer", loaded.processor)
-        # the longest prompt: a square image at max_side (resizing never upscales, so none is longer)
-        from PIL import Image
-
-        longest = encode(loaded, opts.prompt, Image.new("RGB", (opts.max_side, opts.max_side)))
-        eopts = EngineOptions(max_len=round_up(longest["input_ids"].shape[1] + opts.max_tokens + 1),
-                              max_batch=opts.batch_size, max_new_tokens=opts.max_tokens,
-                              temperature=opts.temperature)
-        engine = Engine(loaded.model, eos_ids(loaded), eopts)
-        info["load_seconds"] = time.perf_counter() - t0
-        failed: list[_Result] = []
-
-        def prepare(path: Path) -> tuple[Path, float, dict | None]:
-            t0 = time.perf_counter()
-            try:
-                return path, t0, encode(loaded, opts.prompt, load_image(path, opts.max_side), device="cpu")
-            except FP8VLError as e:
-                failed.append(_Result(path, error=str(e)))
-                return path, t0, None
-
-        def requests() -> Iterator[Request]:
-            # bounded read-ahead (Executor.map would encode every image up front: ~6 MB each at 512 px)
-            ahead = 2 * engine.batch + 2
-            with ThreadPoolExecutor(2, thread_name_prefix="fp8vl-encode") as pool:
-                waiting = deque(pool.submit(prepare, p) for p in todo[:ahead])
-                rest = iter(todo[ahead:])
-                while waiting:
-                    path, t0, inputs = waiting.popleft().result()
-                    nxt = next(rest, None)
-                    if nxt is not None:
-                        waiting.append(pool.submit(prepare, nxt))
-                    if inputs is not None:
-                        yield Request(inputs, (path, t0))
-
-        for req, ids in engine.generate(requests()):
-            while failed:
-                yield failed.pop(0)
-            path, t0 = req.tag
-            text = clean_caption(tok.decode(ids, skip_special_tokens=True), opts.trigger)
-            yield _Result(path, text or None, len(ids), time.perf_counter() - t0,
-                          None if text else "the model returned an empty caption")
-        yield from failed
-
-
 # ---------------------------------------------------------------- the run
 
 def caption(paths: str | Path | Iterable[str | Path], opts: CaptionOptions = CaptionOptions(),
-            progress: Callable[[int, int], None] | None = None) -> CaptionSummary:
-    """Caption the images under ``paths``; ``progress(processed, total)`` is called on the calling
-    thread after each image that was to be captioned (written or failed)."""
+            progress: Callable[[int, int, int], None] | None = None,
+            loading: Callable[[int, int], None] | None = None) -> CaptionSummary:
+    """Caption the images under ``paths``; ``progress(processed, total, tokens)`` is called on the
+    calling thread after each image that was to be captioned (written or failed), ``loading(bytes
+    read, total)`` while the in-process backend loads the model."""
     opts = replace(opts, jsonl=Path(opts.jsonl) if opts.jsonl else None, csv=Path(opts.csv) if opts.csv else None)
     images = find_images(paths)
     _check(images, opts)
+    with _outputs_locked(paths, opts):
+        return _caption(images, opts, progress, loading)
+
+
+def _caption(images: list[Path], opts: CaptionOptions, progress, loading) -> CaptionSummary:
     if opts.overwrite:
         done = set()
     elif opts.txt:
@@ -266,12 +309,18 @@ def caption(paths: str | Path | Iterable[str | Path], opts: CaptionOptions = Cap
         done = {p for p in images if _key(p) in known}
     if opts.csv:
         _read_csv(opts.csv)  # a csv of another layout fails before any work
-    todo = [p for p in images if p not in done]
-    s = CaptionSummary(skipped=len(images) - len(todo))
-    t0, info = time.perf_counter(), {"model": opts.model or ""}
-    if todo:
-        backend = _serve if opts.endpoint else _local
-        with closing(backend(todo, opts, info)) as results:
+    known = {} if opts.overwrite or opts.retry_failed else _known_failures(images, opts)
+    todo = [p for p in images if p not in done and p not in known]
+    s = CaptionSummary(skipped=len(images) - len(todo) - len(known))
+    s.failed = [(p, f"{e} (recorded by an earlier run; --retry-failed tries it again)") for p, e in known.items()]
+    t0, info = time.perf_counter(), {"model": opts.model or "", "loading": loading}
+    bad: list[_Result] = []
+    if todo and not opts.endpoint:
+        todo, bad = _readable(todo)
+    if todo or bad:
+        backend = _serve if opts.endpoint else local_backend
+        results = backend(todo, opts, info) if todo else iter(())
+        with closing(_chain(bad, results)) as results:
             for n, r in enumerate(results, 1):
                 if r.caption:
                     try:
@@ -282,24 +331,45 @@ def caption(paths: str | Path | Iterable[str | Path], opts: CaptionOptions = Cap
                     s.done, s.tokens = s.done + 1, s.tokens + r.tokens
                 else:
                     s.failed.append((r.path, r.error or "unknown error"))
+                    if r.broken:
+                        _record_failure(r, opts)
                 if progress:
-                    progress(n, len(todo))
+                    progress(n, len(todo) + len(bad), s.tokens)
     if opts.csv:
         _final_csv(images, opts)
     s.seconds, s.model, s.load_seconds = time.perf_counter() - t0, info["model"], info.get("load_seconds", 0.0)
     return s
 
 
+def _chain(first: list[_Result], rest: Iterator[_Result]) -> Iterator[_Result]:
+    """``first``, then ``rest``; closing it closes ``rest`` (the backend's pools and engine)."""
+    try:
+        yield from first
+        yield from rest
+    finally:
+        close = getattr(rest, "close", None)
+        if close:
+            close()
+
+
 @contextmanager
-def progress_bar(console=None, transient: bool = True) -> Iterator[Callable[[int, int], None]]:
-    """A rich bar with images/s; yields the ``progress`` callback for :func:`caption`."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def progress_bar(console=None, quiet: bool = False) -> Iterator[tuple[Callable, Callable]]:
+    """Progress for :func:`caption`, as ``report.Phases`` shows it (a bar on a terminal, a line every
+    few seconds in a log): yields its ``(progress, loading)`` callbacks."""
+    from rich.console import Console
 
-    with Progress(TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                  TimeRemainingColumn(), console=console, transient=transient) as bar:
-        task = bar.add_task("captioning", total=None, rate="")
-        t0 = time.perf_counter()
+    from ..report import Phases
 
-        def update(n: int, total: int) -> None:
-            bar.update(task, completed=n, total=total, rate=f"{n / max(time.perf_counter() - t0, 1e-9):.2f} img/s")
-        yield update
+    with Phases(console or Console(), quiet) as phases:
+        live: dict[str, Callable] = {}
+
+        def progress(n: int, total: int, tokens: int = 0) -> None:
+            if "images" not in live:
+                live["images"] = phases.start("captioning", total, "images")
+            live["images"](n, total, tokens=tokens)
+
+        def loading(done: int, total: int) -> None:
+            if "load" not in live:
+                live["load"] = phases.start("loading the model", total, "B")
+            live["load"](done, total)
+        yield progress, loading

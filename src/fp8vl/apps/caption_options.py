@@ -36,7 +36,12 @@ class CaptionOptions:
     device: str = "auto"             # local backend: auto (a usable CUDA GPU, else the CPU), cpu or cuda
     mode: str = "auto"               # local backend FP8 runtime: auto, scaled_mm, triton, w8a8 or dequant
     batch_size: int | None = None    # local backend: sequences decoded together (None: as many as fit)
+    batch_invariant: bool = False    # local backend on CUDA: captions independent of the batch (slower;
+                                     # the CPU is invariant anyway): EngineOptions.batch_invariant
     gpu_memory: int | None = None    # local backend: bytes of GPU memory the run may use (None: the card)
+    workers: int | None = None       # local backend: image decode/processor worker processes (0: two
+                                     # threads in this process; None: caption_local.default_workers)
+    retry_failed: bool = False       # try again the images an earlier run recorded as failed
 
     def __post_init__(self) -> None:
         # In-process, the device is settled here, so every part of the run (the memory cap, the load,
@@ -79,6 +84,7 @@ class _Result:
     seconds: float = 0.0
     error: str | None = None
     down: bool = False               # failed because the server could not be reached
+    broken: bool = False             # failed because the image itself cannot be read (recorded: not retried)
 
 
 def clean_caption(text: str | None, trigger: str | None = None) -> str:

@@ -107,7 +107,7 @@ def _server_one(client, model: str, path: Path, opts: CaptionOptions, stop: thre
     try:
         url = image_data_url(load_image(path, opts.max_side))
     except FP8VLError as e:
-        return _Result(path, error=str(e))
+        return _Result(path, error=str(e), broken=True)
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                              {"type": "text", "text": opts.prompt}]}]
     try:

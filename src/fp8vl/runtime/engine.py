@@ -51,8 +51,10 @@ class EngineOptions:
     prefill_graphs: bool = True          # ... captured in CUDA graphs (CUDA, dense layers, cuda_graphs on)
     pdl: bool = False                    # decode GEMVs start while their input's producer runs (SM90+;
                                          # 5% slower whole steps on the H200, so off: BENCHMARKS.md)
-    batch_invariant: bool = True         # a prompt's tokens and logits do not depend on the batch (CUDA: see
-                                         # _invariant; on the CPU every path is invariant anyway)
+    batch_invariant: bool = False        # CUDA: a prompt's tokens and logits do not depend on the batch
+                                         # (_invariant; off by default: prefilling each prompt alone costs
+                                         # far more than 5% of images/s, docs/decisions.md). The CPU paths
+                                         # are invariant whatever this says
     consumer_sums: tuple[str, ...] = ("qkv", "o", "gate_up", "down")   # FP8 decode linears whose
                                          # split-K partials the next kernel sums as it reads them (same
                                          # bits); the others' are summed by the GEMV's last split (each

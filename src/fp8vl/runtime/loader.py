@@ -86,15 +86,17 @@ def _assign(module: torch.nn.Module, attr: str, value: torch.Tensor) -> None:
 
 
 def load_model(path: str | Path, device: str = "cpu", mode: str = "auto",
-               dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+               dtype: torch.dtype = torch.bfloat16, progress=None) -> torch.nn.Module:
     """Any fp8vl / Qwen / compressed-tensors FP8 checkpoint, or a plain BF16/FP16/FP32 one, on ``device``.
 
     FP8 linears become ``FP8Linear`` (``mode`` as in fp8_modules.py; set on every module), split MoE
     experts ``FP8Experts``; every other tensor is cast to ``dtype``. ``fp8_modules.fp8_mode(model)`` says
-    the mode (None for a checkpoint without FP8 weights).
+    the mode (None for a checkpoint without FP8 weights). ``progress(bytes read, total bytes)`` is
+    called as tensors arrive.
     """
     path = Path(path)
     ckpt = open_checkpoint(path, allow_quantized=True)
+    total, done = sum(t.nbytes for t in ckpt.tensors.values()), 0
     quantized = bool(ckpt.config.get("quantization_config"))
     mode = resolve_mode(mode, device) if quantized else None
     model = _empty_model(path, ckpt.config, dtype)
@@ -116,6 +118,9 @@ def load_model(path: str | Path, device: str = "cpu", mode: str = "auto",
         model.get_submodule(parent).register_module(child, lin)
 
     for info, t in _read_ahead(list(ckpt.tensors.values())):
+        done += info.nbytes
+        if progress is not None:
+            progress(done, total)
         name = info.name
         if name in weights or (m := SCALE.match(name)) and m["module"] in scales:
             module_name = weights.get(name) or m["module"]
@@ -257,12 +262,13 @@ def load_hf_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = to
     return Loaded(model, processor, vlm, path, "transformers")
 
 
-def load_any(path: str | Path, device: str = "cpu", mode: str = "auto") -> Loaded:
-    """Any checkpoint through fp8vl's loader: FP8 weights as FP8 linears, everything else as is."""
+def load_any(path: str | Path, device: str = "cpu", mode: str = "auto", progress=None) -> Loaded:
+    """Any checkpoint through fp8vl's loader: FP8 weights as FP8 linears, everything else as is;
+    ``progress(bytes read, total bytes)`` as in load_model."""
     path = Path(path)
     vlm = "vision_config" in _config(path)
     processor = load_processor(path, vlm)   # first: a missing file is reported before a long model load
-    model = load_model(path, device, mode)
+    model = load_model(path, device, mode, progress=progress)
     return Loaded(model, processor, vlm, path, f"fp8 {mode}" if (mode := fp8_mode(model)) else "bf16")
 
 
