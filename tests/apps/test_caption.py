@@ -413,7 +413,8 @@ def test_a_second_run_on_the_same_outputs_is_refused_naming_the_first(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "held"
-        r = run_cli("caption", tmp_path, "--model", tmp_path / "no-model", cwd=tmp_path)
+        (tmp_path / "model").mkdir()   # a folder (arguments are checked first), never loaded: the lock comes first
+        r = run_cli("caption", tmp_path, "--model", tmp_path / "model", cwd=tmp_path)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert f"PID {p.pid}" in r.stderr and ".fp8vl-caption.lock" in r.stderr
         assert not sidecar(tmp_path / "coffee.png").exists()
