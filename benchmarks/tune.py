@@ -2,7 +2,7 @@
 
 For each linear (q/k/v and gate/up fused, as the engine runs them) and M, every config of the
 decode GEMV (M = 1, 8) or of the Triton block GEMM (M = 512, 2048) is timed the way
-benchmarks/kernels.py times (a CUDA graph of back-to-back calls over enough weight copies to
+benchmarks/linears.py times (a CUDA graph of back-to-back calls over enough weight copies to
 exceed 4x L2), next to BF16 cuBLAS and a floor measured in the same run: a pure-read kernel over
 the same number of bytes, rotated over the same number of copies (the least any kernel reading
 this weight can take, launch and tail included). Prints the best configs as a Markdown table
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 
 from fp8vl.kernels import gemm
-from kernels import MODELS, read_floor, shapes, timed, weight_copies  # benchmarks/kernels.py
+from linears import MODELS, read_floor, shapes, timed, weight_copies  # benchmarks/linears.py
 
 
 def gemv_configs(n: int, k: int, prefetch=(0, 4, 16)):
