@@ -15,15 +15,25 @@ CUDA-graph replays of back-to-back calls rotating over enough layers' caches to 
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
 
-import torch
-from torch.profiler import ProfilerActivity, profile
+
+def arguments() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return ap.parse_args()
+
+
+if __name__ == "__main__":
+    arguments()   # --help and a bad argument answer here, before torch and fp8vl load (seconds)
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import timed  # noqa: E402  (the CUDA-graph timer the kernel tables use)
+from linears import timed  # noqa: E402  (the CUDA-graph timer the linear tables use)
 
 from fp8vl.kernels import attention, gemm  # noqa: E402
 from fp8vl.runtime.layers import torch_attention_block  # noqa: E402
@@ -90,6 +100,7 @@ def norm_rows(b: int) -> None:
 
 
 def main() -> None:
+    arguments()
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size / 2**20:.0f} MiB; "
           f"torch {torch.__version__}\n")

@@ -23,8 +23,25 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+
+def arguments() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/fp8vl-caption-bench"))
+    ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batches", default="1,8,32,0", help="0: continuous batching, as many slots as fit")
+    ap.add_argument("--cap", default="15.5GiB")
+    ap.add_argument("--parts", default="engine,rates,steps,old,caption,capped,eval")
+    ap.add_argument("--json", type=Path)
+    return ap.parse_args()
+
+
+if __name__ == "__main__":
+    arguments()   # --help and a bad argument answer here, before torch and fp8vl load (seconds)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 GiB = 1024**3
 
@@ -259,16 +276,7 @@ def eval_row(bf16: Path, fp8: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/fp8vl-caption-bench"))
-    ap.add_argument("--layers", type=int, default=36)
-    ap.add_argument("--images", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--batches", default="1,8,32,0", help="0: continuous batching, as many slots as fit")
-    ap.add_argument("--cap", default="15.5GiB")
-    ap.add_argument("--parts", default="engine,rates,steps,old,caption,capped,eval")
-    ap.add_argument("--json", type=Path)
-    a = ap.parse_args()
+    a = arguments()
     parts = set(a.parts.split(","))
     print(torch.cuda.get_device_name(0), f"torch {torch.__version__}", flush=True)
     bf16, fp8 = build(a.workdir, a.layers)

@@ -22,14 +22,36 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-import torch
 
-from fp8vl.conversion.drift import chunk_error
-from fp8vl.kernels.numerics import BLOCK, quantize_weight
-from fp8vl.options import parse_size
-from fp8vl.conversion.output import CHUNK_BYTES
-from fp8vl.checkpoint.shards import ShardWriter, Slot
-from fp8vl.apps.tiny import H, I, L_FULL, qwen3_vl_8b_config_dict, qwen3_vl_8b_shapes, write_header_only
+def arguments() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4, help="text layers (real model: 36)")
+    ap.add_argument("--shard-size", default="5GB", help="source shard size (e.g. 100GB for one shard)")
+    ap.add_argument("--workdir", type=Path, default=Path("bench-out"))
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--devices", nargs="*", default=["cpu"], help="fp8vl quantizer devices to time (cpu, cuda)")
+    ap.add_argument("--llmcompressor", metavar="PYTHON", help="a python with llmcompressor installed: "
+                    "time its model_free_ptq(FP8_BLOCK) side by side")
+    ap.add_argument("--llmc-workers", type=int, nargs="*", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
+    ap.add_argument("--fp8-headers", type=Path, metavar="DIR",
+                    help="only write a header-only Qwen3-VL-8B-shaped FP8 checkpoint to DIR (for fp8vl plan)")
+    ap.add_argument("--quantizer-only", action="store_true", help="only the in-memory quantizer table")
+    return ap.parse_args()
+
+
+if __name__ == "__main__":
+    arguments()   # --help and a bad argument answer here, before torch and fp8vl load (seconds)
+
+import torch  # noqa: E402
+
+from fp8vl.conversion.drift import chunk_error  # noqa: E402
+from fp8vl.kernels.numerics import BLOCK, quantize_weight  # noqa: E402
+from fp8vl.options import parse_size  # noqa: E402
+from fp8vl.conversion.output import CHUNK_BYTES  # noqa: E402
+from fp8vl.checkpoint.shards import ShardWriter, Slot  # noqa: E402
+from fp8vl.apps.tiny import H, I, qwen3_vl_8b_config_dict, qwen3_vl_8b_shapes, write_header_only  # noqa: E402
 
 def write_synthetic(path: Path, layers: int, shard_bytes: int) -> int:
     """Stream a random BF16 checkpoint to ``path`` (std 0.02, a few outliers); returns its bytes."""
@@ -157,21 +179,7 @@ def _timed(fn) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=4, help=f"text layers (real model: {L_FULL})")
-    ap.add_argument("--shard-size", default="5GB", help="source shard size (e.g. 100GB for one shard)")
-    ap.add_argument("--workdir", type=Path, default=Path("bench-out"))
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--devices", nargs="*", default=["cpu"], help="fp8vl quantizer devices to time (cpu, cuda)")
-    ap.add_argument("--llmcompressor", metavar="PYTHON", help="a python with llmcompressor installed: "
-                    "time its model_free_ptq(FP8_BLOCK) side by side")
-    ap.add_argument("--llmc-workers", type=int, nargs="*", default=[1, 2])
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
-    ap.add_argument("--fp8-headers", type=Path, metavar="DIR",
-                    help="only write a header-only Qwen3-VL-8B-shaped FP8 checkpoint to DIR (for fp8vl plan)")
-    ap.add_argument("--quantizer-only", action="store_true", help="only the in-memory quantizer table")
-    a = ap.parse_args()
+    a = arguments()
     if a.quantizer_only:
         quantizer_table(*quantizer_gbps(a.workers), a.workers)
         return

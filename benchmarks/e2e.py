@@ -15,13 +15,25 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-import torch.nn.functional as F
-from torch import nn
 
-from fp8vl.runtime.engine import capture_graph
-from fp8vl.kernels.numerics import quantize_weight
-from fp8vl.runtime.fp8_modules import FP8Linear
+def arguments() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32])
+    return ap.parse_args()
+
+
+if __name__ == "__main__":
+    arguments()   # --help and a bad argument answer here, before torch and fp8vl load (seconds)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from fp8vl.runtime.engine import capture_graph  # noqa: E402
+from fp8vl.kernels.numerics import quantize_weight  # noqa: E402
+from fp8vl.runtime.fp8_modules import FP8Linear  # noqa: E402
 
 H, I, HEADS, KV, HD, VOCAB = 4096, 12288, 32, 8, 128, 151936
 
@@ -164,11 +176,7 @@ def measure(model: Decoder, label: str, batches: list[int], prefill: int) -> dic
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=36)
-    ap.add_argument("--prefill", type=int, default=2048)
-    ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32])
-    a = ap.parse_args()
+    a = arguments()
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Decoder(a.layers).to(torch.bfloat16).eval()

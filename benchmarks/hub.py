@@ -33,6 +33,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+
+def arguments() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=2, help="text layers (real model: 36)")
+    ap.add_argument("--shard-size", default="1GB", help="source shard size")
+    ap.add_argument("--rate", default="150MB", help="link speed, bytes per second (all connections together)")
+    ap.add_argument("--workdir", type=Path, default=Path("bench-hub"))
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--baseline", type=Path, action="append", default=[],
+                    help="another fp8vl source tree (its src folder): its streaming run is added, side by side "
+                         "(repeatable)")
+    return ap.parse_args()
+
+
+if __name__ == "__main__":
+    arguments()   # --help and a bad argument answer here, before torch and fp8vl load (seconds)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -103,16 +120,7 @@ def timeline(run: Run, sizes: dict[str, int]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=2, help="text layers (real model: 36)")
-    ap.add_argument("--shard-size", default="1GB", help="source shard size")
-    ap.add_argument("--rate", default="150MB", help="link speed, bytes per second (all connections together)")
-    ap.add_argument("--workdir", type=Path, default=Path("bench-hub"))
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--baseline", type=Path, action="append", default=[],
-                    help="another fp8vl source tree (its src folder): its streaming run is added, side by side "
-                         "(repeatable)")
-    args = ap.parse_args()
+    args = arguments()
 
     work = args.workdir.resolve()
     src = work / "repo"

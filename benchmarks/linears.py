@@ -25,21 +25,33 @@ import math
 import statistics
 import sys
 
-import torch
-import torch.nn.functional as F
-import triton
-import triton.language as tl
-
-from fp8vl.kernels import gemm
-from fp8vl.kernels import gemm_kernels as gk
-from fp8vl.runtime.engine import capture_graph
-from fp8vl.kernels.numerics import dequantize_weight, fake_quantize_activations, quantize_activations, quantize_weight
-
 # (hidden, intermediate, attention heads, kv heads), head_dim 128, from the models' published
 # config.json text_config: the decoder linears as the engine runs them (fused qkv and gate_up)
 MODELS = {"8B": (4096, 12288, 32, 8), "2B": (2048, 6144, 16, 8), "4B": (2560, 9728, 32, 8),
           "32B": (5120, 25600, 64, 8)}
 MOE = (2048, 768, 128, 8)   # Qwen3-VL-30B-A3B experts: hidden, moe_intermediate, experts, top-k
+
+
+def arguments() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="numerics PASS/FAIL lines before the tables")
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    return ap.parse_args()
+
+
+if __name__ == "__main__":
+    arguments()   # --help and a bad argument answer here, before torch, Triton and fp8vl load (seconds)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from fp8vl.kernels import gemm  # noqa: E402
+from fp8vl.kernels import gemm_kernels as gk  # noqa: E402
+from fp8vl.runtime.engine import capture_graph  # noqa: E402
+from fp8vl.kernels.numerics import (dequantize_weight, fake_quantize_activations, quantize_activations,  # noqa: E402
+                                    quantize_weight)
 
 
 def shapes(model: str) -> dict[str, tuple[int, int]]:
@@ -270,10 +282,7 @@ def check() -> bool:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--check", action="store_true", help="numerics PASS/FAIL lines before the tables")
-    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
-    a = ap.parse_args()
+    a = arguments()
     torch.backends.cuda.matmul.allow_tf32 = False
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size / 2**20:.0f} MiB, "

@@ -18,12 +18,30 @@ from __future__ import annotations
 import argparse
 import itertools
 
-import torch
-import torch.nn.functional as F
-import triton
 
-from fp8vl.kernels import gemm
-from linears import MODELS, read_floor, shapes, timed, weight_copies  # benchmarks/linears.py
+def arguments(models: list[str] | None = None) -> argparse.Namespace:
+    """``models``: linears.py's MODELS, the choices of --models once it is imported (it imports torch)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=["8B"], choices=models,
+                    help="shapes of benchmarks/linears.py's MODELS (8B, 2B, 4B, 32B)")
+    ap.add_argument("--decode-m", nargs="*", type=int, default=[1, 8])
+    ap.add_argument("--prefill-m", nargs="*", type=int, default=[512, 2048])
+    ap.add_argument("--all", action="store_true", help="print every config, not just the best")
+    ap.add_argument("--partials", action="store_true",
+                    help="sweep the GEMV as the engine's decode step runs it: launched plainly, split-K partials "
+                         "left to the consumer (the 'PDL' columns then mean that mode)")
+    return ap.parse_args()
+
+
+if __name__ == "__main__":
+    arguments()   # --help and a bad argument answer here, before torch, Triton and fp8vl load (seconds)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+
+from fp8vl.kernels import gemm  # noqa: E402
+from linears import MODELS, read_floor, shapes, timed, weight_copies  # noqa: E402  (benchmarks/linears.py)
 
 
 def gemv_configs(n: int, k: int, prefetch=(0, 4, 16)):
@@ -70,15 +88,7 @@ def sweep(run, configs, copies: int) -> list[tuple[float, gemm.LaunchConfig]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", nargs="*", default=["8B"], choices=list(MODELS))
-    ap.add_argument("--decode-m", nargs="*", type=int, default=[1, 8])
-    ap.add_argument("--prefill-m", nargs="*", type=int, default=[512, 2048])
-    ap.add_argument("--all", action="store_true", help="print every config, not just the best")
-    ap.add_argument("--partials", action="store_true",
-                    help="sweep the GEMV as the engine's decode step runs it: launched plainly, split-K partials "
-                         "left to the consumer (the 'PDL' columns then mean that mode)")
-    a = ap.parse_args()
+    a = arguments(list(MODELS))
     props = torch.cuda.get_device_properties(0)
     l2, sms = props.L2_cache_size, props.multi_processor_count
     print(f"device: {props.name}, {sms} SMs, L2 {l2 / 2**20:.0f} MiB; torch {torch.__version__}, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -12,7 +13,8 @@ import time
 
 import pytest
 
-from helpers import BAD_CASES, cli_env, file_hashes, language_linears, load_tensors, popen_cli, read_config, run_cli
+from helpers import (BAD_CASES, astronaut, cli_env, file_hashes, language_linears, load_tensors, popen_cli,
+                     read_config, run_cli)
 
 
 def assert_one_line_error(r):
@@ -129,14 +131,22 @@ def test_sigint_mid_run_tells_the_user_it_was_interrupted(sigint_run):
 HEAVY = ("torch", "transformers", "openai", "triton")
 
 
-def imported_by(args: list[str], cwd) -> dict:
-    """Run ``fp8vl ARGS`` inside a fresh interpreter; which heavy modules it imported, and its exit code."""
+def run_in_process(args: list[str], cwd) -> dict:
+    """Run ``fp8vl ARGS`` inside a fresh interpreter: its exit code, stderr, and which heavy modules it
+    had imported when it ended."""
     code = ("import json, sys\nfrom fp8vl.cli import main\nsys.argv = ['fp8vl', *json.loads(sys.argv[1])]\n"
             "try:\n    main()\nexcept SystemExit as e:\n    rc = e.code\n"
             f"print(json.dumps({{'rc': rc, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))")
     r = subprocess.run([sys.executable, "-c", code, json.dumps([str(a) for a in args])], capture_output=True,
                        text=True, cwd=cwd, env=cli_env(), timeout=120)
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    *printed, last = r.stdout.rstrip("\n").split("\n")
+    return {**json.loads(last), "stdout": printed, "stderr": r.stderr}
+
+
+def imported_by(args: list[str], cwd) -> dict:
+    """Run ``fp8vl ARGS`` inside a fresh interpreter; which heavy modules it imported, and its exit code."""
+    done = run_in_process(args, cwd)
+    return {"rc": done["rc"], "heavy": done["heavy"]}
 
 
 def test_help_plan_serve_and_doctor_start_without_torch(dense_fp8, tmp_path):
@@ -269,3 +279,125 @@ def test_debug_shows_the_traceback_and_only_when_asked(tmp_path):
     assert plain.returncode == 2 and "Traceback" not in plain.stderr and str(missing) in plain.stderr
     debug = run_cli("--debug", "quantize", missing, tmp_path / "out")
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "FP8VLError" in debug.stderr
+
+
+# ---------------------------------------------------------------- path arguments, refused at once
+
+def _refusals(dense_src, dense_fp8, tmp_path) -> dict[str, tuple[list, str]]:
+    """case -> (fp8vl's arguments, run in tmp_path; the one error line they must give)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    astronaut().resize((64, 64)).save(images / "a.png")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep-me.txt").write_text("x")
+    return {
+        "quantize ./missing": (["quantize", "./nope", "out"], "no such folder: ./nope"),
+        "quantize ../missing": (["quantize", "../nope", "out"], "no such folder: ../nope"),
+        "quantize /missing": (["quantize", tmp_path / "nope", "out"], f"no such folder: {tmp_path / 'nope'}"),
+        "quantize a name that is no hub id": (["quantize", "nope", "out"], "no such folder: nope; a hub repo id"),
+        "quantize into a full OUTPUT": (["quantize", dense_src, full], f"{full}: exists and is not empty"),
+        "quantize into SOURCE": (["quantize", dense_src, dense_src / "fp8"],
+                                 f"{dense_src / 'fp8'}: OUTPUT must not be SOURCE or inside it"),
+        "quantize a hub id into a full OUTPUT": (["quantize", "org/name", full], f"{full}: exists and is not empty"),
+        "dequantize ./missing": (["dequantize", "./nope", "out"], "no such folder: nope"),
+        "dequantize into a full OUTPUT": (["dequantize", dense_fp8.out, full], f"{full}: exists and is not empty"),
+        "verify ./missing": (["verify", "./nope"], "no such folder: nope"),
+        "verify --source ./missing": (["verify", dense_fp8.out, "--source", "./nope"], "no such folder: ./nope"),
+        "eval ./missing source": (["eval", "./no-such-model", dense_fp8.out], "no such folder: ./no-such-model"),
+        "eval ./missing copy": (["eval", dense_fp8.src, "./no-such-model"], "no such folder: no-such-model"),
+        "caption --model ./missing": (["caption", images, "--model", "./no-such-model"],
+                                      "no such folder: ./no-such-model"),
+        "plan ./missing": (["plan", "./nope", "--vram", "16GiB"], "no such folder: nope"),
+        "doctor --model ./missing": (["doctor", "--model", "./nope"], "no such folder: nope"),
+    }
+
+
+REFUSALS = ("quantize ./missing", "quantize ../missing", "quantize /missing", "quantize a name that is no hub id",
+            "quantize into a full OUTPUT", "quantize into SOURCE", "quantize a hub id into a full OUTPUT",
+            "dequantize ./missing", "dequantize into a full OUTPUT", "verify ./missing", "verify --source ./missing",
+            "eval ./missing source", "eval ./missing copy", "caption --model ./missing", "plan ./missing",
+            "doctor --model ./missing")
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_a_path_argument_is_checked_first_in_one_line_without_the_hub_or_torch(dense_src, dense_fp8, tmp_path,
+                                                                                case):
+    """Anything written as a path (./, ../, /, ~) or existing is a local path, and a missing one is "no such
+    folder" (never a hub error); an OUTPUT that exists is refused too; all of it before torch and
+    Transformers are imported (seconds), so the answer comes at once. (The hub is offline here: a name
+    that reached it would answer with a hub message, not these.)"""
+    args, line = _refusals(dense_src, dense_fp8, tmp_path)[case]
+    done = run_in_process(args, tmp_path)
+    lines = done["stderr"].strip().splitlines()
+    assert done["rc"] == 2 and len(lines) == 1 and lines[0].startswith(f"error: {line}"), done
+    assert "Traceback" not in done["stderr"] and "hf download" not in done["stderr"]
+    assert done["heavy"] == [] and done["stdout"] == [], done       # nothing before it (no progress bar drawn)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal needs a machine without a GPU")
+def test_caption_in_process_device_cuda_without_a_gpu_is_one_line_with_the_fix(dense_fp8, tmp_path):
+    astronaut().resize((64, 64)).save(tmp_path / "a.png")
+    r = run_cli("caption", tmp_path, "--model", dense_fp8.out, "--device", "cuda", cwd=tmp_path)
+    line = assert_one_line_error(r)
+    assert line.startswith("error: --device cuda: ") and "--device cpu" in line, line
+    assert not (tmp_path / "a.txt").exists()
+
+
+def test_caption_summary_says_where_an_in_process_run_ran():
+    from rich.console import Console
+
+    from fp8vl.apps.caption_options import CaptionSummary
+    from fp8vl.report import print_caption_summary
+
+    for device, said in (("cpu", "(tiny (fp8 w8a8)) on cpu"), ("cuda", "on cuda"), (None, "(tiny (fp8 w8a8))\n")):
+        console = Console(record=True, width=300)
+        print_caption_summary(CaptionSummary(done=1, seconds=1.0, model="tiny (fp8 w8a8)"), console, device)
+        assert said in console.export_text(), console.export_text()
+
+
+# ---------------------------------------------------------------- pasteable output
+
+def test_text_from_data_prints_as_is_not_as_rich_markup():
+    """Paths, messages and fixes can hold [word]: rich would read it as a style and drop it."""
+    from rich.console import Console
+
+    from fp8vl.apps.doctor import Finding
+    from fp8vl.check.verify import Check, Report
+    from fp8vl.report import print_doctor, print_verify
+
+    console = Console(record=True, width=400)
+    print_doctor([Finding("warning", "vllm [serve]", "[bold]not[/bold] installed", "pip install 'fp8vl[serve]'")],
+                 console)
+    print_verify(Report("/models/x [v2]", "fp8", [Check("error", "config", "expected [red]x[/red]")]), console)
+    text = console.export_text()
+    for literal in ("vllm [serve]", "[bold]not[/bold] installed", "pip install 'fp8vl[serve]'", "/models/x [v2]",
+                    "expected [red]x[/red]"):
+        assert literal in text, (literal, text)
+
+
+@pytest.mark.parametrize("command", [[], ["quantize"], ["verify"], ["eval"], ["caption"], ["serve"]])
+def test_help_shows_flags_as_plain_switches(command, tmp_path):
+    """typer 0.2x's rich help wrote `--debug <bool>`, as if the flag took a value."""
+    r = run_cli(*command, "--help", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "<bool>" not in r.stdout and "Usage: fp8vl" in r.stdout, r.stdout
+    flag = {(): "--debug", ("quantize",): "--dry-run", ("verify",): "--vllm", ("eval",): "--update-card",
+            ("caption",): "--overwrite", ("serve",): "--enforce-eager"}[tuple(command)]
+    for name in (flag, "--help"):
+        row = next(line for line in r.stdout.splitlines() if f"{name} " in line)
+        assert re.search(rf"{name}\s+[^<\s]", row), row        # the help text, no type, follows the switch
+    if command == ["quantize"]:       # options that take a value still show its type
+        assert re.search(r"--workers\s+<int>", r.stdout) and re.search(r"--dry-run\s+print the plan", r.stdout)
+
+
+def test_device_cuda_without_a_gpu_driver_is_refused_before_torch_loads(dense_fp8, tmp_path):
+    """Where the OS shows no GPU device (Linux without /dev/nvidiactl, ...), --device cuda needs no torch
+    import (seconds) to be refused."""
+    from fp8vl.options import gpu_driver_present
+
+    if gpu_driver_present():
+        pytest.skip("a GPU driver is present: PyTorch is asked")
+    done = run_in_process(["eval", dense_fp8.src, dense_fp8.out, "--device", "cuda"], tmp_path)
+    assert done["rc"] == 2 and done["heavy"] == [], done
+    assert done["stderr"].startswith("error: --device cuda: no GPU driver here"), done

@@ -139,3 +139,10 @@ def test_no_benchmark_script_shadows_an_installed_module():
     names = [p.stem for p in bench.glob("*.py")]
     assert "caption" in names
     assert [n for n in names if importlib.util.find_spec(n) is not None] == []
+
+
+def test_readme_says_how_to_reach_the_command_after_make_demo():
+    """make demo installs into .venv, which is not on PATH: a bare `fp8vl` afterwards is 'command not found'."""
+    readme = (ROOT.parents[1] / "README.md").read_text()
+    two = readme.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    assert "`.venv/bin/fp8vl`" in two and "`. .venv/bin/activate`" in two

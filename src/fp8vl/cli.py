@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 import signal
 import sys
 from pathlib import Path
@@ -22,6 +21,29 @@ from .errors import FP8VLError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="FP8 copies of vision-language models: quantize, verify, evaluate, run.")
+
+
+def _flags_as_switches() -> None:
+    """typer 0.2x's rich help gives every option a type, flags too (`--debug <bool>`, `--help <bool>`),
+    as if they took a value; click's own help shows a flag as a plain switch, and so does fp8vl's.
+    Older typer releases (no ``display_type_rich``) already did."""
+    try:
+        from typer.core import TyperOption
+
+        typed = TyperOption.display_type_rich
+    except (ImportError, AttributeError):
+        return
+    if getattr(typed, "fp8vl", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else typed(self, ctx)
+
+    display_type_rich.fp8vl = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_as_switches()
 # Piped output (logs, CI) gets 120 columns instead of rich's 80, so the tables stay readable.
 console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
@@ -91,6 +113,12 @@ def quantize_cmd(
                            in_flight=in_flight, record_error=record_error)
     if output is None and not dry_run:
         raise FP8VLError("OUTPUT is missing (or pass --dry-run to only print the plan)")
+    from .checkpoint.source import locate
+    from .conversion.staging import check_paths
+
+    found = locate(source)   # quantize() checks these too; here they also come before any progress bar
+    if not opts.dry_run:
+        check_paths(found if isinstance(found, Path) else None, output.expanduser().resolve(), overwrite)
     if opts.dry_run:
         quantize(source, None, opts, on_plan=lambda plan: print_plan(plan, console))
         return
@@ -112,11 +140,16 @@ def dequantize_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty OUTPUT"),
 ) -> None:
     """Turn an FP8 block checkpoint back into BF16 (streaming; quantization_config removed)."""
-    from .conversion.dequantize import dequantize
+    from .checkpoint.source import local_folder
+    from .conversion.staging import check_paths
     from .options import DequantizeOptions, parse_size
 
-    out = dequantize(source, output, DequantizeOptions(dtype, overwrite, workers, parse_size(max_shard_size)))
-    console.print(f"[bold green]wrote[/] {out} ({dtype})")
+    opts = DequantizeOptions(dtype, overwrite, workers, parse_size(max_shard_size))
+    check_paths(local_folder(source), output.expanduser().resolve(), overwrite)   # refusals before torch loads
+    from .conversion.dequantize import dequantize
+
+    out = dequantize(source, output, opts)
+    console.print(f"[bold green]wrote[/] {escape(str(out))} ({dtype})")
 
 
 @app.command("verify")
@@ -132,18 +165,25 @@ def verify_cmd(
                                             "SGLang (repeatable); default: this interpreter"),
     engine_tp: str = typer.Option("1,2,4,8", "--engine-tp", help="TP sizes vLLM builds and loads ('' for none)"),
 ) -> None:
-    """Check an FP8 checkpoint's structure (and, with --source, its error); exit 1 on any failure."""
-    from .conversion.card import update_card as write_section
-    from .check.eval_report import layer_sqnr_plot, verify_section
-    from .report import print_verify
-    from .check.verify import verify
+    """Check an FP8 checkpoint's structure (and, with --source, its error); exit 1 on any failure, 3 when
+    the checks passed but a requested engine check (--vllm, --sglang) could not run."""
+    from .checkpoint.source import local_folder, locate
 
-    if plot is not None and source is None:   # before the checks, which take a while on a large model
+    # the arguments before the checks (which take a while on a large model) and before torch loads
+    local_folder(output)
+    if source is not None:
+        locate(source)
+    if plot is not None and source is None:
         raise FP8VLError("--plot needs --source (the chart shows the error against the source)")
     try:
         tp_sizes = tuple(int(t) for t in engine_tp.split(",") if t.strip())
     except ValueError:
         raise FP8VLError(f"--engine-tp {engine_tp!r}: give TP sizes like 1,2,4,8") from None
+    from .conversion.card import update_card as write_section
+    from .check.eval_report import layer_sqnr_plot, verify_section
+    from .report import print_verify
+    from .check.verify import verify
+
     engines = tuple(e for e, on in (("vllm", vllm), ("sglang", sglang)) if on)
     r = verify(output, source, engines, tuple(engine_python), tp_sizes)
     if json_out is not None and str(json_out) == "-":
@@ -155,11 +195,13 @@ def verify_cmd(
     if plot is not None:
         if not r.tensors:
             raise FP8VLError("--plot needs --source (the chart shows the error against the source)")
-        err.print(f"chart: {layer_sqnr_plot(r, plot)}")  # stderr: stdout may be the JSON
+        err.print(f"chart: {escape(str(layer_sqnr_plot(r, plot)))}")  # stderr: stdout may be the JSON
     if update_card:
         write_section(output, verify_section(r))
     if not r.ok:
         raise typer.Exit(1)
+    if r.skipped:
+        raise typer.Exit(3)
 
 
 @app.command("eval")
@@ -169,7 +211,7 @@ def eval_cmd(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSONL: {\"text\", \"image\"?, \"id\"?} a line"),
     limit: Optional[int] = typer.Option(None, "--limit", help="use only the first N built-in prompts of each kind"),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="GPU memory the run may use, e.g. 15.5GiB"),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    device: str = typer.Option("auto", "--device", help="auto (a usable CUDA GPU, else the CPU), cpu or cuda"),
     mode: str = typer.Option("auto", "--mode", help="FP8 runtime: auto, scaled_mm, triton, w8a8 (simulated) or dequant"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="greedy answer length"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write all results as JSON here"),
@@ -179,24 +221,31 @@ def eval_cmd(
     """Run SOURCE and QUANTIZED on the same prompts: KL, top-1, perplexity, greedy agreement."""
     from rich.progress import Progress
 
+    from .checkpoint.source import local_folder, locate
     from .inputs import prompts as P
+    from .options import parse_size, resolve_device
+
+    # the arguments before torch and Transformers load (seconds): a refusal comes at once
+    locate(source)
+    local_folder(quantized)
+    items = P.load_jsonl(prompts) if prompts else P.builtin(limit)
+    cap = parse_size(gpu_memory) if gpu_memory else None
+    device = resolve_device(device)   # imports torch; "cuda" without a usable GPU: one line, before any work
     from .check.eval_report import card_section, print_eval, write_report
     from .check.evaluate import evaluate
-    from .options import parse_size
     from .conversion.card import update_card as write_section
 
     _quiet_transformers()
-    items = P.load_jsonl(prompts) if prompts else P.builtin(limit)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("source, then FP8", total=2 * len(items))
         r = evaluate(source, quantized, items, device, mode, max_new_tokens, tick=lambda: bar.advance(task),
-                     gpu_memory=parse_size(gpu_memory) if gpu_memory else None)
+                     gpu_memory=cap)
     print_eval(r, console, per_prompt=prompts is not None)
     if json_out is not None:
         json_out.write_text(r.to_json())
     if report is not None:
         sqnr = _sqnr_chart(source, quantized, report)
-        console.print(f"report: {write_report(r, report, sqnr)}")
+        console.print(f"report: {escape(str(write_report(r, report, sqnr)))}")
     if update_card:
         write_section(quantized, card_section(r))
 
@@ -279,8 +328,16 @@ def plan_cmd(
 
     p = _plan(model_dir, gpu, vram, cc, tp, utilization, max_pixels, images, batched, kv_cache_dtype, eager)
     print_vram(p, console)
-    console.print(" ".join(shlex.quote(a) for a in serve_command(model_dir, "vllm", p, enforce_eager=eager)),
-                  markup=False, highlight=False)
+    _print_command(serve_command(model_dir, "vllm", p, enforce_eager=eager))
+
+
+def _print_command(cmd: list[str]) -> None:
+    """A command as it pastes into a shell: quoted, and where it is longer than the console is wide,
+    broken into lines that end in ` \\` (never wrapped by the console, whose breaks a shell would split)."""
+    from .serving.serve import shell_lines
+
+    for line in shell_lines(cmd, max(console.width, 40)):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -300,7 +357,7 @@ def serve_cmd(
     p = _plan(model_dir, gpu, vram, cc, tp, utilization, max_pixels, images, batched, kv_cache_dtype, eager) \
         if engine == "vllm" else None
     cmd = serve_command(model_dir, engine, p, host, port, list(ctx.args), eager)
-    console.print(" ".join(shlex.quote(a) for a in cmd), soft_wrap=True, markup=False, highlight=False)
+    _print_command(cmd)
     if not dry_run:
         raise typer.Exit(run(cmd))
 
@@ -325,7 +382,8 @@ def caption_cmd(
     retries: int = typer.Option(4, "--retries"), backoff: float = typer.Option(0.5, "--backoff"),
     timeout: float = typer.Option(120.0, "--timeout", help="seconds per request"),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="default: $OPENAI_API_KEY or EMPTY"),
-    device: str = typer.Option("cpu", "--device", help="in-process: cpu or cuda"),
+    device: str = typer.Option("auto", "--device", help="in-process: auto (a usable CUDA GPU, else the CPU), "
+                               "cpu or cuda"),
     mode: str = typer.Option("auto", "--mode", help="in-process FP8 runtime: auto, scaled_mm, triton, w8a8, dequant"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="in-process: sequences decoded together "
                                              "(default: as many as fit)"),
@@ -350,6 +408,10 @@ def caption_cmd(
     text = read_utf8(prompt_file, "prompt file").strip() if prompt_file else prompt or CAPTION
     if not text:
         raise FP8VLError(f"{prompt_file if prompt_file else '--prompt'}: the prompt is empty")
+    if endpoint is None and model:
+        from .checkpoint.source import local_folder
+
+        local_folder(model)   # in-process: a model folder, checked before the model loads
     if endpoint is None:
         _quiet_transformers()
     opts = CaptionOptions(endpoint=endpoint, model=model, prompt=text, trigger=trigger, max_side=max_side,
@@ -360,7 +422,7 @@ def caption_cmd(
                           batch_invariant=batch_invariant, workers=workers, retry_failed=retry_failed)
     with progress_bar(console, quiet) as (progress, loading):
         summary = caption(paths, opts, progress=progress, loading=loading)
-    print_caption_summary(summary, console)
+    print_caption_summary(summary, console, opts.device if endpoint is None else None)
     if summary.failed:
         raise typer.Exit(1)
 
@@ -376,7 +438,9 @@ def doctor_cmd(
 
     need = 0
     if model is not None:
-        need = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) * 2 // 3
+        from .checkpoint.source import local_folder
+
+        need = sum(f.stat().st_size for f in local_folder(model).glob("*.safetensors")) * 2 // 3
     findings = diagnose(output_dir, need)
     print_doctor(findings, console)
     if any(f.level == "error" for f in findings):

@@ -1,9 +1,11 @@
-"""The one options object for ``fp8vl quantize``; CLI flags mirror its fields one to one."""
+"""The options objects of ``fp8vl quantize`` and ``dequantize`` (CLI flags mirror their fields one to one),
+and where a model runs (``resolve_device``: ``--device`` of ``eval`` and ``caption``)."""
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 from .errors import FP8VLError
@@ -49,6 +51,51 @@ class QuantizeOptions:
                     re.compile(p[3:])
                 except re.error as e:
                     raise FP8VLError(f"--ignore {p!r}: bad regular expression ({e})") from e
+
+
+def gpu_driver_present() -> bool:
+    """False only where no GPU can be visible: Linux without NVIDIA (or ROCm, or WSL2) device nodes.
+    Checked before asking PyTorch, whose import alone takes seconds."""
+    return not sys.platform.startswith("linux") or any(
+        os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd"))
+
+
+def resolve_device(device: str) -> str:
+    """Where a model runs (``eval``, ``caption --model``): ``auto`` is ``cuda`` where a GPU can be used
+    here, else ``cpu``; ``cuda`` (``cuda:N``) only where it can, else one FP8VLError line with the fix;
+    ``cpu`` as is. torch is imported for ``auto`` and ``cuda`` only."""
+    if device == "cpu":
+        return device
+    if device not in ("auto", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        raise FP8VLError(f"unknown device {device!r}; use auto (the GPU if there is one, else the CPU), cpu or cuda")
+    why = _cuda_unusable("cuda" if device == "auto" else device)
+    if device == "auto":
+        return "cpu" if why else "cuda"
+    if why:
+        raise FP8VLError(f"--device {device}: {why}; run on the CPU with --device cpu (or --device auto, the "
+                         f"default: the GPU where there is one, else the CPU)")
+    return device
+
+
+def _cuda_unusable(device: str) -> str | None:
+    """Why ``device`` cannot be used here (None: it can). A tensor is put on it: a GPU that PyTorch
+    counts but cannot initialise (driver too old, busy in exclusive mode) fails here, not mid-run."""
+    if not gpu_driver_present():   # said at once: no torch import (seconds) to learn what the OS shows
+        return "no GPU driver here (no NVIDIA, ROCm or WSL device in /dev)"
+    import torch
+
+    try:
+        if not torch.cuda.is_available():
+            return ("this PyTorch is a CPU-only build" if torch.version.cuda is None else
+                    "PyTorch sees no CUDA GPU here (no NVIDIA driver, or no GPU visible)")
+        index = torch.device(device).index or 0
+        if index >= torch.cuda.device_count():
+            return f"there is no GPU {index} (PyTorch sees {torch.cuda.device_count()})"
+        torch.zeros(1, device=device)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"the GPU cannot be initialised ({first})"
+    return None
 
 
 def parse_size(text: str) -> int:

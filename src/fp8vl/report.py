@@ -1,4 +1,8 @@
-"""Terminal rendering of a quantization plan and its result (rich tables)."""
+"""Terminal rendering of a quantization plan and its result (rich tables).
+
+Every text that comes from data (paths, messages, fixes, commands) goes through ``escape``: rich reads
+``[word]`` as markup and drops it, and a fix such as ``pip install 'fp8vl[serve]'`` must print as is.
+"""
 
 from __future__ import annotations
 
@@ -30,59 +34,65 @@ def plan_rows(res) -> list[dict]:
 
 
 def print_plan(res, console: Console) -> None:
-    t = Table(title=f"Plan for {res.source} ({res.plan.model_type})", show_lines=False)
+    t = Table(title=f"Plan for {escape(str(res.source))} ({escape(str(res.plan.model_type))})", show_lines=False)
     for col in ("group", "action", "tensors", "before", "after", "why"):
         t.add_column(col, overflow="fold")
     for r in plan_rows(res):
-        t.add_row(r["group"], "FP8" if r["quantize"] else "keep", str(r["tensors"]), gb(r["before"]),
-                  gb(r["after"]), r["reason"])
+        t.add_row(escape(r["group"]), "FP8" if r["quantize"] else "keep", str(r["tensors"]), gb(r["before"]),
+                  gb(r["after"]), escape(r["reason"]))
     t.add_row("total", "", str(len(res.plan.entries)), gb(res.bytes_in), gb(res.bytes_out),
               f"{res.bytes_out / max(res.bytes_in, 1):.2f}x of the source", style="bold")
     console.print(t)
-    console.print(summarize(res.tp))
-    for line in config_lines(res.plan):
-        console.print(line)
-    for w in res.plan.warnings:
-        console.print(f"[yellow]warning:[/] {w}")
+    console.print(escape(summarize(res.tp)))
+    _config_and_warnings(res.plan, console)
+
+
+def _config_and_warnings(plan, console: Console) -> None:
+    for line in config_lines(plan):
+        console.print(escape(line))
+    for w in plan.warnings:
+        console.print(f"[yellow]warning:[/] {escape(w)}")
 
 
 def print_summary(res, console: Console) -> None:
     n_q = sum(e.quantize for e in res.plan.entries)
     rate = res.bytes_in / res.seconds / 1e9 if res.seconds else 0.0
     console.print(
-        f"[bold green]wrote[/] {res.output}: {len(res.shards)} shard(s), {n_q} FP8 tensors, "
+        f"[bold green]wrote[/] {escape(str(res.output))}: {len(res.shards)} shard(s), {n_q} FP8 tensors, "
         f"{len(res.plan.entries) - n_q} kept; {gb(res.bytes_in)} -> {gb(res.bytes_out)} "
         f"({res.bytes_out / max(res.bytes_in, 1):.2f}x) in {res.seconds:.1f} s ({rate:.2f} GB/s of source); "
         f"{len(res.copied)} other files copied unchanged")
     if res.skipped:
-        console.print(f"[yellow]not copied[/] (weights in another format): {', '.join(res.skipped)}")
-    for line in config_lines(res.plan):
-        console.print(line)
-    for w in res.plan.warnings:
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"[yellow]not copied[/] (weights in another format): {escape(', '.join(res.skipped))}")
+    _config_and_warnings(res.plan, console)
 
 
 STYLE = {"ok": "green", "warning": "yellow", "error": "bold red"}
 
 
 def print_verify(r, console: Console) -> None:
-    t = Table(title=f"fp8vl verify {r.path} (format {r.format})")
+    t = Table(title=f"fp8vl verify {escape(r.path)} (format {escape(r.format)})")
     for col in ("check", "result", "detail"):
         t.add_column(col, overflow="fold")
     for c in r.checks:
-        t.add_row(c.name, f"[{STYLE[c.level]}]{c.level}[/]", c.message)
+        t.add_row(escape(c.name), f"[{STYLE[c.level]}]{c.level}[/]", escape(c.message))
     console.print(t)
     console.print("bytes by dtype: " + ", ".join(f"{k} {gb(v)}" for k, v in sorted(r.bytes_by_dtype.items())))
     if r.tp:
-        console.print(summarize(r.tp))
+        console.print(escape(summarize(r.tp)))
     if r.tensors:
         w = Table(title="worst FP8 tensors vs source")
         for col in ("tensor", "relative error", "SQNR (dB)"):
             w.add_column(col)
         for x in sorted(r.tensors, key=lambda x: x.sqnr_db)[:8]:
-            w.add_row(x.name, f"{x.rel_error:.4f}", f"{x.sqnr_db:.2f}")
+            w.add_row(escape(x.name), f"{x.rel_error:.4f}", f"{x.sqnr_db:.2f}")
         console.print(w)
-    console.print("[bold green]PASSED[/]" if r.ok else "[bold red]FAILED[/]")
+    verdict = "[bold green]PASSED[/]" if r.ok else "[bold red]FAILED[/]"
+    if r.skipped:   # never a bare PASSED when a requested check did not run
+        rows = "its row" if len(r.skipped) == 1 else "their rows"
+        verdict = (f"{'PASSED what ran' if r.ok else verdict}; [bold yellow]SKIPPED[/]: {escape(', '.join(r.skipped))} "
+                   f"(not installed here or in any --engine-python: see {rows})")
+    console.print(verdict)
 
 
 def print_doctor(findings, console: Console) -> None:
@@ -90,35 +100,37 @@ def print_doctor(findings, console: Console) -> None:
     for col in ("check", "result", "detail", "fix"):
         t.add_column(col, overflow="fold")
     for f in findings:
-        t.add_row(f.what, f"[{STYLE[f.level]}]{f.level}[/]", f.detail, f.fix)
+        t.add_row(escape(f.what), f"[{STYLE[f.level]}]{f.level}[/]", escape(f.detail), escape(f.fix))
     console.print(t)
 
 
 def print_vram(p, console: Console) -> None:
     from .serving.gpus import GIB
 
-    t = Table(title=f"vLLM memory plan: {p.model} on {p.gpu.name} (per GPU, TP {p.tp})")
+    t = Table(title=f"vLLM memory plan: {escape(str(p.model))} on {escape(p.gpu.name)} (per GPU, TP {p.tp})")
     for col in ("item", "how", "GiB"):
         t.add_column(col, overflow="fold")
     for item, how, n in p.rows:
-        t.add_row(item, how, f"{n / GIB:+.2f}" if item not in ("budget", "KV cache") else f"{n / GIB:.2f}",
-                  style="bold" if item == "KV cache" else None)
+        gib = f"{n / GIB:+.2f}" if item not in ("budget", "KV cache") else f"{n / GIB:.2f}"
+        t.add_row(escape(item), escape(how), gib, style="bold" if item == "KV cache" else None)
     console.print(t)
     console.print(f"KV cache per token: {p.kv_bytes_per_token} B (layers x KV heads x head dim x 2 x "
                   f"{'1 (fp8)' if p.kv_cache_dtype == 'fp8' else '2 (bf16)'}) -> {p.kv_tokens} tokens fit")
     console.print(f"[bold]--max-model-len {p.max_model_len}[/] (model limit {p.context_limit}), "
                   f"--max-num-seqs {p.max_num_seqs} (requests of ~1k tokens at once)"
                   + (f"; one image of {p.max_pixels} px = {p.vision_tokens} tokens" if p.vision_tokens else ""))
-    console.print(f"GPU: {p.verdict[1]}")
+    console.print(f"GPU: {escape(p.verdict[1])}")
     if p.tp_line:
-        console.print(p.tp_line)
+        console.print(escape(p.tp_line))
 
 
-def print_caption_summary(s, console: Console) -> None:
-    """One line for a caption run (a CaptionSummary), then one per failed image."""
+def print_caption_summary(s, console: Console, device: str | None = None) -> None:
+    """One line for a caption run (a CaptionSummary), then one per failed image; ``device``: where an
+    in-process run ran."""
     console.print(f"[bold green]captioned[/] {s.done}, skipped {s.skipped} (already captioned), "
                   f"[{'bold red' if s.failed else 'green'}]failed {len(s.failed)}[/] in {s.seconds:.1f} s: "
                   f"{s.images_per_s:.2f} images/s, {s.tokens_per_s:.1f} tokens/s ({escape(s.model)})"
+                  + (f" on {device}" if device else "")
                   + (f"; model loaded in {s.load_seconds:.1f} s, then {s.captioning_images_per_s:.2f} images/s"
                      if s.load_seconds else ""))
     for path, reason in s.failed:

@@ -15,6 +15,14 @@ from fp8vl.serving.gpus import GIB
 from helpers import ROOT, run_cli
 
 
+def _has(package: str) -> bool:
+    try:
+        md.version(package)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
 def by_name(findings) -> dict:
     out = {}
     for f in findings:
@@ -141,3 +149,10 @@ def test_an_installed_package_older_than_required_is_an_error_with_the_upgrade(t
     f = by_name(diagnose(tmp_path))["transformers"]
     assert f.level == "error" and "4.57.1 is older than 5" in f.detail
     assert "pip install -U 'transformers>=5" in f.fix
+
+
+@pytest.mark.skipif(shutil.which("vllm") is not None or _has("vllm"), reason="the vllm fix shows only without vLLM")
+def test_doctor_prints_the_install_command_as_it_pastes(tmp_path):
+    """The fix column is a command to paste: rich must not read `[serve]` as markup and drop it."""
+    r = run_cli("doctor", "--output-dir", tmp_path, cwd=tmp_path)
+    assert "pip install 'fp8vl[serve]'" in r.stdout, r.stdout

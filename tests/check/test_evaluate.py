@@ -354,3 +354,53 @@ def test_eval_out_of_gpu_memory_is_one_line_with_the_fix(dense_fp8):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("out of memory on cuda") and "--max-new-tokens" in msg
     assert isinstance(e.value.__cause__, torch.OutOfMemoryError)
+
+
+# ---------------------------------------------------------------- --device auto (the default)
+
+def test_device_auto_is_the_gpu_where_one_can_be_used_else_the_cpu(monkeypatch):
+    import fp8vl.options as options
+
+    assert options.resolve_device("cpu") == "cpu"
+    if not torch.cuda.is_available():       # this machine: auto is the CPU, cuda a one-line refusal
+        assert options.resolve_device("auto") == "cpu"
+        with pytest.raises(FP8VLError, match=r"^--device cuda: .*--device cpu") as e:
+            options.resolve_device("cuda")
+        assert "\n" not in str(e.value)
+    # a GPU PyTorch counts but cannot initialise (an old driver, busy in exclusive mode): auto takes the
+    # CPU, cuda is refused with the reason
+    monkeypatch.setattr(options, "gpu_driver_present", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("CUDA error: all CUDA-capable devices are busy or unavailable\nmore")))
+    assert options.resolve_device("auto") == "cpu"
+    with pytest.raises(FP8VLError, match=r"cannot be initialised \(CUDA error: all CUDA-capable devices are busy"):
+        options.resolve_device("cuda")
+    with pytest.raises(FP8VLError, match=r"there is no GPU 1 \(PyTorch sees 1\)"):
+        options.resolve_device("cuda:1")
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: None)     # one that works
+    assert options.resolve_device("auto") == "cuda" and options.resolve_device("cuda:0") == "cuda:0"
+    with pytest.raises(FP8VLError, match="unknown device 'gpu'"):
+        options.resolve_device("gpu")
+
+
+def test_eval_runs_on_the_device_auto_picks_and_the_report_names_it(dense_fp8, monkeypatch):
+    """The API mirrors the CLI: evaluate's device defaults to auto, settled before anything loads."""
+    import fp8vl.check.evaluate as ev
+    import fp8vl.options as options
+
+    monkeypatch.setattr(ev, "_evaluate", lambda src, q, prompts, device, *a: device)
+    monkeypatch.setattr(options, "_cuda_unusable", lambda device: None)                # a usable GPU
+    assert evaluate(dense_fp8.src, dense_fp8.out, []) == "cuda"
+    monkeypatch.setattr(options, "_cuda_unusable", lambda device: "no GPU")            # none
+    assert evaluate(dense_fp8.src, dense_fp8.out, []) == "cpu"
+    assert evaluate(dense_fp8.src, dense_fp8.out, [], device="cpu") == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without a usable GPU")
+def test_eval_device_cuda_without_a_gpu_is_one_line_with_the_fix(dense_fp8, tmp_path):
+    r = run_cli("eval", dense_fp8.src, dense_fp8.out, "--device", "cuda", "--limit", "1", cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
+    assert lines[0].startswith("error: --device cuda: ") and "--device cpu" in lines[0], lines

@@ -185,3 +185,34 @@ def test_transformers_weights_are_codes_times_scale_and_vision_is_the_source(ct_
     vis_q = dict(q.model.model.visual.named_parameters())
     assert len(vis_src) > 40 and set(vis_q) == set(vis_src)
     assert all(same_bytes(vis_q[n].detach(), p.detach()) for n, p in vis_src.items())
+
+
+# ---------------------------------------------------------------- one home for the scale names
+
+def test_formats_py_is_the_only_module_that_spells_a_scale_name():
+    """Code outside checkpoint/formats.py takes the scale tensor names from it (SCALE_SUFFIXES,
+    scale_suffix); docstrings and comments may name them. The one exception is FP8Linear's buffer, a
+    module attribute the runtime reads as ``m.weight_scale_inv``, not a name looked up in a checkpoint."""
+    import ast
+    from pathlib import Path
+
+    import fp8vl
+    from fp8vl.checkpoint.formats import SCALE_SUFFIXES
+
+    root = Path(fp8vl.__file__).parent
+    allowed = {("runtime/fp8_modules.py", "weight_scale_inv")}
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel == "checkpoint/formats.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings \
+                    and any(s in node.value for s in SCALE_SUFFIXES) and (rel, node.value) not in allowed:
+                found.append(f"{rel}:{node.lineno}: {node.value[:60]!r}")
+    assert found == []
+    assert SCALE_SUFFIXES == (scale_suffix("fp8"), scale_suffix("compressed-tensors"))

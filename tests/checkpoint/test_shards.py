@@ -201,6 +201,13 @@ BAD_HEADERS = {   # case -> (header, data bytes, the tensor the message must nam
     "metadata not strings": ({"__metadata__": {"format": 1}, "a": {**F32x2, "data_offsets": [0, 8]}},
                              bytes(8), None),
 }
+# __metadata__ values the library refuses (it takes null or an object of strings): the falsy ones ([], 0, "",
+# false) were let through by fp8vl before, read as "no metadata"
+BAD_METADATA = {"a number value": {"a": 1}, "a null value": {"format": None}, "an object value": {"a": {"b": "c"}},
+                "a list": ["format", "pt"], "an empty list": [], "a number": 3, "zero": 0, "a string": "pt",
+                "an empty string": "", "false": False, "true": True}
+BAD_HEADERS.update({f"__metadata__ {case}": ({"__metadata__": meta, "a": {**F32x2, "data_offsets": [0, 8]}},
+                                             bytes(8), None) for case, meta in BAD_METADATA.items()})
 
 
 @pytest.mark.parametrize("case", BAD_HEADERS)
@@ -217,6 +224,16 @@ def test_headers_the_safetensors_library_rejects_raise_one_fp8vl_error_naming_fi
     assert str(path) in msg and "\n" not in msg
     if tensor is not None:
         assert f"'{tensor}'" in msg, msg
+
+
+@pytest.mark.parametrize("meta", [None, {}, {"format": "pt", "who": ""}], ids=["null", "empty", "strings"])
+def test_metadata_the_safetensors_library_takes_is_taken(tmp_path, meta):
+    path = raw_file(tmp_path / "ok.safetensors", {"__metadata__": meta, "a": {**F32x2, "data_offsets": [0, 8]}},
+                    bytes(8))
+    with safe_open(path, framework="pt") as f:
+        assert f.get_tensor("a").tolist() == [0.0, 0.0]
+    infos, got = read_header(path)
+    assert list(infos) == ["a"] and got == (meta or {})
 
 
 def test_a_valid_file_with_unaligned_tensors_is_read_exactly(tmp_path):

@@ -102,3 +102,45 @@ def test_config_of_the_wrong_shape_is_one_line_naming_config_json(dense_src, den
         run()
     assert str(src / "config.json") in str(ei.value) and "\n" not in str(ei.value), ei.value
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- a path or a hub id
+
+@pytest.mark.parametrize("arg", ["./nope", "../nope", "/nope-fp8vl", "~/nope-fp8vl", "./org/name", ".", "nope",
+                                 "org/name/extra", "org/-name", "org/name.", "org/a--b", "org/a..b", "org/né"])
+def test_only_a_well_formed_org_name_that_is_no_local_path_is_a_hub_id(arg, tmp_path, monkeypatch):
+    from fp8vl.checkpoint.source import is_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    assert not is_hub_id(arg)
+    (tmp_path / "org" / "name").mkdir(parents=True)   # an existing folder wins over the hub
+    assert not is_hub_id("org/name") and not is_hub_id(Path("elsewhere/name"))
+
+
+@pytest.mark.parametrize("arg", ["Qwen/Qwen3-VL-8B-Instruct", "prithivMLmods/Qwen3-VL-8B-Instruct-abliterated",
+                                 "a/b", "org_x/model.v2_final"])
+def test_a_well_formed_org_name_is_a_hub_id_and_one_the_hub_takes(arg, tmp_path, monkeypatch):
+    from huggingface_hub.utils import validate_repo_id
+
+    from fp8vl.checkpoint.source import is_hub_id, locate
+
+    monkeypatch.chdir(tmp_path)
+    validate_repo_id(arg)
+    assert is_hub_id(arg) and locate(arg) == arg
+
+
+@pytest.mark.parametrize("arg", ["./nope", "../nope", "nope"])
+def test_a_missing_local_source_is_no_such_folder_through_every_api(arg, dense_fp8, tmp_path, monkeypatch):
+    """quantize, dequantize, verify (both arguments), eval (both) and the loader name the folder as given."""
+    from fp8vl.check.evaluate import evaluate
+    from fp8vl.runtime.loader import load_any
+
+    monkeypatch.chdir(tmp_path)
+    calls = [lambda: quantize(arg, "out"), lambda: dequantize(arg, "out"), lambda: verify(arg),
+             lambda: verify(dense_fp8.out, arg), lambda: evaluate(arg, dense_fp8.out, []),
+             lambda: evaluate(dense_fp8.src, arg, []), lambda: load_any(arg)]
+    for call in calls:
+        with pytest.raises(FP8VLError, match=r"^no such folder: (\./|\.\./)?nope") as e:
+            call()
+        assert "\n" not in str(e.value) and "hf download" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []

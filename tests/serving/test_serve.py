@@ -119,11 +119,45 @@ def test_vllm_without_a_plan_and_unknown_engine_are_refused():
 
 # ---------------------------------------------------------------- the command line
 
+def printed_command(stdout: str, width: int = 120) -> list[str]:
+    """The server command at the end of ``stdout`` as a shell reads it when pasted: every line but the
+    last ends in " \\" (a continuation), the lines fit ``width`` (the CLI's piped console), and the shell
+    joins them (backslash-newline removed) before splitting."""
+    lines = stdout.rstrip("\n").splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith(("vllm serve ", "transformers serve ")))
+    lines = lines[start:]
+    assert all(line.endswith(" \\") for line in lines[:-1]) and not lines[-1].endswith("\\"), lines
+    assert all(len(line) <= width for line in lines), lines
+    return shlex.split("\n".join(lines).replace("\\\n", ""))
+
+
 def one_line(r) -> list[str]:
+    """The command ``serve --dry-run`` printed, and nothing else."""
     assert r.returncode == 0, r.stderr
-    lines = r.stdout.strip().splitlines()
-    assert len(lines) == 1, r.stdout
-    return shlex.split(lines[0])
+    cmd = printed_command(r.stdout)
+    assert r.stdout.lstrip().startswith(" ".join(cmd[:2])), r.stdout
+    return cmd
+
+
+def test_shell_lines_paste_back_into_the_command_at_any_width():
+    from fp8vl.serving.serve import shell_lines
+
+    cmd = ["vllm", "serve", "/models/my model [v2]", "--port", "8000", "--limit-mm-per-prompt",
+           '{"image": 1, "video": 0}', "--served-model-name", "it's", "--enforce-eager", "--seed", "-1"]
+    for width in (10, 40, 80, 120, 1000):
+        lines = shell_lines(cmd, width)
+        assert shlex.split("\n".join(lines).replace("\\\n", "")) == cmd, (width, lines)
+        assert all(line.endswith(" \\") for line in lines[:-1]) and not lines[-1].endswith("\\")
+        # a line is longer than the width only where one option with its value is
+        assert all(len(line) <= width or line.count(" --") <= 1 for line in lines), (width, lines)
+    assert len(shell_lines(cmd, 1000)) == 1 and shell_lines(cmd, 40)[1].startswith("  --port 8000")
+
+
+def test_plan_prints_the_vllm_command_so_it_pastes_and_is_the_one_serve_runs(ckpt_8b, tmp_path):
+    r = run_cli("plan", ckpt_8b, "--gpu", "RTX 4080", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert printed_command(r.stdout) == serve_command(ckpt_8b, "vllm", plan_vram(ckpt_8b, lookup("RTX 4080")))
+    assert r.stdout.rstrip().splitlines()[-2].endswith(" \\")   # longer than 120 columns: continued
 
 
 def test_cli_dry_run_prints_the_api_command_with_passthrough_args_last(ckpt_8b, tmp_path):
@@ -187,7 +221,7 @@ def cli_without_vllm(ckpt_8b, tmp_path_factory):
 def test_cli_serve_without_vllm_exits_2_with_one_line(cli_without_vllm):
     r = cli_without_vllm
     assert r.returncode == 2, r.stderr
-    assert shlex.split(r.stdout.strip().splitlines()[0])[:2] == ["vllm", "serve"]   # the command it tried
+    assert printed_command(r.stdout)[:2] == ["vllm", "serve"]   # the command it tried
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: `vllm` is not installed")
     assert "pip install vllm" in lines[0] and "Traceback" not in r.stderr

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..inputs.prompts import CAPTION
+from ..options import resolve_device
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class CaptionOptions:
     backoff: float = 0.5             # first retry delay in seconds; doubles each time, with jitter
     timeout: float = 120.0           # seconds per request
     api_key: str | None = None       # default: $OPENAI_API_KEY, else "EMPTY"
-    device: str = "cpu"              # local backend
+    device: str = "auto"             # local backend: auto (a usable CUDA GPU, else the CPU), cpu or cuda
     mode: str = "auto"               # local backend FP8 runtime: auto, scaled_mm, triton, w8a8 or dequant
     batch_size: int | None = None    # local backend: sequences decoded together (None: as many as fit)
     batch_invariant: bool = False    # local backend on CUDA: captions independent of the batch (slower;
@@ -41,6 +42,13 @@ class CaptionOptions:
     workers: int | None = None       # local backend: image decode/processor worker processes (0: two
                                      # threads in this process; None: caption_local.default_workers)
     retry_failed: bool = False       # try again the images an earlier run recorded as failed
+
+    def __post_init__(self) -> None:
+        # In-process, the device is settled here, so every part of the run (the memory cap, the load,
+        # the summary) sees the one that runs; "cuda" without a usable GPU is refused before any work.
+        # Only with a model: the default options (caption()'s default argument) must not import torch.
+        if self.endpoint is None and self.model:
+            object.__setattr__(self, "device", resolve_device(self.device))
 
 
 @dataclass

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..conversion.convert import quantize
@@ -37,7 +38,7 @@ def run_demo(workdir: Path, console: Console, limit: int = 6, max_new_tokens: in
     stamp.write_text("made by fp8vl demo; the next demo run replaces this folder\n")
     console.rule("1. build a tiny Qwen3-VL (real architecture, random weights, offline tokenizer)")
     build_tiny_qwen3_vl(src)
-    console.print(f"source: {src}")
+    console.print(f"source: {escape(str(src))}")
     console.rule("2. fp8vl quantize (the same code path as for a real model)")
     res = quantize(src, out, QuantizeOptions(), command=f"fp8vl quantize {src} {out}",
                    on_plan=lambda plan: print_plan(plan, console))
@@ -65,6 +66,6 @@ def run_demo(workdir: Path, console: Console, limit: int = 6, max_new_tokens: in
     ev = evaluate(src, out, builtin(limit), max_new_tokens=max_new_tokens)
     print_eval(ev, console)
     report = write_report(ev, workdir / "eval-report", layer_sqnr_plot(ver, workdir / "sqnr_per_tensor.png"))
-    console.print(f"report with plots: {report}")
+    console.print(f"report with plots: {escape(str(report))}")
     figures["eval"] = ev.summary()
     return figures

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..checkpoint.tp import summarize
@@ -46,8 +47,8 @@ def print_eval(r: EvalReport, console: Console, per_prompt: bool = False) -> Non
         for c in ("id", "KL", "top-1", "same answer", "source answer", "FP8 answer"):
             p.add_column(c, overflow="fold")
         for x in r.prompts:
-            p.add_row(x.id, f"{x.kl_mean:.4f}", f"{x.top1:.2f}", "yes" if x.exact_match else
-                      f"no (token {x.first_divergence})", x.source_answer[:80], x.fp8_answer[:80])
+            p.add_row(escape(x.id), f"{x.kl_mean:.4f}", f"{x.top1:.2f}", "yes" if x.exact_match else
+                      f"no (token {x.first_divergence})", escape(x.source_answer[:80]), escape(x.fp8_answer[:80]))
         console.print(p)
 
 
@@ -133,6 +134,8 @@ def verify_section(r: Report) -> str:
     """``fp8vl verify --update-card``'s section: every check, bytes by dtype, TP sizes, SQNR figures."""
     lines = [VERIFY_BEGIN, "## Verification (fp8vl verify)", "", "| check | result |", "|---|---|"]
     lines += [f"| {c.name} | {c.level}: {c.message} |" for c in r.checks]
+    if r.skipped:
+        lines += ["", f"Skipped (requested, not run): {', '.join(r.skipped)}."]
     lines += ["", "Bytes by dtype: " + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in r.bytes_by_dtype.items()),
               "", summarize(r.tp) + "." if r.tp else ""]
     if r.tensors:

@@ -162,13 +162,17 @@ def _free(loaded: Loaded) -> None:
         torch.cuda.empty_cache()
 
 
-def evaluate(source: str | Path, quantized: str | Path, prompts: list[Prompt], device: str = "cpu",
+def evaluate(source: str | Path, quantized: str | Path, prompts: list[Prompt], device: str = "auto",
              mode: str = "auto", max_new_tokens: int = 32,
              tick: Callable[[], None] = lambda: None, gpu_memory: int | None = None) -> EvalReport:
-    """Run source then FP8 on the same prompts; ``tick`` is called after each prompt of each side."""
+    """Run source then FP8 on the same prompts; ``tick`` is called after each prompt of each side.
+    ``device``: auto (a usable CUDA GPU, else the CPU), cpu or cuda; the report names the one that ran."""
     from ..runtime.engine import limit_gpu_memory
-    from ..checkpoint.source import resolve
+    from ..checkpoint.source import local_folder, locate, resolve
+    from ..options import resolve_device
 
+    locate(source), local_folder(quantized)   # both paths checked before anything is downloaded or loaded
+    device = resolve_device(device)
     src, q = resolve(source), Path(quantized)
     limit_gpu_memory(device, gpu_memory)
     for folder in (src, q):  # both, before the source side runs for minutes

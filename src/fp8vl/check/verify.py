@@ -16,13 +16,12 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.compat import checkpoint_findings
-from ..errors import FP8VLError
-from ..checkpoint.formats import SCALE_SUFFIXES
+from ..checkpoint.formats import SCALE_SUFFIXES, scale_suffix
 from ..kernels.numerics import BLOCK, all_finite, cdiv, dequantize_weight, non_finite_count
 from ..options import QuantizeOptions
 from ..checkpoint.plan import LAYER, VISION_PARTS, make_plan
 from ..checkpoint.shards import TensorInfo, read_bytes, read_matrix, read_rows
-from ..checkpoint.source import Checkpoint, open_checkpoint
+from ..checkpoint.source import Checkpoint, local_folder, locate, open_checkpoint, resolve
 from ..checkpoint.tp import SIZES, summarize, tp_report
 
 SCALE_NAMES = SCALE_SUFFIXES
@@ -57,6 +56,7 @@ class Report:
     tp: dict = field(default_factory=dict)
     tensors: list[TensorError] = field(default_factory=list)   # with a source only
     kept_identical: int | None = None
+    skipped: list[str] = field(default_factory=list)   # requested checks that did not run ("vllm": no engine)
 
     @property
     def ok(self) -> bool:
@@ -96,7 +96,7 @@ def _check_config(r: Report, qc: dict) -> tuple[list[str], str]:
         if qc.get("ignored_layers") and qc.get("modules_to_not_convert") and \
                 qc["ignored_layers"] != qc["modules_to_not_convert"]:
             r.add("warning", "config", "ignored_layers and modules_to_not_convert differ")
-        return skip, "weight_scale_inv"
+        return skip, scale_suffix("fp8")
     if r.format == "compressed-tensors":
         groups = list((qc.get("config_groups") or {}).values())
         w = groups[0].get("weights", {}) if groups else {}
@@ -106,10 +106,10 @@ def _check_config(r: Report, qc: dict) -> tuple[list[str], str]:
             r.add("error", "config", "compressed-tensors config is not FP8_BLOCK 128x128 float-quantized")
         if not a.get("dynamic") or a.get("strategy") != "group" or a.get("group_size") != BLOCK:
             r.add("error", "config", "input activations are not dynamic per-token groups of 128")
-        return qc.get("ignore") or [], "weight_scale"
+        return qc.get("ignore") or [], scale_suffix("compressed-tensors")
     r.add("error", "config", f"config.json: quantization_config quant_method {qc.get('quant_method')!r} is "
                              f"neither 'fp8' nor 'compressed-tensors' (is this an FP8 checkpoint?)")
-    return [], "weight_scale_inv"
+    return [], scale_suffix("fp8")
 
 
 def _listed(module: str, skip: list[str]) -> bool:
@@ -144,7 +144,7 @@ def check_structure(ckpt: Checkpoint, r: Report) -> dict[str, tuple[TensorInfo, 
         r.add("error", "config", f"{ckpt.path / 'config.json'}: no quantization_config: not a quantized "
                                  f"checkpoint (a BF16 model under an FP8 name?)")
         qc = {}
-    skip, suffix = _check_config(r, qc) if qc else ([], "weight_scale_inv")
+    skip, suffix = _check_config(r, qc) if qc else ([], scale_suffix("fp8"))
     t = ckpt.tensors
     pairs: dict[str, tuple[TensorInfo, TensorInfo]] = {}
     for name, info in t.items():
@@ -317,16 +317,15 @@ def verify(output: str | Path, source: str | Path | None = None, engines: tuple[
     """``engines``: "vllm", "sglang": also run that engine's own loader on the checkpoint (engines/),
     in the first of ``engine_python`` (or this interpreter) that has it; vLLM at ``engine_tp`` sizes."""
     out = Path(output)
-    if not out.is_dir():
-        raise FP8VLError(f"{out}: no such folder")
+    local_folder(output)
+    if source is not None:
+        locate(source)   # a missing SOURCE is said before the checks, which take a while on a large model
     ckpt = open_checkpoint(out, allow_quantized=True)
     r = Report(str(out), _fmt(ckpt.config.get("quantization_config") or {}))
     _check_index(ckpt, r)
     pairs = check_structure(ckpt, r)
     src = None
     if source is not None:
-        from ..checkpoint.source import resolve
-
         src = open_checkpoint(resolve(source))
     check_files(ckpt, r, src.path if src else None)
     if src is not None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from .formats import SCALE_SUFFIXES
+
 ENGINES = "vLLM 0.33.0 and SGLang 0.5.23"
 LLAMA_LIKE = {"llama", "mistral"}        # SGLang serves both with its Llama model class
 FUSED_VISION_QKV = re.compile(r"^(?P<parent>.*\.attn)\.qkv$")
@@ -78,7 +80,7 @@ def layout_warnings(config: dict, names: list[str], fmt: str) -> list[str]:
     if model_type in LLAMA_LIKE and fmt == "fp8":
         out.append(
             "SGLang 0.5.23 cannot load Llama's fp8 layout: its Llama load_weights renames "
-            "weight_scale_inv to weight_scale, which block-FP8 layers do not have, and drops every block "
+            f"{SCALE_SUFFIXES[0]} to {SCALE_SUFFIXES[1]}, which block-FP8 layers do not have, and drops every block "
             "scale. vLLM and Transformers load it; for SGLang write --format compressed-tensors.")
     return out
 

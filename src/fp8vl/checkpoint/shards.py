@@ -93,9 +93,13 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise FP8VLError(f"{path}: cannot read safetensors header ({e}); {fix}") from e
     if not isinstance(header, dict):
         raise FP8VLError(f"{path}: corrupt safetensors header (not a JSON object); {fix}")
-    meta = header.pop("__metadata__", None) or {}
+    # The library takes null or an object of strings; anything else, empty or falsy too ([], 0, "",
+    # false), it refuses, so that `or {}` would have let through what it rejects.
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise FP8VLError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings); {fix}")
+        raise FP8VLError(f"{path}: corrupt safetensors header (__metadata__ must be an object mapping strings "
+                         f"to strings, not {json.dumps(meta)[:40]}); {fix}")
     return _check_entries(path, header, 8 + n, size), meta
 
 

@@ -16,7 +16,11 @@ INDEX = "model.safetensors.index.json"
 FLOAT_SOURCES = {"BF16", "F16", "F32"}
 # Weight files in other formats: never copied next to the FP8 shards (a loader could pick them up).
 OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
-REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# A hub repo id as the hub spells one: ORG/NAME, each part letters, digits, -, _ and . (at most 96), not
+# starting or ending with - or ., no -- or .. anywhere (huggingface_hub's validate_repo_id).
+_REPO_PART = r"\w(?:[\w.-]{0,94}\w)?"
+REPO_ID = re.compile(rf"^(?!.*(--|\.\.)){_REPO_PART}/{_REPO_PART}$", re.ASCII)
+PATH_PREFIXES = ("./", "../", "/", "~")   # written as a path: never a hub id, even when missing
 SKIP_DIRS = {".git", ".cache", ".huggingface"}   # not part of the model: never read or copied
 JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
               bool: "a boolean", type(None): "null"}
@@ -30,25 +34,47 @@ class Checkpoint:
     weight_files: tuple[Path, ...]   # the .safetensors shards and the index, if any
 
 
+def is_local(source: str | Path) -> bool:
+    """A local path: one that exists, or one written as a path (./, ../, /, ~; a Path object)."""
+    text = str(source)
+    return isinstance(source, Path) or text in (".", "..") or text.startswith(PATH_PREFIXES) \
+        or os.path.isabs(text) or Path(text).expanduser().exists()
+
+
 def is_hub_id(source: str | Path) -> bool:
-    """``owner/name`` that is not a local path."""
-    return not Path(source).expanduser().exists() and bool(REPO_ID.match(str(source)))
+    """``ORG/NAME`` that is not a local path: the one kind of SOURCE fp8vl asks the hub for."""
+    return not is_local(source) and bool(REPO_ID.match(str(source)))
 
 
-def resolve(source: str | Path, revision: str | None = None) -> Path:
-    """A local folder as is; an ``owner/name`` that is not a folder is downloaded from the hub."""
-    p = Path(source).expanduser()
+def local_folder(path: str | Path, hub: bool = False) -> Path:
+    """``path`` as an existing folder (~ expanded, made absolute); else one line naming it as given
+    (``hub``: the argument could have been a hub id, and the line says how one is written). The one
+    check of every folder argument: cheap (no hub, no torch), so commands run it first."""
+    p = Path(path).expanduser()
     if p.is_dir():
         return p.resolve()
     if p.exists():
-        raise FP8VLError(f"{p}: is a file; SOURCE must be a checkpoint folder or a hub repo id")
-    if not REPO_ID.match(str(source)):
-        raise FP8VLError(f"{source}: no such folder (and not a hub repo id like owner/name)")
+        raise FP8VLError(f"{path}: is a file; pass a model folder" + (" or a hub repo id" if hub else ""))
+    hint = "; a hub repo id is written ORG/NAME" if hub and not is_local(path) else ""
+    raise FP8VLError(f"no such folder: {path}{hint}")
+
+
+def locate(source: str | Path) -> str | Path:
+    """SOURCE as a command line gives it: a hub id (str) as is, anything else as an existing local
+    folder (Path), or one FP8VLError line. No hub request: commands check their arguments with it first."""
+    return str(source) if is_hub_id(source) else local_folder(source, hub=True)
+
+
+def resolve(source: str | Path, revision: str | None = None) -> Path:
+    """A local folder as is; a hub id (is_hub_id) is downloaded into the hub cache."""
+    found = locate(source)
+    if isinstance(found, Path):
+        return found
     try:
         from huggingface_hub import snapshot_download
 
         # Resumable: files already in the cache are kept, partial ones continued.
-        return Path(snapshot_download(str(source), revision=revision))
+        return Path(snapshot_download(found, revision=revision))
     except Exception as e:  # offline, unknown repo, gated repo, ...: one message with the fix
         raise FP8VLError(
             f"cannot download {source} from the Hugging Face Hub ({type(e).__name__}: {e}). "
@@ -60,6 +86,8 @@ def resolve(source: str | Path, revision: str | None = None) -> Path:
 def read_config(path: Path) -> dict:
     """config.json as a dict whose ``text_config``, ``vision_config`` and ``quantization_config`` (where
     present) are dicts too, so every later ``.get`` is safe; anything else is one FP8VLError line."""
+    if not path.is_dir():
+        local_folder(path)   # no such folder, or a file: said so, not "no config.json"
     cfg = path / "config.json"
     if not cfg.is_file():
         raise FP8VLError(f"{path}: no config.json; SOURCE must be a Hugging Face model folder")

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..version import __version__
 from ..options import QuantizeOptions
 from ..checkpoint.compat import config_lines
+from ..checkpoint.formats import scale_suffix
 from ..checkpoint.plan import REASONS
 from ..checkpoint.tp import summarize
 
@@ -86,8 +87,8 @@ def render(res, opts: QuantizeOptions, hub: str | None = None) -> str:
     kept = Counter()
     for e in res.plan.entries:
         (groups if e.quantize else kept)[e.group] += 1
-    fmt = "Qwen/DeepSeek `fp8` (`weight_scale_inv`)" if opts.format == "fp8" else \
-        "compressed-tensors FP8_BLOCK (`weight_scale`)"
+    fmt = ("Qwen/DeepSeek `fp8`" if opts.format == "fp8" else "compressed-tensors FP8_BLOCK") + \
+        f" (`{scale_suffix(opts.format)}`)"
     lines = [
         "---", _yaml(front), "---", "",
         f"# {name}", "",

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .hub import quantize_hub
 from ..options import QuantizeOptions
-from ..checkpoint.source import is_hub_id, open_checkpoint, resolve
+from ..checkpoint.source import locate, open_checkpoint, resolve
 from .staging import Staging, bytes_to_write, check_paths, copy_files, other_files
 
 if TYPE_CHECKING:
@@ -40,17 +40,22 @@ def quantize(source: str | Path, output: str | Path | None, opts: QuantizeOption
     downloaded and converted shard by shard (hub.py); offline, it is taken from the local cache.
     """
     t0 = time.perf_counter()
-    if is_hub_id(source):
-        res = quantize_hub(str(source), output, opts, progress, on_plan)
+    # The arguments first, before any hub request or heavy import: a refusal (a missing folder, an
+    # OUTPUT that exists) comes at once, not after the seconds torch takes to import.
+    found = locate(source)
+    out = Path(output).expanduser().resolve() if output is not None else None
+    if out is not None:
+        check_paths(found if isinstance(found, Path) else None, out, opts.overwrite)
+    if isinstance(found, str):
+        res = quantize_hub(found, output, opts, progress, on_plan)
         if res is not None:
             return res
-    from .output import plan_conversion, write_output
-
-    src = resolve(source, opts.revision)
-    out = Path(output).expanduser().resolve() if output is not None else None
+    src = resolve(source, opts.revision)   # a hub id the hub did not answer for: from the local cache
     if out is not None:
         check_paths(src, out, opts.overwrite)
     ckpt = open_checkpoint(src)
+    from .output import plan_conversion, write_output   # torch: only once the source is known to be good
+
     res, units, scale_dtype = plan_conversion(ckpt, out, opts)
     if on_plan is not None:
         on_plan(res)

@@ -15,7 +15,7 @@ from ..options import DequantizeOptions
 from ..checkpoint.formats import SCALE_SUFFIXES
 from ..kernels.numerics import BLOCK, cdiv, dequantize_weight
 from ..checkpoint.shards import NAMES, Scratch, Slot, TensorInfo, read_rows
-from ..checkpoint.source import open_checkpoint
+from ..checkpoint.source import local_folder, open_checkpoint
 from .staging import Staging, bytes_to_write, check_paths, copy_files, other_files
 from .writer import (Chunk, Job, Piece, assign_shards, check_output, copy_jobs, write_config, write_index,
                      write_shards)
@@ -40,7 +40,7 @@ def _dequantize_chunk(name: str, t: TensorInfo, scale: TensorInfo, dtype: torch.
 def dequantize(source: str | Path, output: str | Path, opts: DequantizeOptions = DequantizeOptions(),
                progress: Callable[[int, int], None] | None = None) -> Path:
     """Every FP8 weight of ``source`` as ``opts.dtype`` (q * scale per tile), everything else as is."""
-    src, out = Path(source).resolve(), Path(output).expanduser().resolve()
+    src, out = local_folder(source), Path(output).expanduser().resolve()
     out_dtype = getattr(torch, opts.dtype)
     check_paths(src, out, opts.overwrite)
     ckpt = open_checkpoint(src, allow_quantized=True)

@@ -24,11 +24,12 @@ from ..checkpoint.source import OTHER_WEIGHTS, SKIP_DIRS
 log = logging.getLogger("fp8vl")
 
 
-def check_paths(source: Path, output: Path, overwrite: bool) -> None:
-    """OUTPUT outside SOURCE; absent or empty, or (with ``overwrite``) a checkpoint folder."""
-    if output == source or source in output.parents:
+def check_paths(source: Path | None, output: Path, overwrite: bool) -> None:
+    """OUTPUT outside SOURCE (None: a hub id, not on disk yet); absent or empty, or (with ``overwrite``)
+    a checkpoint folder."""
+    if source is not None and (output == source or source in output.parents):
         raise FP8VLError(f"{output}: OUTPUT must not be SOURCE or inside it; choose a folder outside {source}")
-    if output in source.parents:
+    if source is not None and output in source.parents:
         raise FP8VLError(f"{output}: OUTPUT contains SOURCE; choose another folder")
     if not output.exists():
         return

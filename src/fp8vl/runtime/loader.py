@@ -26,7 +26,7 @@ from ..checkpoint.formats import SCALE_SUFFIXES
 from ..checkpoint.plan import VISION_PARTS
 from .fp8_modules import EXPERT, FP8Experts, FP8Linear, fp8_mode, resolve_mode
 from ..checkpoint.shards import TensorInfo, read_tensor
-from ..checkpoint.source import open_checkpoint
+from ..checkpoint.source import local_folder, open_checkpoint
 
 SCALE = re.compile(rf"^(?P<module>.+)\.(?P<kind>{'|'.join(SCALE_SUFFIXES)})$")
 
@@ -212,6 +212,7 @@ class Loaded:
 
 
 def _config(path: Path) -> dict:
+    local_folder(path)   # a missing folder is "no such folder", not "no config.json"
     if not (path / "config.json").is_file():
         raise FP8VLError(f"{path}: no config.json; pass a model folder")
     return json.loads((path / "config.json").read_text())

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass
 
 from ..errors import FP8VLError
+from ..options import gpu_driver_present   # noqa: F401  (here too: where the GPU facts are)
 
 GIB = 1024**3
 
@@ -60,13 +59,6 @@ def lookup(name: str) -> GPU:
         return KNOWN[max(hits, key=lambda k: len(_words(k)))]
     raise FP8VLError(f"unknown GPU {name!r}; give its memory instead (--vram 16GiB) or one of: "
                      + ", ".join(g.name for g in KNOWN.values()))
-
-
-def gpu_driver_present() -> bool:
-    """False only where no GPU can be visible: Linux without NVIDIA (or ROCm, or WSL2) device nodes.
-    Checked before asking PyTorch, whose import alone takes seconds."""
-    return not sys.platform.startswith("linux") or any(
-        os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd"))
 
 
 def local_gpu() -> GPU | None:

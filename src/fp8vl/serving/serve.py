@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -29,6 +30,26 @@ def serve_command(model_dir: str | Path, engine: str = "vllm", plan: VramPlan | 
         # `transformers serve DIR` loads DIR at start-up instead of on the first request
         cmd = ["transformers", "serve", model_dir, "--host", host, "--port", str(port)]
     return cmd + list(extra or [])
+
+
+def shell_lines(cmd: list[str], width: int = 100) -> list[str]:
+    """``cmd`` shell-quoted, in lines of at most ``width`` characters where the words allow: a line
+    breaks before an option (a word starting with -), every line but the last ends in " \\" and the
+    next is indented, so the lines pasted into a shell are the one command."""
+    groups: list[list[str]] = []
+    for word in map(shlex.quote, cmd):
+        if groups and not word.startswith("-"):
+            groups[-1].append(word)      # the program with its arguments, an option with its value
+        else:
+            groups.append([word])
+    lines = [" ".join(groups[0])]
+    for group in map(" ".join, groups[1:]):
+        if len(lines[-1]) + 1 + len(group) + 2 > width:
+            lines[-1] += " \\"
+            lines.append("  " + group)
+        else:
+            lines[-1] += " " + group
+    return lines
 
 
 def run(cmd: list[str]) -> int:

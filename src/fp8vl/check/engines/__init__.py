@@ -78,13 +78,15 @@ def check_engine(report, checkpoint: str | Path, engine: str, pythons: tuple[str
                  tp_sizes: tuple[int, ...] = ()) -> dict | None:
     """Run ``engine``'s check on ``checkpoint`` and add its findings to ``report`` (verify.Report).
 
-    Without the engine: one warning saying how to install it, and nothing else. vLLM's measured TP
+    Without the engine: one warning saying how to install it, and the engine in ``report.skipped`` (the
+    CLI's last line then says SKIPPED, and its exit code is 3, not 0). vLLM's measured TP
     sizes are compared with fp8vl's own TP report (checkpoint/tp.py): a disagreement is a warning."""
     # absolute (not resolved: a venv's python is a link that must stay inside its venv): the check
     # runs in a temporary folder, where a relative path would name nothing
     found = find_python(engine, tuple(str(Path(p).expanduser().absolute()) for p in pythons))
     if found is None:
         report.add("warning", engine, install_hint(engine) + "; skipped")
+        report.skipped.append(engine)
         return None
     python, version = found
     tested = ENGINES[engine][2]

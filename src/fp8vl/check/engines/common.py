@@ -23,7 +23,6 @@ from typing import Callable, Iterator
 
 import torch
 
-SCALES = ("weight_scale_inv", "weight_scale", "input_scale")
 FP8 = {torch.float8_e4m3fn, torch.float8_e5m2}
 
 
