@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import timed  # noqa: E402  (the CUDA-graph timer the kernel tables use)
+from linears import timed  # noqa: E402  (the CUDA-graph timer the linear tables use)
 
 from fp8vl.kernels import attention, gemm  # noqa: E402
 from fp8vl.runtime.layers import torch_attention_block  # noqa: E402

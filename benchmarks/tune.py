@@ -2,7 +2,7 @@
 
 For each linear (q/k/v and gate/up fused, as the engine runs them) and M, every config of the
 decode GEMV (M = 1, 8) or of the Triton block GEMM (M = 512, 2048) is timed the way
-benchmarks/kernels.py times (a CUDA graph of back-to-back calls over enough weight copies to
+benchmarks/linears.py times (a CUDA graph of back-to-back calls over enough weight copies to
 exceed 4x L2), next to BF16 cuBLAS and a floor measured in the same run: a pure-read kernel over
 the same number of bytes, rotated over the same number of copies (the least any kernel reading
 this weight can take, launch and tail included). Prints the best configs as a Markdown table
@@ -20,10 +20,10 @@ import itertools
 
 
 def arguments(models: list[str] | None = None) -> argparse.Namespace:
-    """``models``: kernels.py's MODELS, the choices of --models once it is imported (it imports torch)."""
+    """``models``: linears.py's MODELS, the choices of --models once it is imported (it imports torch)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=["8B"], choices=models,
-                    help="shapes of benchmarks/kernels.py's MODELS (8B, 2B, 4B, 32B)")
+                    help="shapes of benchmarks/linears.py's MODELS (8B, 2B, 4B, 32B)")
     ap.add_argument("--decode-m", nargs="*", type=int, default=[1, 8])
     ap.add_argument("--prefill-m", nargs="*", type=int, default=[512, 2048])
     ap.add_argument("--all", action="store_true", help="print every config, not just the best")
@@ -41,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 from fp8vl.kernels import gemm  # noqa: E402
-from kernels import MODELS, read_floor, shapes, timed, weight_copies  # noqa: E402  (benchmarks/kernels.py)
+from linears import MODELS, read_floor, shapes, timed, weight_copies  # noqa: E402  (benchmarks/linears.py)
 
 
 def gemv_configs(n: int, k: int, prefetch=(0, 4, 16)):

@@ -130,6 +130,17 @@ def test_the_cli_and_the_hub_path_import_without_torch():
     assert r.stdout.strip() == "[]", r.stdout
 
 
+def test_no_benchmark_script_shadows_an_installed_module():
+    """A script's folder comes first on sys.path: benchmarks/kernels.py once hid the ``kernels``
+    package Transformers imports, so every benchmark that loaded a model died on import."""
+    import importlib.util
+
+    bench = ROOT.parents[1] / "benchmarks"
+    names = [p.stem for p in bench.glob("*.py")]
+    assert "caption" in names
+    assert [n for n in names if importlib.util.find_spec(n) is not None] == []
+
+
 def test_readme_says_how_to_reach_the_command_after_make_demo():
     """make demo installs into .venv, which is not on PATH: a bare `fp8vl` afterwards is 'command not found'."""
     readme = (ROOT.parents[1] / "README.md").read_text()

@@ -69,17 +69,11 @@ def _pool(opts: CaptionOptions, workers: int) -> Executor:
 def local_backend(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterator[_Result]:
     """Caption ``todo`` in this process (see the module docstring); ``info`` gets the model's label
     and the load time."""
-    import torch
-
-    from ..runtime.engine import Engine, EngineOptions, Request, limit_gpu_memory, round_up
-    from ..runtime.loader import encode, eos_ids, load_any
-
     workers = default_workers() if opts.workers is None else opts.workers
     if workers < 0:
         raise FP8VLError(f"--workers must be 0 (threads) or more (got {workers})")
-    limit_gpu_memory(opts.device, opts.gpu_memory)
-    fix = ("use a smaller --batch-size, a lower --max-tokens or --max-side, or --gpu-memory below what other "
-           "programs leave free; the captions written so far are kept")
+    # the workers first: their own imports (torch, the processor: seconds) and first images then run
+    # beside this process's imports and the model load
     pool = _pool(opts, workers)
     waiting: deque[Future] = deque()
     try:
@@ -92,7 +86,15 @@ def local_backend(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterato
                 waiting.append(pool.submit(_prepare, path, opts.prompt, opts.max_side, loaded_here))
 
         if workers:
-            submit(ahead)                                # the workers start while the model loads
+            submit(ahead)
+        import torch
+
+        from ..runtime.engine import Engine, EngineOptions, Request, limit_gpu_memory, round_up
+        from ..runtime.loader import encode, eos_ids, load_any
+
+        limit_gpu_memory(opts.device, opts.gpu_memory)
+        fix = ("use a smaller --batch-size, a lower --max-tokens or --max-side, or --gpu-memory below what other "
+               "programs leave free; the captions written so far are kept")
         with out_of_memory(opts.device, fix):
             t0 = time.perf_counter()
             loaded = load_any(opts.model, opts.device, opts.mode, info.get("loading"))

@@ -14,8 +14,8 @@ quantization (``fp8_linear``); W8A16 (``w8a16_linear``). Prefill rows (M = 512, 
 cuBLAS block-scaled ``scaled_mm`` (SM90 only), the Triton block GEMM (the path of every other
 card), BF16.
 
-    python benchmarks/kernels.py            # tables (Markdown)
-    python benchmarks/kernels.py --check    # numerics PASS/FAIL lines first, then the tables
+    python benchmarks/linears.py            # tables (Markdown)
+    python benchmarks/linears.py --check    # numerics PASS/FAIL lines first, then the tables
 """
 
 from __future__ import annotations
