@@ -217,13 +217,13 @@ def eval_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write all results as JSON here"),
     report: Optional[Path] = typer.Option(None, "--report", help="write report.md with plots to this folder"),
     update_card: bool = typer.Option(False, "--update-card", help="add the figures to QUANTIZED/README.md"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress (the results only)"),
 ) -> None:
     """Run SOURCE and QUANTIZED on the same prompts: KL, top-1, perplexity, greedy agreement."""
-    from rich.progress import Progress
-
     from .checkpoint.source import local_folder, locate
     from .inputs import prompts as P
     from .options import parse_size, resolve_device
+    from .report import Phases
 
     # the arguments before torch and Transformers load (seconds): a refusal comes at once
     locate(source)
@@ -236,10 +236,8 @@ def eval_cmd(
     from .conversion.card import update_card as write_section
 
     _quiet_transformers()
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("source, then FP8", total=2 * len(items))
-        r = evaluate(source, quantized, items, device, mode, max_new_tokens, tick=lambda: bar.advance(task),
-                     gpu_memory=cap)
+    with Phases(console, quiet) as phases:
+        r = evaluate(source, quantized, items, device, mode, max_new_tokens, gpu_memory=cap, phases=phases)
     print_eval(r, console, per_prompt=prompts is not None)
     if json_out is not None:
         json_out.write_text(r.to_json())

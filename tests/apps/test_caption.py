@@ -159,7 +159,7 @@ def test_folder_through_server_then_resume_trigger_overwrite(fp8_dir, server, tm
     meta, log = tmp_path / "metadata.csv", tmp_path / "captions.jsonl"
     opts = CaptionOptions(endpoint=server, jsonl=log, csv=meta, max_tokens=16, concurrency=4, **FAST)
     ticks = []
-    s = caption([tmp_path], opts, progress=lambda n, total: ticks.append((n, total)))
+    s = caption([tmp_path], opts, progress=lambda n, total, tokens: ticks.append((n, total)))
     assert ticks == [(n, len(good) + 1) for n in range(1, len(good) + 2)]
     assert s.done == len(good) and s.skipped == 0 and s.tokens > 0 and s.images_per_s > 0
     assert [p for p, _ in s.failed] == [corrupt] and "cannot read image" in s.failed[0][1]
@@ -167,7 +167,8 @@ def test_folder_through_server_then_resume_trigger_overwrite(fp8_dir, server, tm
     assert not sidecar(corrupt).exists()
     texts = {p: sidecar(p).read_text(encoding="utf-8") for p in good}
     assert all(t.strip() and "\n" not in t for t in texts.values())
-    recs = _jsonl(log)
+    recs = [r for r in _jsonl(log) if "caption" in r]
+    assert [r["file"] for r in _jsonl(log) if "error" in r] == ["sub/corrupt.jpg"]     # recorded: not retried
     assert sorted(r["file"] for r in recs) == sorted(p.relative_to(tmp_path).as_posix() for p in good)
     for r in recs:
         assert r["caption"] == texts[tmp_path / r["file"]] and r["tokens"] > 0 and r["seconds"] >= 0
@@ -183,7 +184,7 @@ def test_folder_through_server_then_resume_trigger_overwrite(fp8_dir, server, tm
     sidecar(good[0]).write_text("my own caption")
     s2 = caption([tmp_path], opts)
     assert (s2.done, s2.skipped, [p for p, _ in s2.failed]) == (0, len(good), [corrupt])
-    assert len(_jsonl(log)) == len(good)
+    assert "--retry-failed" in s2.failed[0][1] and len(_jsonl(log)) == len(good) + 1
     rows = _read_csv(meta)
     assert len(rows) == len(good) + 1 and len({r[0] for r in rows}) == len(rows)
     assert [good[0].relative_to(tmp_path).as_posix(), "my own caption"] in rows
@@ -196,7 +197,7 @@ def test_folder_through_server_then_resume_trigger_overwrite(fp8_dir, server, tm
     assert sidecar(good[0]).read_text(encoding="utf-8") == "ohwx, " + texts[good[0]]
     rows = _read_csv(meta)
     assert len(rows) == len(good) + 1 and all(t.startswith("ohwx, ") for _, t in rows[1:])
-    assert len(_jsonl(log)) == 2 * len(good)                      # a log: the last line of a file wins
+    assert len(_jsonl(log)) == 2 * len(good) + 2     # a log: the last line of a file wins (the corrupt one twice)
 
 
 def test_txt_off_resumes_from_csv_and_jsonl(server, tmp_path):
@@ -230,7 +231,7 @@ def test_server_killed_mid_batch_loses_nothing_and_rerun_completes(fp8_dir, serv
     log = tmp_path / "captions.jsonl"
     on_disk_at_kill: dict[Path, str] = {}
 
-    def kill_after_four(n, total):
+    def kill_after_four(n, total, tokens):
         if n == 4:
             on_disk_at_kill.update({p: sidecar(p).read_text() for p in images if sidecar(p).exists()})
             _stop(proc)
@@ -397,7 +398,7 @@ def test_unreadable_images_are_recorded_listed_and_not_retried(fp8_dir, tmp_path
     assert "--retry-failed" in s.failed[0][1] and not (sub / ".broken.jpg.fp8vl-failed").exists()
 
 
-def test_a_second_run_on_the_same_outputs_is_refused_naming_the_first(tmp_path):
+def test_a_second_run_on_the_same_outputs_is_refused_naming_the_first(fp8_dir, tmp_path):
     """Two caption runs on one folder: the second is refused with one line naming the first's PID, and
     it writes nothing; the lock is gone once the first ends."""
     import textwrap
@@ -413,8 +414,7 @@ def test_a_second_run_on_the_same_outputs_is_refused_naming_the_first(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "held"
-        (tmp_path / "model").mkdir()   # a folder (arguments are checked first), never loaded: the lock comes first
-        r = run_cli("caption", tmp_path, "--model", tmp_path / "model", cwd=tmp_path)
+        r = run_cli("caption", tmp_path, "--model", fp8_dir, cwd=tmp_path)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert f"PID {p.pid}" in r.stderr and ".fp8vl-caption.lock" in r.stderr
         assert not sidecar(tmp_path / "coffee.png").exists()

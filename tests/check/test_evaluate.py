@@ -289,6 +289,11 @@ def test_eval_command_with_prompt_file_report_and_card(dense_fp8, reference, tmp
                 "--report", rep, "--update-card", cwd=cwd, timeout=300)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert "sky" in r.stdout and "cup" in r.stdout     # per-prompt table with the ids
+    # progress in a log (stdout is a pipe here): each model's load and each side's prompts by kind
+    for line in (f"source: loading {dense_fp8.src.name}: ", f"FP8: loading {quant.name}: ",
+                 "source: text prompts: 1/1 prompts", "source: image prompts: 1/1 prompts",
+                 "FP8: text prompts: 1/1 prompts", "FP8: image prompts: 1/1 prompts"):
+        assert line in r.stdout, (line, r.stdout[:2000])
 
     results = json.loads((rep / "results.json").read_text())
     assert results == json.loads(js.read_text())

@@ -90,14 +90,14 @@ class SideResult:
 
 
 def run_source(loaded: Loaded, prompts: list[Prompt], max_new_tokens: int,
-               tick: Callable[[], None] = lambda: None) -> list[SideResult]:
+               tick: Callable[[Prompt], None] = lambda p: None) -> list[SideResult]:
     batches = [encode(loaded, p.text, open_image(p.image) if p.image else None) for p in prompts]
     out = []
     for p, batch, answer in zip(prompts, batches, answers(loaded, batches, max_new_tokens)):
         n = batch["input_ids"].shape[1]
         logits = logits_for(loaded, _with_answer(batch, answer))[n - 1: n - 1 + max(1, len(answer))]
         out.append(SideResult(answer, logits, perplexity(loaded, p.text) if not p.image else None))
-        tick()
+        tick(p)
     return out
 
 
@@ -164,9 +164,11 @@ def _free(loaded: Loaded) -> None:
 
 def evaluate(source: str | Path, quantized: str | Path, prompts: list[Prompt], device: str = "auto",
              mode: str = "auto", max_new_tokens: int = 32,
-             tick: Callable[[], None] = lambda: None, gpu_memory: int | None = None) -> EvalReport:
+             tick: Callable[[], None] = lambda: None, gpu_memory: int | None = None, phases=None) -> EvalReport:
     """Run source then FP8 on the same prompts; ``tick`` is called after each prompt of each side.
-    ``device``: auto (a usable CUDA GPU, else the CPU), cpu or cuda; the report names the one that ran."""
+    ``device``: auto (a usable CUDA GPU, else the CPU), cpu or cuda; the report names the one that ran.
+    ``phases`` (a ``report.Phases``): progress of each model's load (bytes) and of each side's prompts
+    of each kind."""
     from ..runtime.engine import limit_gpu_memory
     from ..checkpoint.source import local_folder, locate, resolve
     from ..options import resolve_device
@@ -179,16 +181,40 @@ def evaluate(source: str | Path, quantized: str | Path, prompts: list[Prompt], d
         check_processor(folder)
     with out_of_memory(device, f"use a smaller --max-new-tokens (now {max_new_tokens}), a GPU with more memory, "
                                "or --device cpu"):
-        return _evaluate(src, q, prompts, device, mode, max_new_tokens, tick)
+        return _evaluate(src, q, prompts, device, mode, max_new_tokens, _Progress(phases, prompts, tick))
+
+
+class _Progress:
+    """eval's progress: ``phases.start`` per model load and per (side, prompt kind); ``tick`` per prompt."""
+
+    def __init__(self, phases, prompts: list[Prompt], tick: Callable[[], None]):
+        self.phases, self.tick, self.live = phases, tick, {}
+        self.total = {k: sum(p.kind == k for p in prompts) for k in dict.fromkeys(p.kind for p in prompts)}
+
+    def load(self, side: str, path: Path):
+        return self.phases.start(f"{side}: loading {path.name}", None, "B") if self.phases else None
+
+    def side(self, side: str) -> Callable[[Prompt], None]:
+        def done(p: Prompt) -> None:
+            self.tick()
+            if self.phases is None:
+                return
+            key = (side, p.kind)
+            if key not in self.live:
+                self.live[key] = [self.phases.start(f"{side}: {p.kind} prompts", self.total[p.kind], "prompts"), 0]
+            self.live[key][1] += 1
+            self.live[key][0](self.live[key][1])
+        return done
 
 
 def _evaluate(src: Path, q: Path, prompts: list[Prompt], device: str, mode: str, max_new_tokens: int,
-              tick: Callable[[], None]) -> EvalReport:
-    ref = load_any(src, device)
-    base = run_source(ref, prompts, max_new_tokens, tick)
+              progress: _Progress) -> EvalReport:
+    ref = load_any(src, device, progress=progress.load("source", src))
+    base = run_source(ref, prompts, max_new_tokens, progress.side("source"))
     texts = [_decode(ref, r.answer) for r in base]
     _free(ref)
-    fp8 = load_any(q, device, mode)
+    fp8 = load_any(q, device, mode, progress=progress.load("FP8", q))
+    tick = progress.side("FP8")
     report = EvalReport(str(src), str(q), fp8.label, device, max_new_tokens)
     batches = [encode(fp8, p.text, open_image(p.image) if p.image else None) for p in prompts]
     for p, b, src_text, batch, answer in zip(prompts, base, texts, batches, answers(fp8, batches, max_new_tokens)):
@@ -200,6 +226,6 @@ def _evaluate(src: Path, q: Path, prompts: list[Prompt], device: str, mode: str,
         report.prompts.append(PromptResult(
             p.id, p.kind, st["kl_mean"], st["kl_max"], st["top1"], div is None, div, src_text,
             _decode(fp8, answer), b.ppl, perplexity(fp8, p.text) if b.ppl is not None else None))
-        tick()
+        tick(p)
     _free(fp8)
     return report
