@@ -23,7 +23,7 @@ RUN = ("import json, runpy, sys\n"
 
 
 def test_every_benchmark_is_listed():
-    assert {"attention.py", "caption.py", "convert.py", "e2e.py", "hub.py", "kernels.py", "tune.py"} <= set(SCRIPTS)
+    assert {"attention.py", "caption.py", "convert.py", "e2e.py", "hub.py", "linears.py", "tune.py"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
