@@ -132,7 +132,8 @@ def print_caption_summary(s, console: Console, device: str | None = None) -> Non
                   f"{s.images_per_s:.2f} images/s, {s.tokens_per_s:.1f} tokens/s ({escape(s.model)})"
                   + (f" on {device}" if device else "")
                   + (f"; model loaded in {s.load_seconds:.1f} s, then {s.captioning_images_per_s:.2f} images/s"
-                     if s.load_seconds else ""))
+                     if s.load_seconds else "; nothing to caption, so no model was loaded" if device and not s.done
+                     else ""))
     for path, reason in s.failed:
         console.print(f"  [red]failed[/] {escape(str(path))}: {escape(reason)}", highlight=False)
 

@@ -382,6 +382,11 @@ def test_unreadable_images_are_recorded_listed_and_not_retried(fp8_dir, tmp_path
     monkeypatch.setattr(loader, "load_any", lambda *a, **k: loads.append(a) or 1 / 0)
     s = caption([tmp_path], opts)                                   # listed, never opened, no model
     assert (s.done, s.skipped, loads) == (0, 1, []) and s.load_seconds == 0.0
+    from rich.console import Console
+
+    out = io.StringIO()
+    print_caption_summary(s, Console(file=out, width=300), "cpu")
+    assert "nothing to caption, so no model was loaded" in out.getvalue()
     assert [p for p, _ in s.failed] == [bad] and "--retry-failed" in s.failed[0][1]
     s = caption([tmp_path], CaptionOptions(model=str(fp8_dir), max_tokens=4, retry_failed=True))
     assert [p for p, _ in s.failed] == [bad] and loads == [] and "cannot read image" in s.failed[0][1]
