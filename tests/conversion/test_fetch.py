@@ -84,13 +84,14 @@ def _pieces(server: HubServer, name: str) -> list[tuple[int, int]]:
 
 def test_a_shard_comes_in_parts_over_several_connections_on_a_per_connection_throttle(repo, tmp_path):
     server, folder, remote = repo
-    server.connection_rate = 2e6          # each connection, as a CDN throttles
+    server.connection_rate = 1.5e6        # each connection, as a CDN throttles
     name, size = "a.safetensors", remote.sizes["a.safetensors"]
     seconds = {}
     for connections in (1, 3):
         dest = tmp_path / f"dest{connections}"
         server.sent.clear()
         with Downloader(connections, part=1 << 20) as download:
+            download(remote, "config.json", dest)        # the process has started and imported its client
             t0 = time.perf_counter()
             path = download(remote, name, dest)
             seconds[connections] = time.perf_counter() - t0
@@ -99,7 +100,7 @@ def test_a_shard_comes_in_parts_over_several_connections_on_a_per_connection_thr
         assert _pieces(server, name) == ([(0, size)] if connections == 1 else [(0, 1 << 20), (1 << 20, 1 << 20),
                                                                              (2 << 20, 1 << 20)])
     assert server.most[name] == 3
-    assert seconds[3] < 0.6 * seconds[1], seconds       # 0.5 s of link against 1.5 s
+    assert seconds[3] < 0.6 * seconds[1], seconds       # 0.7 s of link against 2.1 s
     assert not list((tmp_path / "dest3" / ".cache").rglob("*.incomplete"))
 
 

@@ -23,7 +23,7 @@ from functools import cache
 from pathlib import Path
 
 from ..checkpoint.source import OTHER_WEIGHTS, SKIP_DIRS
-from .ranged import CONNECTIONS, PART, download_parts
+from .ranged import CONNECTIONS, download_parts
 from .staging import Resumable
 
 log = logging.getLogger("fp8vl.conversion.fetch")
@@ -60,7 +60,7 @@ def download(remote: Remote, name: str, dest: Path | None) -> Path:
 
 
 def download_shard(remote: Remote, name: str, dest: Path | None, connections: int = CONNECTIONS,
-                   part: int = PART) -> Path:
+                   part: int | None = None) -> Path:
     """A shard: in Range parts over ``connections`` connections (ranged.py), else as ``download``
     (a Xet file: huggingface_hub's Xet path; a small file; a server that ignores Range)."""
     path = download_parts(remote.repo, remote.commit, name, dest, hub_endpoint(), connections, part) \
@@ -123,10 +123,10 @@ CHILD = ("import sys; root = sys.argv[1]; root in sys.path or sys.path.insert(0,
 class Downloader:
     """``download_shard`` in a child process, started now so that its start overlaps the parent's
     requests to the hub; one call at a time, ``connections`` connections (1: huggingface_hub's own
-    download), parts of ``part`` bytes. A plain subprocess, not multiprocessing: a spawned child
+    download), parts of ``part`` bytes (default: ranged.part_size). A plain subprocess, not multiprocessing: a spawned child
     would import the caller's main script again."""
 
-    def __init__(self, connections: int = CONNECTIONS, part: int = PART):
+    def __init__(self, connections: int = CONNECTIONS, part: int | None = None):
         self.connections, self.part = connections, part
         root = str(Path(__file__).resolve().parents[2])
         self.proc = subprocess.Popen([sys.executable, "-c", CHILD, root, str(os.getpid())],
@@ -169,14 +169,14 @@ class Fetcher:
     """Downloads shard names in the order the writer reads them (largest_first), one shard at a time,
     at most ``in_flight`` on disk or downloading.
 
-    ``order`` may start as its head alone (the shard known to come first before torch is imported,
-    so that its download overlaps the import); ``plan(files)`` gives the rest once the plan is made.
-    One at a time: on one link, two shards downloading side by side each take twice as long, so the
-    first one the writer needs arrives later; in order, the writer converts a shard while the next
-    one downloads. A slot is freed when ``release(name)`` deletes a consumed shard (``stream``) or,
-    keeping the source, as soon as a download completes. The downloads run in a Downloader (a child
-    process); closing that ends a download in progress (huggingface_hub writes to a temporary name,
-    so nothing half-done looks complete).
+    ``order`` may start as its head alone (the shards known before torch is imported, so that their
+    downloads overlap the import); ``plan(files)`` gives the rest once the plan is made. One shard at
+    a time, over several connections (ranged.py): two shards side by side would each take twice as
+    long, so the first one the writer needs would arrive later; in order, the writer converts a shard
+    while the next one downloads. A slot is freed when ``release(name)`` deletes a consumed shard
+    (``stream``) or, keeping the source, as soon as a download completes. The downloads run in a
+    Downloader (a child process); closing that ends a download in progress (each writes to a
+    temporary name, so nothing half-done looks complete).
     """
 
     def __init__(self, remote: Remote, dest: Path | None, order: list[str], in_flight: int, stream: bool,
