@@ -15,14 +15,16 @@ Then, side by side in one run, each a subprocess with the real huggingface_hub c
 5. ``fp8vl quantize ORG/NAME OUTPUT`` (streaming: converts each shard as it lands, deletes it once written).
 
 Wall time, the ratio to max(download alone, local conversion with the same output) (the bound
-streaming aims at; to the local conversion without the error file below the table) and to
-the download alone, disk peak (all files under the run's folder, sampled every 20 ms; the local
-conversion's source is outside it) for each, and a timeline line per run: when the first weight
-bytes were on disk (the start that nothing overlaps), each source shard with its size in the order
-its download ended, and the tail (the run's end after the last download ended: for the streaming
-run, the conversion of the last shard and the final steps). ``--baseline SRC`` (repeatable) adds the
-streaming run of the fp8vl in another source tree (e.g. a checkout of main's ``src``), so a change
-and its base are measured in one run, on one machine state.
+streaming aims at; to the local conversion without the error file below the table) and to the
+download alone, the CPU time of the run's processes (the hub's, in this process, not counted: on a
+small machine shared with other work it says what wall time the run needs), disk peak (all files
+under the run's folder, sampled every 20 ms; the local conversion's source is outside it) for each,
+and a timeline line per run: when the first weight bytes were on disk (the start that nothing
+overlaps), each source shard with its size in the order its download ended, and the tail (the run's
+end after the last download ended: for the streaming run, the conversion of the last shard and the
+final steps). ``--baseline SRC`` (repeatable) adds the streaming run of the fp8vl in another source
+tree (e.g. a checkout of main's ``src``), so a change and its base are measured in one run, on one
+machine state.
 
     python benchmarks/hub.py --text-only --layers 4 --shard-size 400MB --connection-rate 60MB --workers 2
     python benchmarks/hub.py --layers 2 --shard-size 1GB --rate 150MB [--baseline ../main/src]
@@ -34,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -62,6 +65,7 @@ class Run:
     seconds: float = 0.0
     peak: int = 0                  # bytes on disk under the run's folder, at most
     out: int = 0                   # output bytes
+    cpu: float = 0.0               # core-seconds of its processes (user + system), the hub's not counted
     first: float | None = None     # seconds until more than 1 MB was on disk: the first weight bytes
     shards: list[tuple[str, float]] = field(default_factory=list)   # (shard, seconds) as downloads ended
 
@@ -83,6 +87,7 @@ def timed(run: Run, cmds: list[list[str]], env: dict, watch: Path, server: HubSe
             run.shards += [(f, now) for f, _, n in sent if f.endswith(".safetensors") and n > 100_001]
             time.sleep(0.02)
     t0 = time.perf_counter()
+    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     w = threading.Thread(target=sample, daemon=True)
     w.start()
     for cmd in cmds:
@@ -90,6 +95,8 @@ def timed(run: Run, cmds: list[list[str]], env: dict, watch: Path, server: HubSe
         if r.returncode:
             sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
     run.seconds = time.perf_counter() - t0
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)       # the download process included: it is waited for
+    run.cpu = c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime
     stop.set()
     w.join()
     run.peak = max(run.peak, disk_usage(watch))
@@ -212,10 +219,11 @@ def main() -> None:
                             ([f"{connection_rate / 1e6:.0f} MB/s a connection"] if connection_rate else []))
     print(f"\nsource {size / 1e9:.2f} GB in {len(shards)} shards ({min(sizes.values()) / 1e9:.2f}-"
           f"{largest / 1e9:.2f} GB), link {throttle}, {os.cpu_count()} cores, --workers {args.workers}\n")
-    print("| run | wall s | vs max(download, local conversion, same output) | vs download alone | disk peak GB |")
-    print("|---|---:|---:|---:|---:|")
+    print("| run | wall s | vs max(download, local conversion, same output) | vs download alone | CPU core-s | "
+          "disk peak GB |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in runs:
-        print(f"| {r.name} | {r.seconds:.1f} | {r.seconds / bound:.2f}x | {r.seconds / alone:.2f}x | "
+        print(f"| {r.name} | {r.seconds:.1f} | {r.seconds / bound:.2f}x | {r.seconds / alone:.2f}x | {r.cpu:.1f} | "
               f"{r.peak / 1e9:.2f} |")
     print()
     for r in runs:

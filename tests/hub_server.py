@@ -175,8 +175,8 @@ class HubServer:
                 if f is None:
                     return self._missing("EntryNotFound", f"no file {m.group(3)}")
                 if f["sha256"] and server.xet:
-                    common = {**common, "X-Xet-Hash": f["sha256"],
-                              "X-Xet-Refresh-Route": f"{server.url}/api/models/{m.group(1)}/xet-read-token/{repo['commit']}"}
+                    token = f"{server.url}/api/models/{m.group(1)}/xet-read-token/{repo['commit']}"
+                    common = {**common, "X-Xet-Hash": f["sha256"], "X-Xet-Refresh-Route": token}
                 if f["sha256"]:
                     return self._reply(302, {**common, "X-Linked-Etag": f'"{f["sha256"]}"',
                                              "X-Linked-Size": str(f["size"]),

@@ -86,11 +86,10 @@ class DownloadFailed(Exception):
 
 
 def serve(parent: int) -> None:
-    """The download process (see Downloader): one JSON request per line on stdin (repo,
-    commit, file, folder, connections, part size), one JSON answer per line on the stdout it was
-    started with; anything else
-    written to stdout goes to stderr. Ends at the end of stdin, or when the parent is gone (SIGKILL:
-    nothing else would stop a download in progress)."""
+    """The download process (see Downloader): one JSON request per line on stdin (repo, commit,
+    file, folder, connections, part size), one JSON answer per line on the stdout it was started
+    with; anything else written to stdout goes to stderr. Ends at the end of stdin, or when the
+    parent is gone (SIGKILL: nothing else would stop a download in progress)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the parent's; it ends this process
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
@@ -123,8 +122,8 @@ CHILD = ("import sys; root = sys.argv[1]; root in sys.path or sys.path.insert(0,
 class Downloader:
     """``download_shard`` in a child process, started now so that its start overlaps the parent's
     requests to the hub; one call at a time, ``connections`` connections (1: huggingface_hub's own
-    download), parts of ``part`` bytes (default: ranged.part_size). A plain subprocess, not multiprocessing: a spawned child
-    would import the caller's main script again."""
+    download), parts of ``part`` bytes (default: ranged.part_size). A plain subprocess, not
+    multiprocessing: a spawned child would import the caller's main script again."""
 
     def __init__(self, connections: int = CONNECTIONS, part: int | None = None):
         self.connections, self.part = connections, part

@@ -1,6 +1,6 @@
 """One shard over several HTTP connections at once, in Range parts, with huggingface_hub's client.
 
-Why by hand: huggingface_hub (2.5 here) downloads a plain-HTTP file over one connection
+Why by hand: huggingface_hub (2.5) downloads a plain-HTTP file over one connection
 (``file_download.http_get``); its only parallel download of one file is Xet's (``hf_xet``, for files
 the hub keeps in Xet storage), and ``hf_transfer`` is gone. Hubs and CDNs throttle each connection,
 so one connection caps a shard at that rate (60 MB/s a connection: 4.1x ``snapshot_download``'s
@@ -17,6 +17,7 @@ parallelizes by itself.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
@@ -51,9 +52,9 @@ def download_parts(repo: str, commit: str, name: str, dest: Path | None, endpoin
                    connections: int = CONNECTIONS, part: int | None = None) -> Path | None:
     """``name`` at ``commit`` in Range parts over ``connections`` connections, into ``dest`` (a local
     folder, as ``hf_hub_download(local_dir=dest)`` lays it out) or the hub cache, in parts of
-    ``part`` bytes (default: part_size). None when this is
-    not the way: a Xet file, a file of one part, a server that ignores Range, a huggingface_hub
-    without an httpx client (before 1.0); the caller then uses ``hf_hub_download``."""
+    ``part`` bytes (default: part_size). None when this is not the way: a Xet file, a file of one
+    part, a server that ignores Range, a huggingface_hub without an httpx client (before 1.0); the
+    caller then uses ``hf_hub_download``."""
     http = _client()
     if http is None:
         return None
@@ -247,7 +248,7 @@ def _client():
     session = get_session()
     for name in ("httpx2", "httpx"):
         try:
-            http = __import__(name)
+            http = importlib.import_module(name)
         except ImportError:
             continue
         if isinstance(session, http.Client):
