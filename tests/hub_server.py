@@ -10,10 +10,18 @@ as model repos, on 127.0.0.1 only:
   the "CDN", a second port (another origin, so the client does not follow it on HEAD, as with the
   real CDN), with ``X-Linked-Etag`` (sha256), ``X-Linked-Size``, ``X-Repo-Commit`` and ``Location``.
 - ``HEAD|GET /blobs/{sha256}`` on the CDN port: the bytes, with ``Range`` (206 + ``Content-Range``).
+- ``GET /api/models/{repo}/tree/{rev}``: the file list ``snapshot_download`` asks for (one page).
 
-``rate`` (bytes/s) limits all connections together, like one link; ``drop[file] = n`` makes the next
-GET of ``file`` send ``n`` bytes of its body and close the connection; ``sent`` logs every body sent
-as (file, first byte, bytes sent). Written by hand: it stands for the hub, which is no library.
+Throttles: ``rate`` (bytes/s) limits all connections together, like one link; ``connection_rate``
+limits each connection on its own, as CDNs do (both may be set). Bodies go out with ``sendfile`` in
+paced pieces of 256 KiB, so that the hub's own share of a small machine's CPU stays small.
+
+For tests: ``drop[file] = n`` makes the next GET of ``file`` that asks for more than ``n`` bytes
+send ``n`` of them and close the connection; ``sent`` logs every body sent as (file, first byte,
+bytes sent); ``most[file]`` is the most bodies of ``file`` sent at once; ``xet`` makes the
+``.safetensors`` files answer as Xet-stored ones (``X-Xet-Hash``), whose read-token route answers
+404 (no Xet storage here) and is logged in ``xet_asked``; ``ranges = False`` ignores Range headers
+(the whole file, 200). Written by hand: it stands for the hub, which is no library.
 """
 
 from __future__ import annotations
@@ -32,12 +40,17 @@ CHUNK = 256 << 10
 
 
 class HubServer:
-    def __init__(self, repos: dict[str, Path], rate: float | None = None):
-        self.rate = rate
+    def __init__(self, repos: dict[str, Path], rate: float | None = None, connection_rate: float | None = None,
+                 xet: bool = False):
+        self.rate, self.connection_rate, self.xet = rate, connection_rate, xet
+        self.ranges = True
         self.drop: dict[str, int] = {}
         self.sent: list[tuple[str, int, int]] = []
+        self.most: dict[str, int] = {}
+        self.xet_asked: list[str] = []
         self.lock = threading.Lock()
         self._next = 0.0
+        self._sending: dict[str, int] = {}
         self.repos = {}
         self.blobs: dict[str, tuple[str, Path]] = {}      # sha256 -> (repo file name, path)
         for repo, folder in repos.items():
@@ -71,16 +84,21 @@ class HubServer:
         with self.lock:
             return sum(n for f, _, n in self.sent if f == file)
 
-    def _pace(self, n: int) -> None:
-        """One link for all connections: each chunk waits for its turn at ``rate``."""
-        if not self.rate:
-            return
-        with self.lock:
-            start = max(time.monotonic(), self._next)
-            self._next = start + n / self.rate
-        delay = start - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+    def _pace(self, n: int, conn: list[float]) -> None:
+        """Wait for the turn of a piece of ``n`` bytes: on the link (``rate``, all connections
+        together) and on its connection (``connection_rate``; ``conn`` holds when that connection may
+        send next)."""
+        now = time.monotonic()
+        start = now
+        if self.connection_rate:
+            start = max(start, conn[0])
+            conn[0] = start + n / self.connection_rate
+        if self.rate:
+            with self.lock:
+                start = max(start, self._next)
+                self._next = start + n / self.rate
+        if start > now:
+            time.sleep(start - now)
 
     def _handler(self, cdn: bool):
         server = self
@@ -90,6 +108,10 @@ class HubServer:
 
             def log_message(self, *args):
                 pass
+
+            def setup(self):
+                super().setup()
+                self.turn = [0.0]        # when this connection may send its next piece (connection_rate)
 
             def do_HEAD(self):
                 self._route(body=False)
@@ -118,6 +140,20 @@ class HubServer:
                         return self._missing("EntryNotFound", "no such blob")
                     name, p = server.blobs[m.group(1)]
                     return self._file(name, p, {"ETag": f'"{m.group(1)}"'}, body)
+                m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path)
+                if m:
+                    repo = self._repo(m.group(1), m.group(2))
+                    if repo is None:
+                        return
+                    tree = [{"type": "file", "path": f, "size": v["size"], "oid": v["blob"],
+                             **({"lfs": {"oid": v["sha256"], "size": v["size"], "pointerSize": 134}}
+                                if v["sha256"] else {})} for f, v in repo["files"].items()]
+                    return self._reply(200, {"Content-Type": "application/json"}, json.dumps(tree).encode(), body)
+                m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/xet-read-token/([^/]+)", path)
+                if m:
+                    with server.lock:
+                        server.xet_asked.append(m.group(1))
+                    return self._missing("EntryNotFound", "no Xet storage on this hub")
                 m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
                 if m:
                     repo = self._repo(m.group(1), m.group(2) or "main")
@@ -138,6 +174,9 @@ class HubServer:
                 common = {"X-Repo-Commit": repo["commit"]}
                 if f is None:
                     return self._missing("EntryNotFound", f"no file {m.group(3)}")
+                if f["sha256"] and server.xet:
+                    token = f"{server.url}/api/models/{m.group(1)}/xet-read-token/{repo['commit']}"
+                    common = {**common, "X-Xet-Hash": f["sha256"], "X-Xet-Refresh-Route": token}
                 if f["sha256"]:
                     return self._reply(302, {**common, "X-Linked-Etag": f'"{f["sha256"]}"',
                                              "X-Linked-Size": str(f["size"]),
@@ -158,7 +197,7 @@ class HubServer:
                 start, end = 0, size - 1
                 rng = self.headers.get("Range")
                 code = 200
-                if rng:
+                if rng and server.ranges:
                     m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
                     start, end = int(m.group(1)), min(int(m.group(2)) if m.group(2) else size - 1, size - 1)
                     code = 206
@@ -178,19 +217,24 @@ class HubServer:
                         cut = None
                 limit = n if cut is None else min(cut, n)
                 done = 0
+                with server.lock:
+                    server._sending[name] = server._sending.get(name, 0) + 1
+                    server.most[name] = max(server.most.get(name, 0), server._sending[name])
                 try:
                     with open(p, "rb") as fh:
-                        fh.seek(start)
                         while done < limit:
-                            chunk = fh.read(min(CHUNK, limit - done))
-                            server._pace(len(chunk))
-                            self.wfile.write(chunk)
-                            done += len(chunk)
+                            piece = min(CHUNK, limit - done)
+                            server._pace(piece, self.turn)
+                            sent = self.connection.sendfile(fh, start + done, piece)
+                            if not sent:
+                                break
+                            done += sent
                 except (BrokenPipeError, ConnectionResetError):
                     pass
                 finally:
                     with server.lock:
                         server.sent.append((name, start, done))
+                        server._sending[name] -= 1
                 if cut is not None and done < n:        # the dropped connection
                     self.close_connection = True
                     self.wfile.flush()

@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from fp8vl import FP8VLError, QuantizeOptions, quantize
 from fp8vl.conversion.drift import FILE as ERRORS
-from fp8vl.conversion.hub import first_shard, largest_first
+from fp8vl.conversion.hub import early_order, largest_first
+from fp8vl.conversion.ranged import CONNECTIONS, part_size
 from fp8vl.checkpoint.source import open_checkpoint
 from fp8vl.conversion.staging import disk_usage
 from fp8vl.check.verify import verify
@@ -198,15 +199,15 @@ def test_shards_go_largest_first_with_ties_in_the_index_order():
     assert largest_first(["c", "a", "e", "d", "b"], sizes) == ["e", "b", "c", "a", "d"]
 
 
-def test_the_first_shard_is_the_largest_one_the_plan_reads_that_no_earlier_run_finished(big_repo):
+def test_the_early_order_is_the_shards_the_plan_reads_that_no_earlier_run_finished_largest_first(big_repo):
     ckpt = open_checkpoint(big_repo)
     sizes = {p.name: p.stat().st_size for p in big_repo.glob("*.safetensors")}
     order = largest_first(list(json.loads((big_repo / INDEX).read_text())["weight_map"].values()), sizes)
     order = list(dict.fromkeys(order))
     opts = QuantizeOptions(max_shard_size=12 << 20)
-    assert first_shard(ckpt, big_repo, opts, set(), sizes) == order[0]
-    assert first_shard(ckpt, big_repo, opts, {order[0]}, sizes) == order[1]
-    assert first_shard(ckpt, big_repo, opts, set(order), sizes) is None
+    assert early_order(ckpt, big_repo, opts, set(), sizes) == order
+    assert early_order(ckpt, big_repo, opts, {order[0], order[3]}, sizes) == order[1:3] + order[4:]
+    assert early_order(ckpt, big_repo, opts, set(order), sizes) == []
 
 
 def test_a_file_beside_the_shards_that_the_index_does_not_name_is_neither_fatal_nor_downloaded(hub, local_fp8,
@@ -282,17 +283,23 @@ def test_a_script_without_a_main_guard_can_call_quantize(hub, local_fp8, tmp_pat
     _same_as_local(tmp_path / "out", local_fp8["tiny"])
 
 
-def test_a_dropped_connection_is_resumed_with_a_range_request(hub, wide_repo, local_fp8, tmp_path):
+def test_a_dropped_connection_is_asked_again_for_what_its_part_lacks(hub, wide_repo, local_fp8, tmp_path):
     name = "model-00002-of-00002.safetensors"
     size = (wide_repo / name).stat().st_size
-    hub.drop[name] = 15 << 20
+    part = part_size(size, CONNECTIONS)
+    assert 2 << 20 < part < size
+    hub.drop[name] = 2 << 20
     out = tmp_path / "wide-fp8"
     quantize("org/wide", out, QuantizeOptions(workers=2))
     _same_as_local(out, local_fp8["wide"])
-    gets = [(start, n) for f, start, n in hub.sent if f == name and n > 100_001]   # not the header reads
-    # Cut off after 15 MB; huggingface_hub had written 10 MB of it (it writes 10 MB pieces) and asks for
-    # the rest from there with a Range request, not from byte 0.
-    assert gets == [(0, 15 << 20), (10 << 20, size - (10 << 20))]
+    gets = sorted((start, n) for f, start, n in hub.sent if f == name and n > 100_001)   # not the header reads
+    # Parts on connections of their own; one is cut off after 2 MiB and asked again from there to its
+    # own end: no byte comes twice, no other part is asked again.
+    cut = [s for s, n in gets if n == 2 << 20]
+    assert len(cut) == 1 and cut[0] % part == 0
+    whole = [(s, min(part, size - s)) for s in range(0, size, part)]
+    assert gets == sorted([p for p in whole if p[0] != cut[0]] +
+                          [(cut[0], 2 << 20), (cut[0] + (2 << 20), min(part, size - cut[0]) - (2 << 20))])
 
 
 def _downloading(staging: Path) -> bool:

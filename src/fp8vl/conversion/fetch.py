@@ -1,5 +1,6 @@
 """Shard downloads for ``fp8vl quantize ORG/NAME``: one at a time, in the writer's order, at most
-``in_flight`` on disk, in a child process of their own.
+``in_flight`` on disk, in a child process of their own; each over several connections in Range
+parts (ranged.py), or huggingface_hub's Xet path, which parallelizes by itself.
 
 Why a process: huggingface_hub's HTTP client is Python, and in fp8vl's process it would share the
 interpreter lock with torch's import (1.5-2.5 s, while the first shard downloads) and with the
@@ -22,6 +23,7 @@ from functools import cache
 from pathlib import Path
 
 from ..checkpoint.source import OTHER_WEIGHTS, SKIP_DIRS
+from .ranged import CONNECTIONS, download_parts
 from .staging import Resumable
 
 log = logging.getLogger("fp8vl.conversion.fetch")
@@ -57,6 +59,15 @@ def download(remote: Remote, name: str, dest: Path | None) -> Path:
                                 local_dir=dest, tqdm_class=_quiet()))
 
 
+def download_shard(remote: Remote, name: str, dest: Path | None, connections: int = CONNECTIONS,
+                   part: int | None = None) -> Path:
+    """A shard: in Range parts over ``connections`` connections (ranged.py), else as ``download``
+    (a Xet file: huggingface_hub's Xet path; a small file; a server that ignores Range)."""
+    path = download_parts(remote.repo, remote.commit, name, dest, hub_endpoint(), connections, part) \
+        if connections > 1 else None
+    return path if path is not None else download(remote, name, dest)
+
+
 @cache
 def _quiet():
     from huggingface_hub.utils import tqdm
@@ -75,10 +86,10 @@ class DownloadFailed(Exception):
 
 
 def serve(parent: int) -> None:
-    """The download process (see Downloader): one JSON request per line on stdin (repo,
-    commit, file, folder), one JSON answer per line on the stdout it was started with; anything else
-    written to stdout goes to stderr. Ends at the end of stdin, or when the parent is gone (SIGKILL:
-    nothing else would stop a download in progress)."""
+    """The download process (see Downloader): one JSON request per line on stdin (repo, commit,
+    file, folder, connections, part size), one JSON answer per line on the stdout it was started
+    with; anything else written to stdout goes to stderr. Ends at the end of stdin, or when the
+    parent is gone (SIGKILL: nothing else would stop a download in progress)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the parent's; it ends this process
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
@@ -94,7 +105,8 @@ def serve(parent: int) -> None:
         r = json.loads(line)
         try:
             dest = Path(r["dest"]) if r["dest"] is not None else None
-            answer = {"path": str(download(Remote(r["repo"], r["commit"], {}), r["name"], dest))}
+            answer = {"path": str(download_shard(Remote(r["repo"], r["commit"], {}), r["name"], dest,
+                                                 r["connections"], r["part"]))}
         except Exception as e:            # noqa: BLE001 (reported by the parent, naming the file)
             answer = {"error": f"{type(e).__name__}: {e}"}
         answers.write(json.dumps(answer) + "\n")
@@ -108,11 +120,13 @@ CHILD = ("import sys; root = sys.argv[1]; root in sys.path or sys.path.insert(0,
 
 
 class Downloader:
-    """``download`` in a child process, started now so that its start overlaps the parent's requests
-    to the hub; one call at a time. A plain subprocess, not multiprocessing: a spawned child would
-    import the caller's main script again."""
+    """``download_shard`` in a child process, started now so that its start overlaps the parent's
+    requests to the hub; one call at a time, ``connections`` connections (1: huggingface_hub's own
+    download), parts of ``part`` bytes (default: ranged.part_size). A plain subprocess, not
+    multiprocessing: a spawned child would import the caller's main script again."""
 
-    def __init__(self):
+    def __init__(self, connections: int = CONNECTIONS, part: int | None = None):
+        self.connections, self.part = connections, part
         root = str(Path(__file__).resolve().parents[2])
         self.proc = subprocess.Popen([sys.executable, "-c", CHILD, root, str(os.getpid())],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -120,7 +134,8 @@ class Downloader:
 
     def __call__(self, remote: Remote, name: str, dest: Path | None) -> Path:
         request = {"repo": remote.repo, "commit": remote.commit, "name": name,
-                   "dest": str(dest) if dest is not None else None}
+                   "dest": str(dest) if dest is not None else None, "connections": self.connections,
+                   "part": self.part}
         with self.lock:
             try:
                 self.proc.stdin.write(json.dumps(request) + "\n")
@@ -153,14 +168,14 @@ class Fetcher:
     """Downloads shard names in the order the writer reads them (largest_first), one shard at a time,
     at most ``in_flight`` on disk or downloading.
 
-    ``order`` may start as its head alone (the shard known to come first before torch is imported,
-    so that its download overlaps the import); ``plan(files)`` gives the rest once the plan is made.
-    One at a time: on one link, two shards downloading side by side each take twice as long, so the
-    first one the writer needs arrives later; in order, the writer converts a shard while the next
-    one downloads. A slot is freed when ``release(name)`` deletes a consumed shard (``stream``) or,
-    keeping the source, as soon as a download completes. The downloads run in a Downloader (a child
-    process); closing that ends a download in progress (huggingface_hub writes to a temporary name,
-    so nothing half-done looks complete).
+    ``order`` may start as its head alone (the shards known before torch is imported, so that their
+    downloads overlap the import); ``plan(files)`` gives the rest once the plan is made. One shard at
+    a time, over several connections (ranged.py): two shards side by side would each take twice as
+    long, so the first one the writer needs would arrive later; in order, the writer converts a shard
+    while the next one downloads. A slot is freed when ``release(name)`` deletes a consumed shard
+    (``stream``) or, keeping the source, as soon as a download completes. The downloads run in a
+    Downloader (a child process); closing that ends a download in progress (each writes to a
+    temporary name, so nothing half-done looks complete).
     """
 
     def __init__(self, remote: Remote, dest: Path | None, order: list[str], in_flight: int, stream: bool,

@@ -3,12 +3,11 @@
 Order of work: ``model_info`` resolves the revision to a commit and lists the files with their
 sizes; the small files (config, index, tokenizer, ...) download while every shard's header is read
 with a ranged request (huggingface_hub's ``parse_safetensors_file_metadata``), so the plan and the
-output layout exist before any weight byte arrives. The largest shard the plan reads starts
-downloading as soon as the headers are read (the plan needs no torch, whose import runs meanwhile);
-once the plan is made and the free space checked, the others follow, one after the other, largest
-first, at most ``in_flight`` of them on disk or downloading at once (fetch.Fetcher:
-``hf_hub_download`` in a process of its own), and convert in that order, one source shard at a
-time, each tensor at its place in the layout of a local conversion. The writer waits for a
+output layout exist before any weight byte arrives. The shards the plan reads start downloading
+as soon as the headers are read (the plan needs no torch, whose import runs meanwhile), one after
+the other, largest first, at most ``in_flight`` of them on disk or downloading at once (fetch.Fetcher:
+a process of its own, each shard over several connections), and convert in that order, one source
+shard at a time, each tensor at its place in the layout of a local conversion. The writer waits for a
 tensor's shard; once every tensor of a shard is written, its output bytes are synced, a line goes
 to the journal and, with ``stream``, the shard is deleted, which lets the next download start.
 
@@ -124,14 +123,14 @@ def remote_headers(remote: Remote, shards: list[str], src: Path, started: dict[s
             for f, fut in todo.items()}
 
 
-def first_shard(ckpt: Checkpoint, src: Path, opts: QuantizeOptions, done: set[str],
-                sizes: dict[str, int]) -> str | None:
-    """The shard the writer reads first, known from the headers alone (the plan needs no torch): the
-    largest holding a tensor of the plan, of those no earlier run finished (``done``). None when
-    there is none."""
+def early_order(ckpt: Checkpoint, src: Path, opts: QuantizeOptions, done: set[str],
+                sizes: dict[str, int]) -> list[str]:
+    """The shards to download, in the writer's order, as far as the headers alone tell (the plan
+    needs no torch): those holding a tensor of the plan that no earlier run finished (``done``),
+    largest first. The full plan may add a shard an earlier run finished whose output part did not
+    survive, never drop one of these."""
     plan = make_plan(ckpt.config, {n: t.shape for n, t in ckpt.tensors.items()}, opts)
-    files = [f for f in shards_read(ckpt, src, plan.entries) if f not in done]
-    return largest_first(files, sizes)[0] if files else None
+    return largest_first([f for f in shards_read(ckpt, src, plan.entries) if f not in done], sizes)
 
 
 def shards_read(ckpt: Checkpoint, src: Path, entries: list[Entry]) -> list[str]:
@@ -275,12 +274,12 @@ def _quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions, p
             paths = list(pool.map(lambda f: download(remote, f, dest), small))
             src = dest if dest is not None else _snapshot(paths, small)
             ckpt = _open(remote, src, index, started, heads)
-        # The shard read first is known from the headers alone: its download starts now.
+        # The shards to download are known from the headers alone: the first ``in_flight`` start now
+        # (the rest as the converter frees their places), after a free-space check for those alone.
         journal = Journal(stage.dir / JOURNAL)
-        first = first_shard(ckpt, src, opts, journal.shards, remote.sizes)
-        if first is not None:
-            stage.begin(remote.sizes[first] if stream else 0)
-        fetcher = Fetcher(remote, dest, [first] if first else [], opts.in_flight, stream, downloader).start()
+        early = early_order(ckpt, src, opts, journal.shards, remote.sizes)
+        stage.begin(sum(remote.sizes[f] for f in early[:opts.in_flight]) if stream else 0)
+        fetcher = Fetcher(remote, dest, early, opts.in_flight, stream, downloader).start()
         try:
             # Only now (1.5-2.5 s, while the first shard downloads): earlier, beside the requests
             # above, it held them up (the interpreter lock).
@@ -304,9 +303,10 @@ def _quantize_hub(repo: str, output: str | Path | None, opts: QuantizeOptions, p
             slots = {e.name: [s.name for s in u] for e, u in zip(entries, units)}
             todo = [e for e in entries if e.name not in kept]
             files = largest_first(shards_read(ckpt, src, todo), remote.sizes)
-            if first is not None and first not in files:
-                raise InternalError(f"{first}: downloading, but the plan reads nothing from it")
-            files = fetcher.plan(files)        # ``first`` stays at the head
+            if set(early) - set(files):
+                raise InternalError(f"{sorted(set(early) - set(files))}: downloading, but the plan reads "
+                                    f"nothing from them")
+            files = fetcher.plan(files)        # ``early`` stays at the head, in its order
             for f in set(remote.shards()) - set(files):       # consumed by the earlier run, or unused
                 if dest is not None:
                     (dest / f).unlink(missing_ok=True)
