@@ -7,12 +7,14 @@ tests (tests/hub_server.py: huggingface_hub's own protocol on 127.0.0.1), thrott
 Then, side by side in one run, each a subprocess with the real huggingface_hub client:
 
 1. download alone: ``snapshot_download(local_dir=...)`` with its default workers (8 files at once);
-2. local conversion, same output: ``fp8vl quantize LOCAL OUTPUT --record-error`` of the served folder
+2. ``fp8vl quantize ORG/NAME OUTPUT`` (streaming: converts each shard as it lands, deletes it once written);
+3. local conversion, same output: ``fp8vl quantize LOCAL OUTPUT --record-error`` of the served folder
    itself (no download): the hub run's output but for the card, with each FP8 tensor's error, which
    a hub run always measures (its source is gone afterwards);
-3. local conversion: the same without ``--record-error`` (a local conversion's default);
-4. download, then ``fp8vl quantize LOCAL OUTPUT`` (1, then 3);
-5. ``fp8vl quantize ORG/NAME OUTPUT`` (streaming: converts each shard as it lands, deletes it once written).
+4. local conversion: the same without ``--record-error`` (a local conversion's default);
+5. download, then ``fp8vl quantize LOCAL OUTPUT`` (1, then 4).
+
+Each starts after a ``sync``.
 
 Wall time, the ratio to max(download alone, local conversion with the same output) (the bound
 streaming aims at; to the local conversion without the error file below the table) and to the
@@ -187,9 +189,10 @@ def main() -> None:
     here = Path(__file__).resolve().parents[1] / "src"
     py, fp8vl = sys.executable, [sys.executable, "-m", "fp8vl.cli", "quantize"]
     common = ["--workers", str(args.workers)]
-    contenders = [
+    contenders = [      # the streaming run between the two it is compared with: on the same machine state
         ("download alone (snapshot_download, 8 workers)", here,
          lambda d: [[py, "-c", DOWNLOAD, REPO, str(d / "src")]]),
+        ("fp8vl quantize ORG/NAME (--stream)", here, lambda d: [[*fp8vl, REPO, str(d / "out"), *common]]),
         ("local conversion, same output (fp8vl quantize LOCAL --record-error, no download)", here,
          lambda d: [[*fp8vl, str(src), str(d / "out"), *common, "--record-error"]]),
         ("local conversion (fp8vl quantize LOCAL, no download)", here,
@@ -197,7 +200,6 @@ def main() -> None:
         ("download, then fp8vl quantize LOCAL", here, lambda d: [
             [py, "-c", DOWNLOAD, REPO, str(d / "src")],
             [*fp8vl, str(d / "src"), str(d / "out"), *common]]),
-        ("fp8vl quantize ORG/NAME (--stream)", here, lambda d: [[*fp8vl, REPO, str(d / "out"), *common]]),
     ]
     for base in args.baseline:
         contenders.append((f"fp8vl quantize ORG/NAME (--stream), baseline {base}", base.resolve(),
@@ -209,6 +211,7 @@ def main() -> None:
             shutil.rmtree(d, ignore_errors=True)
             shutil.rmtree(work / "hf-home", ignore_errors=True)
             d.mkdir(parents=True)
+            os.sync()              # each run starts with no other run's writes still going to the disk
             print(f"{name} ...", flush=True)
             run = Run(name)
             timed(run, make(d), on_path(tree), d, server)
@@ -219,7 +222,7 @@ def main() -> None:
         server.close()
         shutil.rmtree(work / "run", ignore_errors=True)
         shutil.rmtree(work / "hf-home", ignore_errors=True)
-    alone, local, plain = runs[0].seconds, runs[1].seconds, runs[2].seconds
+    alone, local, plain = runs[0].seconds, runs[2].seconds, runs[3].seconds
     bound = max(alone, local)
     sizes = {p.name: p.stat().st_size for p in shards}
     largest = max(sizes.values())
@@ -237,7 +240,7 @@ def main() -> None:
     for r in runs:
         if r.shards:
             print(timeline(r, sizes))
-    for r in runs[4:]:
+    for r in [runs[1], *runs[5:]]:
         print(f"\n{r.name}: {r.seconds / max(alone, plain):.2f}x max(download, local conversion without the "
               f"error file); output {r.out / 1e9:.2f} GB; disk peak = output + {(r.peak - r.out) / largest:.2f} "
               f"x largest source shard")

@@ -21,7 +21,8 @@ send ``n`` of them and close the connection; ``sent`` logs every body sent as (f
 bytes sent); ``most[file]`` is the most bodies of ``file`` sent at once; ``xet`` makes the
 ``.safetensors`` files answer as Xet-stored ones (``X-Xet-Hash``), whose read-token route answers
 404 (no Xet storage here) and is logged in ``xet_asked``; ``ranges = False`` ignores Range headers
-(the whole file, 200). Written by hand: it stands for the hub, which is no library.
+(the whole file, 200); ``chunked = True`` sends the body of a Range request chunked, without a
+Content-Length, as some proxies do. Written by hand: it stands for the hub, which is no library.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class HubServer:
     def __init__(self, repos: dict[str, Path], rate: float | None = None, connection_rate: float | None = None,
                  xet: bool = False):
         self.rate, self.connection_rate, self.xet = rate, connection_rate, xet
-        self.ranges = True
+        self.ranges, self.chunked = True, False
         self.drop: dict[str, int] = {}
         self.sent: list[tuple[str, int, int]] = []
         self.most: dict[str, int] = {}
@@ -203,8 +204,10 @@ class HubServer:
                     code = 206
                     headers = {**headers, "Content-Range": f"bytes {start}-{end}/{size}"}
                 n = end - start + 1
+                chunked = server.chunked and code == 206 and body
+                length = {"Transfer-Encoding": "chunked"} if chunked else {"Content-Length": str(n)}
                 self.send_response(code)
-                for k, v in {**headers, "Content-Length": str(n), "Accept-Ranges": "bytes"}.items():
+                for k, v in {**headers, **length, "Accept-Ranges": "bytes"}.items():
                     self.send_header(k, v)
                 self.end_headers()
                 if not body:
@@ -225,10 +228,16 @@ class HubServer:
                         while done < limit:
                             piece = min(CHUNK, limit - done)
                             server._pace(piece, self.turn)
+                            if chunked:
+                                self.wfile.write(f"{piece:x}\r\n".encode())
                             sent = self.connection.sendfile(fh, start + done, piece)
+                            if chunked:
+                                self.wfile.write(b"\r\n")
                             if not sent:
                                 break
                             done += sent
+                        if chunked and done == n:
+                            self.wfile.write(b"0\r\n\r\n")
                 except (BrokenPipeError, ConnectionResetError):
                     pass
                 finally:

@@ -148,6 +148,18 @@ def test_a_server_that_ignores_range_gets_one_connection(repo, tmp_path):
     assert (0, remote.sizes["a.safetensors"]) in _pieces(server, "a.safetensors")
 
 
+def test_a_chunked_body_is_read_by_the_client(repo, tmp_path):
+    # Off the socket it would come with its chunk framing: only a body of exactly the part's
+    # Content-Length is read there.
+    server, folder, remote = repo
+    server.chunked = True
+    server.drop["a.safetensors"] = 300_000
+    with Downloader(3, part=1 << 20) as download:
+        path = download(remote, "a.safetensors", tmp_path / "dest")
+    assert path.read_bytes() == (folder / "a.safetensors").read_bytes()
+    assert sum(n for _, n in _pieces(server, "a.safetensors")) == remote.sizes["a.safetensors"]
+
+
 def test_a_xet_file_is_left_to_huggingface_hubs_xet_path(repo, tmp_path):
     # No Xet storage here: the Xet path fails at its token, which shows it was taken; no byte came by HTTP.
     pytest.importorskip("hf_xet")
