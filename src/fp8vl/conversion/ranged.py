@@ -53,8 +53,8 @@ def download_parts(repo: str, commit: str, name: str, dest: Path | None, endpoin
     """``name`` at ``commit`` in Range parts over ``connections`` connections, into ``dest`` (a local
     folder, as ``hf_hub_download(local_dir=dest)`` lays it out) or the hub cache, in parts of
     ``part`` bytes (default: part_size). None when this is not the way: a Xet file, a file of one
-    part, a server that ignores Range, a huggingface_hub without an httpx client (before 1.0); the
-    caller then uses ``hf_hub_download``."""
+    part, a server that ignores Range, a huggingface_hub without an httpx client (before 1.0), no
+    ``os.pwrite``; the caller then uses ``hf_hub_download``."""
     http = _client()
     if http is None:
         return None
@@ -242,9 +242,11 @@ def _write(fd: int, data, at: int, end: int) -> None:
 
 def _client():
     """The httpx module huggingface_hub's client is made of (httpx2 for 2.x, httpx for 1.x); None for
-    a huggingface_hub on requests (before 1.0)."""
+    a huggingface_hub on requests (before 1.0), or where there is no ``os.pwrite`` (Windows)."""
     from huggingface_hub.utils import get_session
 
+    if not hasattr(os, "pwrite"):
+        return None
     session = get_session()
     for name in ("httpx2", "httpx"):
         try:
