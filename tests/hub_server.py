@@ -114,6 +114,12 @@ class HubServer:
                 super().setup()
                 self.turn = [0.0]        # when this connection may send its next piece (connection_rate)
 
+            def handle(self):
+                try:
+                    super().handle()
+                except (ConnectionResetError, BrokenPipeError):
+                    pass                 # a client gone (a killed run): nothing to answer, nothing to report
+
             def do_HEAD(self):
                 self._route(body=False)
 
