@@ -144,6 +144,8 @@ def test_bad_options_fail_before_any_work(tmp_path):
         caption([tmp_path], CaptionOptions())
     with pytest.raises(FP8VLError, match="--batch-size"):
         caption([tmp_path], CaptionOptions(model="x", batch_size=0))
+    with pytest.raises(FP8VLError, match="--workers"):
+        caption([tmp_path], CaptionOptions(model="x", workers=-1))
     port = _free_port()                                          # nobody listens there
     t0 = time.monotonic()
     with pytest.raises(FP8VLError, match=f"127.0.0.1:{port}"):

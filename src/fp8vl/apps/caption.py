@@ -271,6 +271,8 @@ def _check(images: list[Path], opts: CaptionOptions) -> None:
         raise FP8VLError("no model: pass --endpoint URL of a running server, or --model DIR to caption in-process")
     if opts.batch_size is not None and opts.batch_size < 1:
         raise FP8VLError(f"--batch-size must be at least 1 (got {opts.batch_size})")
+    if opts.workers is not None and opts.workers < 0:
+        raise FP8VLError(f"--workers must be 0 (threads) or more (got {opts.workers})")
     if opts.txt:
         seen: dict[Path, Path] = {}
         for p in images:

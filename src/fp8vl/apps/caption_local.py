@@ -70,8 +70,6 @@ def local_backend(todo: list[Path], opts: CaptionOptions, info: dict) -> Iterato
     """Caption ``todo`` in this process (see the module docstring); ``info`` gets the model's label
     and the load time."""
     workers = default_workers() if opts.workers is None else opts.workers
-    if workers < 0:
-        raise FP8VLError(f"--workers must be 0 (threads) or more (got {workers})")
     # the workers first: their own imports (torch, the processor: seconds) and first images then run
     # beside this process's imports and the model load
     pool = _pool(opts, workers)
